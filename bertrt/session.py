@@ -1,0 +1,83 @@
+"""ONNX Runtime sessions: provider choice that never silently falls back, and IO binding."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cuda", "cpu")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot run the model."""
+
+
+def _options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: the CUDA fallback warning is handled below
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _start(path: Path, providers: list[Any], threads: int) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), sess_options=_options(threads), providers=providers)
+
+
+def start_session(
+    path: Path, device: str = "auto", threads: int = 0, tensorrt: bool = False
+) -> tuple[ort.InferenceSession, str]:
+    """Start a session on `device` and return it with the provider that actually runs it."""
+    if device not in DEVICES:
+        raise DeviceError(f"device {device!r} is not one of {list(DEVICES)}")
+    if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
+        providers: list[Any] = [CUDA, CPU]
+        if tensorrt and TENSORRT in ort.get_available_providers():
+            providers.insert(0, (TENSORRT, {"trt_fp16_enable": True}))
+        try:
+            session = _start(path, providers, threads)
+        except Exception as exc:  # noqa: BLE001 - reported below with the cause
+            if device == "cuda":
+                raise DeviceError(f"CUDA session for {path} failed to start: {exc}") from exc
+            session = None
+        if session is not None and session.get_providers()[0] in (CUDA, TENSORRT):
+            provider = session.get_providers()[0]
+            log.info("%s runs on %s", path.name, provider)
+            return session, provider
+        if session is not None and device == "auto":
+            # onnxruntime-gpu lists CUDA even without a GPU and silently runs on the CPU.
+            log.info("%s runs on %s (no CUDA device)", path.name, CPU)
+            return session, CPU
+    if device == "cuda":
+        raise DeviceError(
+            "device='cuda' was asked for but no CUDA session starts on this machine "
+            f"(available providers: {ort.get_available_providers()}); install onnxruntime-gpu "
+            "with a matching CUDA/cuDNN, or use device='cpu'"
+        )
+    session = _start(path, [CPU], threads)
+    log.info("%s runs on %s", path.name, CPU)
+    return session, CPU
+
+
+def run(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], output: str, provider: str
+) -> np.ndarray:
+    """One forward pass; on GPU the inputs and output go through IO binding."""
+    if provider == CPU:
+        return session.run([output], feeds)[0]
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+    binding.bind_output(output, "cuda", 0)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]

@@ -1,0 +1,266 @@
+"""One frozen dataclass per `params.yaml` section, loaded and checked at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("text-classification",)
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file, key and fix."""
+
+
+@dataclass(frozen=True)
+class Base:
+    seed: int
+    task: str
+    model: str
+    max_length: int
+    text_column: str
+    label_column: str
+
+    def check(self) -> list[str]:
+        errors = []
+        if self.task not in TASKS:
+            errors.append(f"base.task: {self.task!r} is not one of {list(TASKS)}")
+        if not 8 <= self.max_length <= 8192:
+            errors.append(f"base.max_length: {self.max_length} must be between 8 and 8192")
+        if not self.model.strip():
+            errors.append("base.model: empty; give a hub id, a local folder or package:<pkg>/<dir>")
+        if self.text_column == self.label_column:
+            errors.append("base.text_column and base.label_column must name different columns")
+        return errors
+
+
+@dataclass(frozen=True)
+class Ingest:
+    source: str
+    group_column: str
+    drop_labels: list[str]
+    drop_empty_text: bool
+    deduplicate: bool
+    validation_fraction: float
+    test_fraction: float
+    max_rows: int
+
+    def check(self) -> list[str]:
+        errors = []
+        for key in ("validation_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if not 0.0 < value < 0.5:
+                errors.append(f"ingest.{key}: {value} must be in (0, 0.5)")
+        if self.max_rows < 0:
+            errors.append(f"ingest.max_rows: {self.max_rows} must be >= 0 (0 keeps every row)")
+        if not self.source.strip():
+            errors.append("ingest.source: empty; give a file, a folder or package:<pkg>/<path>")
+        return errors
+
+
+@dataclass(frozen=True)
+class Validate:
+    labels: list[str]
+    max_duplicate_report: int
+
+    def check(self) -> list[str]:
+        if len(set(self.labels)) != len(self.labels):
+            return [f"validate.labels: {self.labels} lists a label twice"]
+        return []
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    batch_size: int
+
+    def check(self) -> list[str]:
+        return [] if self.batch_size > 0 else ["tokenize.batch_size must be > 0"]
+
+
+@dataclass(frozen=True)
+class Finetune:
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    eval_batch_size: int
+    weight_decay: float
+    warmup_steps: int
+    early_stopping_patience: int
+    max_train_samples: int
+    threads: int
+    logging_steps: int
+
+    def check(self) -> list[str]:
+        errors = []
+        if not 0.0 < self.learning_rate < 1.0:
+            errors.append(f"finetune.learning_rate: {self.learning_rate} must be in (0, 1)")
+        if self.epochs <= 0:
+            errors.append(f"finetune.epochs: {self.epochs} must be > 0")
+        for key in ("batch_size", "eval_batch_size", "logging_steps"):
+            if getattr(self, key) <= 0:
+                errors.append(f"finetune.{key}: {getattr(self, key)} must be > 0")
+        for key in ("warmup_steps", "early_stopping_patience", "max_train_samples", "threads"):
+            if getattr(self, key) < 0:
+                errors.append(f"finetune.{key}: {getattr(self, key)} must be >= 0")
+        return errors
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    batch_size: int
+    ece_bins: int
+    top_mistakes: int
+
+    def check(self) -> list[str]:
+        errors = []
+        if self.batch_size <= 0:
+            errors.append("evaluate.batch_size must be > 0")
+        if self.ece_bins < 2:
+            errors.append(f"evaluate.ece_bins: {self.ece_bins} must be >= 2")
+        return errors
+
+
+@dataclass(frozen=True)
+class Export:
+    opset: int
+    parity_atol: float
+    batch_size: int
+
+    def check(self) -> list[str]:
+        errors = []
+        if not 14 <= self.opset <= 21:
+            errors.append(f"export.opset: {self.opset} must be between 14 and 21")
+        if not 0.0 < self.parity_atol <= 1e-2:
+            errors.append(f"export.parity_atol: {self.parity_atol} must be in (0, 0.01]")
+        return errors
+
+
+@dataclass(frozen=True)
+class Tracking:
+    uri: str
+    experiment: str
+
+    def check(self) -> list[str]:
+        return [] if self.experiment.strip() else ["tracking.experiment must not be empty"]
+
+
+SECTIONS: dict[str, type] = {
+    "base": Base,
+    "ingest": Ingest,
+    "validate": Validate,
+    "tokenize": Tokenize,
+    "finetune": Finetune,
+    "evaluate": Evaluate,
+    "export": Export,
+    "tracking": Tracking,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The sections one stage reads; the others are left as None."""
+
+    path: Path
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"params section {name!r} was not loaded")
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(value) for name, value in self.sections.items()}
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key` -> value, the shape MLflow params take."""
+        return {
+            f"{name}.{key}": value
+            for name, section in self.as_dict().items()
+            for key, value in section.items()
+        }
+
+    def digest(self) -> str:
+        """sha256 of the loaded sections, canonical JSON."""
+        blob = json.dumps(self.as_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _coerce(path: Path, where: str, value: Any, hint: Any) -> Any:
+    """Check one value against its annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ParamsError(f"{path}: {where} must be a list, got {value!r}")
+        return [_coerce(path, f"{where}[{i}]", item, inner) for i, item in enumerate(value)]
+    if origin in (types.UnionType, typing.Union):
+        raise TypeError(f"unsupported annotation for {where}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ParamsError(
+            f"{path}: {where} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _section(path: Path, name: str, raw: Any) -> Any:
+    cls = SECTIONS[name]
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: section {name!r} must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ParamsError(
+            f"{path}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+            f"the section {name!r} takes {', '.join(known)}"
+        )
+    missing = [k for k in known if k not in raw]
+    if missing:
+        raise ParamsError(
+            f"{path}: missing key(s) {', '.join(f'{name}.{k}' for k in missing)}; add them to "
+            f"the {name!r} section (see the params.yaml shipped with the project)"
+        )
+    values = {k: _coerce(path, f"{name}.{k}", raw[k], hints[k]) for k in known}
+    section = cls(**values)
+    errors = section.check()
+    if errors:
+        raise ParamsError(f"{path}: " + "; ".join(errors))
+    return section
+
+
+def load(path: str | Path, *names: str) -> Params:
+    """Load and check the named sections (all of them when none are named)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found; run from the project root") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}"
+        )
+    wanted = names or tuple(SECTIONS)
+    for name in wanted:
+        if name not in raw:
+            raise ParamsError(f"{path}: missing section {name!r}")
+    return Params(path=path, sections={name: _section(path, name, raw[name]) for name in wanted})

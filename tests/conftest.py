@@ -1,0 +1,116 @@
+"""Offline fixtures: a tiny BERT with a tokenizer trained on the fly, and small labeled data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+POSITIVE = "good great excellent wonderful superb delightful moving brilliant fun charming".split()
+NEGATIVE = "bad awful boring dull terrible tedious clumsy weak bland messy".split()
+NEUTRAL = "the film movie story plot actor scene script director cast was is and a of it".split()
+
+
+def synthetic_reviews(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short review-like texts whose label follows from their sentiment words."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        label = rng.choice(["fresh", "rotten"])
+        words = rng.sample(NEUTRAL, rng.randint(3, 8))
+        words += rng.sample(POSITIVE if label == "fresh" else NEGATIVE, rng.randint(1, 3))
+        rng.shuffle(words)
+        text = " ".join(words)
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append({"text": text, "category": label, "movie_name": f"movie {len(rows) // 3}"})
+    return rows
+
+
+def build_tiny_model(folder: Path, labels: tuple[str, ...] = ("fresh", "rotten")) -> Path:
+    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer trained on the synthetic words."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = [" ".join(POSITIVE + NEGATIVE + NEUTRAL)] * 4 + [r["text"] for r in synthetic_reviews(200)]
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    import torch
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def onnx_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model exported by the export stage's own functions (every shipped variant)."""
+    from pipeline.export_onnx import build_model_folder
+
+    out = tmp_path_factory.mktemp("onnx") / "model"
+    texts = [r["text"] for r in synthetic_reviews(64, seed=1)]
+    build_model_folder(tiny_model_dir, out, texts=texts, max_length=64, opset=17)
+    return out
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path, onnx_model_dir: Path) -> Path:
+    """A private copy of the exported folder that a test may tamper with."""
+    dest = tmp_path / "model"
+    shutil.copytree(onnx_model_dir, dest)
+    return dest
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
