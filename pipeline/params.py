@@ -128,14 +128,27 @@ class Evaluate:
         return errors
 
 
+VARIANTS = ("fp32-optimized", "fp16", "int8")
+
+
 @dataclass(frozen=True)
 class Export:
     opset: int
     parity_atol: float
     batch_size: int
+    variants: list[str]
+    min_agreement: float
+    max_accuracy_drop: float
 
     def check(self) -> list[str]:
         errors = []
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            errors.append(f"export.variants: {unknown} not among {list(VARIANTS)}")
+        if not 0.0 < self.min_agreement <= 1.0:
+            errors.append(f"export.min_agreement: {self.min_agreement} must be in (0, 1]")
+        if not 0.0 <= self.max_accuracy_drop < 1.0:
+            errors.append(f"export.max_accuracy_drop: {self.max_accuracy_drop} must be in [0, 1)")
         if not 14 <= self.opset <= 21:
             errors.append(f"export.opset: {self.opset} must be between 14 and 21")
         if not 0.0 < self.parity_atol <= 1e-2:
