@@ -1,4 +1,4 @@
-"""Stage export: ONNX graph of the fine-tuned model, parity-checked on the test set, as a package."""
+"""Stage export: the fine-tuned model as an ONNX package, parity-checked on the test set."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from bertrt.contract import (
     dynamic_axes,
 )
 from bertrt.predictor import load as load_runtime
-from pipeline import lineage, params, tracking
+from pipeline import lineage, onnx_variants, params, tracking
 from pipeline.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -84,8 +83,17 @@ def build_model_folder(
     parity_atol: float = 1e-4,
     batch_size: int = 32,
     extra: dict[str, Any] | None = None,
+    labels: list[int] | None = None,
+    variants: tuple[str, ...] = (),
+    min_agreement: float = 0.995,
+    max_accuracy_drop: float = 0.005,
 ) -> dict[str, Any]:
     """Export, check parity on `texts`, and write the complete model folder atomically.
+
+    Args:
+        labels: true label ids of `texts`, for the variants' accuracy-drop gate.
+        variants: optimised, fp16 and int8 graphs to add; each ships only if its gate passes,
+            and every gate result is recorded in the manifest.
 
     Returns the parity results; raises ParityError (leaving `out` untouched) when they fail.
     """
@@ -95,15 +103,15 @@ def build_model_folder(
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, attn_implementation="eager"
     )
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     with atomic_dir(out) as tmp:
         inputs = export_graph(model, tokenizer, tmp / VARIANT_FILES["fp32"], opset)
         shutil.copy(Path(model_dir) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        write_json(tmp / LABELS_FILE, labels)
+        write_json(tmp / LABELS_FILE, label_names)
         files = [VARIANT_FILES["fp32"], TOKENIZER_FILE, LABELS_FILE]
         manifest: dict[str, Any] = {
             "task": TASK,
-            "labels": labels,
+            "labels": label_names,
             "max_length": max_length,
             "pad_token_id": tokenizer.pad_token_id or 0,
             "inputs": list(inputs),
@@ -120,8 +128,26 @@ def build_model_folder(
             **(extra or {}),
         }
         manifest_io.write(tmp, manifest)
-        parity = check_parity(model, tokenizer, tmp, texts, max_length, parity_atol, batch_size)
-        manifest["variants"]["fp32"]["gate"] = parity
+        reference = torch_logits(model, tokenizer, texts, max_length, batch_size)
+        parity = check_parity(
+            model, tokenizer, tmp, texts, max_length, parity_atol, batch_size, reference
+        )
+        manifest["variants"]["fp32"].update(gate=parity, shipped=True)
+        if variants:
+            files += onnx_variants.add_variants(
+                tmp,
+                manifest,
+                variants,
+                texts,
+                reference,
+                labels,
+                num_heads=model.config.num_attention_heads,
+                hidden_size=model.config.hidden_size,
+                min_agreement=min_agreement,
+                max_accuracy_drop=max_accuracy_drop,
+                batch_size=batch_size,
+            )
+            manifest["files"] = manifest_io.file_entries(tmp, files)
         manifest_io.write(tmp, manifest)
     return parity
 
@@ -134,9 +160,11 @@ def check_parity(
     max_length: int,
     atol: float,
     batch_size: int,
+    reference: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Compare the exported graph (through the runtime, on CPU) with PyTorch on `texts`."""
-    reference = torch_logits(model, tokenizer, texts, max_length, batch_size)
+    if reference is None:
+        reference = torch_logits(model, tokenizer, texts, max_length, batch_size)
     runtime = load_runtime(folder, device="cpu", variant="fp32")
     got = runtime.logits(texts, batch_size=batch_size)
     max_diff = float(np.abs(got - reference).max()) if len(texts) else 0.0
@@ -148,8 +176,10 @@ def check_parity(
         "atol": atol,
         "passed": max_diff <= atol and mismatched == 0,
     }
-    log.info("parity on %d texts: max |dlogit| %.2e, %d label mismatches", *[
-        len(texts), max_diff, mismatched])
+    log.info(
+        "parity on %d texts: max |dlogit| %.2e, %d label mismatches",
+        *[len(texts), max_diff, mismatched],
+    )
     if not result["passed"]:
         raise ParityError(
             f"ONNX parity failed on {len(texts)} texts: max |dlogit| {max_diff:.3e} "

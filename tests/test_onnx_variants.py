@@ -1,0 +1,215 @@
+"""Optimised, fp16 and int8 variants: built, gated against PyTorch, shipped or recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from conftest import synthetic_reviews
+
+from bertrt import manifest as manifest_io
+from bertrt.predictor import load
+from pipeline import onnx_variants
+from pipeline.export_onnx import build_model_folder, torch_logits
+
+VARIANTS = ("fp32-optimized", "fp16", "int8")
+# Max |dlogit| each variant may show against PyTorch on the tiny model (its logits are ~1e-2).
+ATOL = {"fp32": 1e-5, "fp32-optimized": 1e-5, "fp16": 1e-3, "int8": 5e-3}
+
+
+def _data(n: int = 48, seed: int = 1) -> tuple[list[str], list[int]]:
+    rows = synthetic_reviews(n, seed=seed)
+    return [r["text"] for r in rows], [0 if r["category"] == "fresh" else 1 for r in rows]
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def variant_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    texts, labels = _data()
+    out = tmp_path_factory.mktemp("variants") / "model"
+    build_model_folder(
+        tiny_model_dir, out, texts, 64, 17, labels=labels, variants=VARIANTS, batch_size=16
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> np.ndarray:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return torch_logits(model, tokenizer, _data()[0], 64, 16)
+
+
+def test_every_variant_is_built_gated_and_shipped(variant_dir: Path) -> None:
+    manifest = _manifest(variant_dir)
+    assert sorted(manifest["variants"]) == ["fp16", "fp32", "fp32-optimized", "int8"]
+    assert manifest["rejected_variants"] == {}
+    for name in VARIANTS:
+        entry = manifest["variants"][name]
+        assert entry["shipped"] is True
+        assert entry["file"] in manifest["files"]
+        assert entry["gate"]["texts"] == 48
+        assert entry["gate"]["agreement"] == 1.0
+        assert entry["gate"]["accuracy_drop"] == 0.0
+        assert entry["gate"]["provider"] == "CPUExecutionProvider"
+        assert entry["gate"]["bytes"] == (variant_dir / entry["file"]).stat().st_size
+        assert entry["gate"]["max_abs_logit_diff"] <= ATOL[name]
+    assert manifest["variants"]["fp16"]["precision"] == "fp16"
+    assert "CUDA fp16 kernels not exercised" in manifest["variants"]["fp16"]["gate"]["note"]
+    # int8 stores weights in a quarter of the bytes; the tiny model's embeddings stay fp32.
+    sizes = {n: manifest["files"][manifest["variants"][n]["file"]]["bytes"] for n in VARIANTS}
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32-optimized"]
+
+
+@pytest.mark.parametrize("variant", ["fp32", *VARIANTS])
+def test_shipped_variant_matches_pytorch_through_the_runtime(
+    variant_dir: Path, reference: np.ndarray, variant: str
+) -> None:
+    runtime = load(variant_dir, device="cpu", variant=variant)
+    got = runtime.logits(_data()[0], batch_size=7)
+    assert runtime.variant == variant
+    np.testing.assert_allclose(got, reference, atol=ATOL[variant], rtol=0)
+    assert (got.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_runtime_prefers_the_optimised_graph_on_cpu(variant_dir: Path) -> None:
+    assert load(variant_dir, device="cpu").variant == "fp32-optimized"
+
+
+def test_manifest_sha256_covers_variant_files(variant_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = shutil.copytree(variant_dir, tmp_path / "model")
+    with (copy / "model.int8.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(manifest_io.IntegrityError, match=r"model\.int8\.onnx: \d+ bytes"):
+        load(copy, device="cpu", variant="int8")
+
+
+def test_optimised_graph_fuses_bert_with_the_config_heads(variant_dir: Path) -> None:
+    fused = _manifest(variant_dir)["variants"]["fp32-optimized"]["fused_operators"]
+    # 2 layers: one embedding, 2 attentions, 2 GELUs, 2 skip-norms per layer.
+    assert fused == {
+        "EmbedLayerNormalization": 1,
+        "Attention": 2,
+        "BiasGelu": 2,
+        "SkipLayerNormalization": 4,
+    }
+    graph = onnx.load(str(variant_dir / "model.optimized.onnx")).graph
+    heads = [
+        onnx.helper.get_attribute_value(a)
+        for node in graph.node
+        if node.op_type == "Attention"
+        for a in node.attribute
+        if a.name == "num_heads"
+    ]
+    assert heads == [2, 2]
+
+
+def test_fp16_graph_keeps_fp32_inputs_and_outputs(variant_dir: Path) -> None:
+    graph = onnx.load(str(variant_dir / "model.fp16.onnx")).graph
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    dtypes = {init.data_type for init in graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in dtypes
+
+
+def _negate_output(path: Path) -> None:
+    """Corrupt a graph so that every predicted label flips: logits -> -logits."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    name = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{name}_raw" if out == name else out for out in node.output]
+    graph.node.append(onnx.helper.make_node("Neg", [f"{name}_raw"], [name]))
+    onnx.save(model, str(path))
+
+
+def test_failing_variants_are_deleted_and_recorded(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    real_int8, real_load = onnx_variants.to_int8, onnx_variants.load_runtime
+
+    def corrupted_int8(src: Path, dst: Path) -> None:
+        real_int8(src, dst)
+        _negate_output(dst)
+
+    def no_fp16_on_cpu(folder: Path, device: str, variant: str, verify: bool) -> Any:
+        if variant == "fp16" and device == "cpu":
+            raise RuntimeError("no fp16 kernel for Attention")
+        return real_load(folder, device=device, variant=variant, verify=verify)
+
+    monkeypatch.setattr(onnx_variants, "to_int8", corrupted_int8)
+    monkeypatch.setattr(onnx_variants, "load_runtime", no_fp16_on_cpu)
+    texts, labels = _data()
+    out = tmp_path / "model"
+    caplog.set_level("WARNING", logger="pipeline.onnx_variants")
+    build_model_folder(
+        tiny_model_dir, out, texts, 64, 17, labels=labels, variants=("fp16", "int8")
+    )
+    manifest = _manifest(out)
+    assert sorted(manifest["variants"]) == ["fp32"]
+    assert sorted(manifest["rejected_variants"]) == ["fp16", "int8"]
+    int8 = manifest["rejected_variants"]["int8"]
+    assert int8["shipped"] is False
+    assert int8["gate"]["passed"] is False
+    assert int8["gate"]["agreement"] < 0.1
+    assert int8["gate"]["reason"].startswith("agreement 0.0")
+    fp16 = manifest["rejected_variants"]["fp16"]["gate"]
+    assert fp16["reason"].startswith("not evaluated: no CUDA, and the CPU cannot run it")
+    assert fp16["provider"] is None
+    # Rejected files are gone, and so is the optimised graph that was only an intermediate.
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]
+    assert sorted(manifest["files"]) == ["labels.json", "model.onnx", "tokenizer.json"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("variant int8 NOT shipped: agreement") for m in warnings)
+    assert any(m.startswith("variant fp16 NOT shipped: not evaluated") for m in warnings)
+    assert load(out, device="cpu").variant == "fp32"
+
+
+GATE_CASES = [
+    # logits argmax, reference argmax, labels, min_agreement, max_drop, passed, reason start
+    ([0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0], 0.995, 0.005, True, None),
+    ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0], 0.75, 0.5, True, None),
+    ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0], 0.995, 0.5, False, "agreement 0.7500 < 0.995"),
+    ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0], 0.5, 0.2, False, "accuracy drop 0.2500 > 0.2"),
+    # Disagreeing where PyTorch was wrong raises accuracy: no drop.
+    ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 1], 0.5, 0.0, True, None),
+    ([0, 1, 1, 1], [0, 1, 1, 0], None, 0.75, 0.0, True, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("got", "want", "labels", "min_agreement", "max_drop", "passed", "reason"), GATE_CASES
+)
+def test_gate_table(
+    got: list[int],
+    want: list[int],
+    labels: list[int] | None,
+    min_agreement: float,
+    max_drop: float,
+    passed: bool,
+    reason: str | None,
+) -> None:
+    onehot = np.eye(2, dtype=np.float32)
+    result = onnx_variants.gate(onehot[got], onehot[want], labels, min_agreement, max_drop)
+    assert result["passed"] is passed
+    assert result.get("reason", "").startswith(reason or "")
+    assert result["max_abs_logit_diff"] == (1.0 if got != want else 0.0)
+    assert (result["accuracy_drop"] is None) is (labels is None)
+
+
+def test_gate_refuses_mismatched_labels_and_records_empty_input() -> None:
+    logits = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match="2 labels for 3 texts"):
+        onnx_variants.gate(logits, logits, [0, 1], 0.9, 0.1)
+    empty = onnx_variants.gate(np.zeros((0, 2)), np.zeros((0, 2)), [], 0.9, 0.1)
+    assert empty == {"texts": 0, "passed": False, "reason": "not evaluated: no texts to gate on"}
