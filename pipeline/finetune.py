@@ -1,0 +1,221 @@
+"""Stage finetune: HF Trainer on the tokenized data, tracked in MLflow, resumable from checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline import entry, lineage, params, tasks, tracking
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.sources import resolve_model
+
+log = logging.getLogger(__name__)
+FINGERPRINT = "fingerprint.json"
+
+
+def checkpoint_state(checkpoints: Path, fingerprint: str) -> tuple[bool, str | None]:
+    """(resume?, MLflow run id) for `checkpoints`; stale checkpoints of other inputs are wiped."""
+    marker = checkpoints / FINGERPRINT
+    if marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        if saved.get("fingerprint") == fingerprint:
+            has_checkpoint = any(checkpoints.glob("checkpoint-*/trainer_state.json"))
+            if has_checkpoint:
+                log.info("resuming from %s (run %s)", checkpoints, saved.get("run_id"))
+            return has_checkpoint, saved.get("run_id")
+        log.info("checkpoints in %s belong to other data or params; starting over", checkpoints)
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True)
+    return False, None
+
+
+def write_curves(history: list[dict[str, Any]], curves_dir: Path) -> None:
+    """Step-level training loss and epoch-level validation metrics as CSV files for DVC plots."""
+    curves_dir.mkdir(parents=True, exist_ok=True)
+    train = [
+        {"step": h["step"], "epoch": round(h["epoch"], 4), "loss": h["loss"]}
+        for h in history
+        if "loss" in h
+    ]
+    evals = [
+        {
+            "step": h["step"],
+            "epoch": round(h["epoch"], 4),
+            "eval_loss": h["eval_loss"],
+            "eval_accuracy": h["eval_accuracy"],
+            "eval_macro_f1": h["eval_macro_f1"],
+        }
+        for h in history
+        if "eval_loss" in h
+    ]
+    for name, rows in (("train_loss.csv", train), ("eval.csv", evals)):
+        with (curves_dir / name).open("w", newline="", encoding="utf-8") as handle:
+            fields = list(rows[0]) if rows else ["step"]
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def training_arguments(p: params.Params, checkpoints: Path) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    cfg = p.finetune
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        train_sampling_strategy="group_by_length",
+        seed=p.base.seed,
+        data_seed=p.base.seed,
+        bf16=bf16,
+        tf32=cuda and torch.cuda.get_device_capability()[0] >= 8,
+        report_to=["mlflow"],
+        run_name="finetune",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def run(
+    tokenized_dir: Path,
+    validated_dir: Path,
+    params_path: Path,
+    out_dir: Path,
+    checkpoints: Path,
+    report: Path,
+    curves_dir: Path,
+) -> dict[str, Any]:
+    """Fine-tune `base.model` and save it (safetensors, tokenizer, id2label) to `out_dir`."""
+    import mlflow
+    import torch
+    from datasets import load_from_disk
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        set_seed,
+    )
+
+    p = params.load(params_path, "base", "finetune", "tracking")
+    uri = tracking.connect(p.tracking)  # an unreachable store stops us before any training
+    if p.finetune.threads:
+        torch.set_num_threads(p.finetune.threads)
+    set_seed(p.base.seed)
+    labels = json.loads((validated_dir / "labels.json").read_text(encoding="utf-8"))
+    data = load_from_disk(str(tokenized_dir))
+    train = data["train"]
+    if p.finetune.max_train_samples and len(train) > p.finetune.max_train_samples:
+        train = train.shuffle(seed=p.base.seed).select(range(p.finetune.max_train_samples))
+    data_digest = lineage.file_digest(validated_dir)
+    fingerprint = hashlib.sha256(
+        json.dumps({"params": p.as_dict(), "data": data_digest}, sort_keys=True).encode()
+    ).hexdigest()
+    resume, run_id = checkpoint_state(checkpoints, fingerprint)
+
+    source = resolve_model(p.base.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = tasks.get(p.base.task).model_class().from_pretrained(
+        source,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(p, checkpoints),
+        train_dataset=train,
+        eval_dataset=data["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=tasks.get(p.base.task).compute_metrics,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)],
+    )
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "finetune") as active:
+        write_json(checkpoints / FINGERPRINT, {"fingerprint": fingerprint, "run_id": active.info.run_id})
+        mlflow.set_tags({**tracking.provenance_tags(), "data_sha256": data_digest})
+        tracking.log_params_once({**p.flat(), "data_sha256": data_digest, "train_rows": len(train)})
+        dataset = mlflow.data.from_pandas(
+            train.to_pandas()[["labels"]].assign(n_tokens=[len(x) for x in train["input_ids"]]),
+            source=str(validated_dir / "train.parquet"),
+            name="train",
+            targets="labels",
+        )
+        mlflow.log_input(dataset, context="training")
+        result = trainer.train(resume_from_checkpoint=bool(resume) or None)
+        with atomic_dir(out_dir) as tmp:
+            trainer.save_model(str(tmp))
+        model_hash = lineage.model_digest(out_dir)
+        mlflow.set_tag(tracking.MODEL_TAG, model_hash)
+        best = trainer.state.best_metric
+        summary = {
+            "model_sha256": model_hash,
+            "mlflow_run_id": active.info.run_id,
+            "tracking_uri": uri,
+            "train_rows": len(train),
+            "epochs_run": round(trainer.state.epoch or 0, 4),
+            "global_steps": trainer.state.global_step,
+            "best_validation_macro_f1": best,
+            "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
+            "train_loss": result.training_loss,
+            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+            "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+            "resumed": bool(resume),
+            "torch_threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        }
+        write_curves(trainer.state.log_history, curves_dir)
+        mlflow.log_metric("best_validation_macro_f1", best or 0.0)
+        mlflow.log_artifacts(str(curves_dir), artifact_path="training_curves")
+    write_json(report, summary)
+    log.info("model %s saved to %s (best validation macro-F1 %.4f)", model_hash[:12], out_dir, best)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokenized", type=Path, required=True)
+    parser.add_argument("--validated", type=Path, required=True, help="for labels and digest")
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="fine-tuned model folder")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="persisted across runs")
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--curves", type=Path, required=True, help="folder for curve CSVs")
+    args = parser.parse_args(argv)
+    return entry.guarded(
+        lambda: run(
+            args.tokenized,
+            args.validated,
+            args.params,
+            args.out,
+            args.checkpoints,
+            args.report,
+            args.curves,
+        )
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

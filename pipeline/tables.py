@@ -1,0 +1,74 @@
+"""Reading labeled tables (CSV, JSONL, Parquet) and the text key used to find duplicates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+COMPRESSIONS = (".bz2", ".gz", ".xz", ".zst")
+
+
+class TableError(ValueError):
+    """A table that cannot be read; the message names the file and the fix."""
+
+
+def table_format(path: Path) -> str | None:
+    """The format of a file from its suffixes (`x.csv.bz2` is CSV), or None."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return SUFFIXES.get(suffixes[-1]) if suffixes else None
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read one CSV/TSV/JSONL/Parquet file (optionally compressed) into a DataFrame."""
+    kind = table_format(path)
+    try:
+        if kind == "csv":
+            return pd.read_csv(path, keep_default_na=False, na_values=[""])
+        if kind == "tsv":
+            return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+        if kind == "jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        if kind == "parquet":
+            return pd.read_parquet(path)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise TableError(f"{path}: cannot be read as {kind}: {exc}") from None
+    raise TableError(
+        f"{path}: unsupported file type; use .csv, .tsv, .jsonl or .parquet (optionally .bz2/.gz)"
+    )
+
+
+def find_split_files(folder: Path) -> dict[str, Path]:
+    """train/validation/test files in a folder (validation may be named valid or dev)."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        stem = path.name.split(".")[0].lower()
+        for split, aliases in SPLIT_ALIASES.items():
+            if stem in aliases and table_format(path):
+                if split in found:
+                    raise TableError(f"{folder}: two files for split {split!r}: {found[split].name}, {path.name}")
+                found[split] = path
+    missing = [s for s in SPLITS if s not in found]
+    if missing:
+        raise TableError(
+            f"{folder}: no file for split(s) {missing}; name them train/validation/test "
+            "with a .csv, .jsonl or .parquet suffix, or point ingest.source at one file"
+        )
+    return found
+
+
+def text_key(texts: pd.Series) -> pd.Series:
+    """Case- and whitespace-insensitive key: two texts with equal keys are duplicates."""
+    return texts.astype("string").str.lower().str.split().str.join(" ")
