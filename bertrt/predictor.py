@@ -188,11 +188,16 @@ def load(
     if manifest.get("task") != "text-classification":
         raise ModelFolderError(f"{folder}: task {manifest.get('task')!r} has no predictor yet")
     if verify:
-        manifest_io.verify(folder, manifest)
+        # Every listed file, and the files this runtime reads even if the manifest omits them.
+        used = {TOKENIZER_FILE, LABELS_FILE}
+        used |= {entry["file"] for entry in manifest.get("variants", {}).values()}
+        manifest_io.verify(folder, manifest, sorted(used | set(manifest.get("files", {}))))
     # Start on the file the device would prefer; re-open if the provider changes the choice.
     wanted = choose_variant(manifest, CPU if device == "cpu" else "cuda", variant)
     try:
-        session, provider = start_session(_path(folder, manifest, wanted), device, threads, tensorrt)
+        session, provider = start_session(
+            _path(folder, manifest, wanted), device, threads, tensorrt
+        )
     except DeviceError:
         raise
     except Exception:
@@ -203,7 +208,10 @@ def load(
     chosen = choose_variant(manifest, provider, variant)
     if session is None or chosen != wanted:
         session, provider = start_session(
-            _path(folder, manifest, chosen), "cpu" if provider == CPU else device, threads, tensorrt
+            _path(folder, manifest, chosen),
+            "cpu" if provider == CPU else device,
+            threads,
+            tensorrt,
         )
     labels = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
     tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))

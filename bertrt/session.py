@@ -46,7 +46,7 @@ def start_session(
             providers.insert(0, (TENSORRT, {"trt_fp16_enable": True}))
         try:
             session = _start(path, providers, threads)
-        except Exception as exc:  # noqa: BLE001 - reported below with the cause
+        except Exception as exc:  # reported below with the cause
             if device == "cuda":
                 raise DeviceError(f"CUDA session for {path} failed to start: {exc}") from exc
             session = None

@@ -1,0 +1,178 @@
+"""Wheels that bundle the runtime with an exported model folder, and loading what they bundle."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from bertrt import manifest as manifest_io
+from bertrt.contract import MANIFEST_FILE, MODEL_CARD_FILE
+from bertrt.predictor import TextClassifier, load
+
+# Bundled model folders live here inside an installed wheel: bertrt/models/<name>/.
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+BUNDLED = "bundled"
+ORT_VERSION = "1.31.1"
+ONNXRUNTIMES = ("onnxruntime-gpu", "onnxruntime")
+REQUIREMENTS = ("tokenizers==0.23.3", "numpy>=1.26")
+SERVE_REQUIREMENTS = ("fastapi>=0.115", "uvicorn>=0.30")
+NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9_]*[a-z0-9])?")
+
+PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=70.1"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "bertrt-model-{dist_name}"
+version = "{version}"
+description = "ONNX Runtime text classifier '{name}' with the bertrt runtime"
+requires-python = ">=3.10"
+dependencies = {dependencies}
+{readme}
+[project.optional-dependencies]
+serve = {serve}
+
+[project.scripts]
+bertrt = "bertrt.cli:main"
+
+[tool.setuptools]
+packages = ["bertrt"]
+
+[tool.setuptools.package-data]
+bertrt = ["models/*/*"]
+"""
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be built or a bundled model that is not there."""
+
+
+def bundled_models() -> list[str]:
+    """Names of the model folders bundled into this installation."""
+    if not MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / MANIFEST_FILE).is_file())
+
+
+def bundled_dir(name: str | None = None) -> Path:
+    """Folder of the bundled model `name` (the only one bundled when None)."""
+    names = bundled_models()
+    if not names:
+        raise BundleError(
+            f"no model is bundled with this bertrt ({MODELS_DIR} is empty); install a wheel "
+            "built by `python -m bertrt package` or pass a model folder"
+        )
+    if name is None:
+        if len(names) > 1:
+            raise BundleError(f"{len(names)} models are bundled, name one of {names}")
+        name = names[0]
+    if name not in names:
+        raise BundleError(f"no bundled model {name!r}; bundled: {names}")
+    return MODELS_DIR / name
+
+
+def resolve_model(spec: str) -> Path:
+    """A model folder from a path, `bundled` or `bundled:NAME` (write `./bundled` for a folder)."""
+    if spec == BUNDLED:
+        return bundled_dir()
+    if spec.startswith(BUNDLED + ":"):
+        return bundled_dir(spec[len(BUNDLED) + 1 :])
+    return Path(spec)
+
+
+def load_bundled(
+    name: str | None = None,
+    device: str = "auto",
+    variant: str | None = None,
+    threads: int = 0,
+    tensorrt: bool = False,
+    verify: bool = True,
+) -> TextClassifier:
+    """Open the model bundled into this installation; the options are those of `bertrt.load`."""
+    return load(bundled_dir(name), device, variant, threads, tensorrt, verify)
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+
+def write_project(
+    model_dir: Path, project: Path, name: str, version: str, onnxruntime: str
+) -> None:
+    """Lay out a setuptools project with the runtime's modules and the verified model folder."""
+    manifest = manifest_io.read(model_dir)
+    manifest_io.verify(model_dir, manifest)
+    package = project / "bertrt"
+    package.mkdir(parents=True)
+    for module in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        shutil.copy2(module, package / module.name)
+    target = package / "models" / name
+    target.mkdir(parents=True)
+    # Only what the manifest lists (plus the manifest and model card): no stray temporary files.
+    for file in [*manifest.get("files", {}), MANIFEST_FILE, MODEL_CARD_FILE]:
+        if (model_dir / file).is_file():
+            shutil.copy2(model_dir / file, target / file)
+    readme = ""
+    if (model_dir / MODEL_CARD_FILE).is_file():
+        shutil.copy2(model_dir / MODEL_CARD_FILE, project / MODEL_CARD_FILE)
+        readme = f'readme = "{MODEL_CARD_FILE}"\n'
+    (project / "pyproject.toml").write_text(
+        PYPROJECT.format(
+            name=name,
+            dist_name=name.replace("_", "-"),
+            version=version,
+            dependencies=_toml_list([f"{onnxruntime}=={ORT_VERSION}", *REQUIREMENTS]),
+            serve=_toml_list(list(SERVE_REQUIREMENTS)),
+            readme=readme,
+        ),
+        encoding="utf-8",
+    )
+
+
+def build_wheel(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    name: str = "default",
+    version: str | None = None,
+    onnxruntime: str = "onnxruntime-gpu",
+) -> Path:
+    """Build `bertrt-model-<name>`: the runtime plus the model folder as `bertrt/models/<name>/`.
+
+    Args:
+        name: the bundled model's name: lower-case letters, digits and inner underscores.
+        version: the wheel's version; the runtime's own version by default.
+        onnxruntime: "onnxruntime-gpu" (runs on CPU too) or "onnxruntime" (CPU only, smaller).
+    """
+    from bertrt import __version__
+
+    if not NAME_PATTERN.fullmatch(name):
+        raise BundleError(
+            f"bundle name {name!r}: use lower-case letters, digits and inner underscores"
+        )
+    if onnxruntime not in ONNXRUNTIMES:
+        raise BundleError(f"onnxruntime {onnxruntime!r} is not one of {list(ONNXRUNTIMES)}")
+    try:
+        import build
+        import pyproject_hooks
+    except ModuleNotFoundError as exc:
+        raise BundleError(
+            f"building a wheel needs the `build` package ({exc}); pip install build setuptools"
+        ) from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bertrt-bundle-") as tmp:
+        project = Path(tmp) / "project"
+        write_project(Path(model_dir), project, name, version or __version__, onnxruntime)
+        # No isolation: the installed setuptools builds it, so no index is needed.
+        builder = build.ProjectBuilder(project, runner=pyproject_hooks.quiet_subprocess_runner)
+        missing = builder.check_dependencies("wheel")
+        if missing:
+            raise BundleError(f"building a wheel needs {sorted(map(str, missing))}; pip install")
+        try:
+            wheel = builder.build("wheel", out)
+        except build.BuildBackendException as exc:
+            raise BundleError(f"setuptools could not build the wheel: {exc}") from exc
+    return Path(wheel)

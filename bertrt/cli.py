@@ -1,0 +1,226 @@
+"""Command line: predict (texts or JSONL), info, serve and package an exported model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import IO, BinaryIO, TextIO
+
+from bertrt.bundle import ONNXRUNTIMES, BundleError, build_wheel, resolve_model
+from bertrt.manifest import IntegrityError
+from bertrt.predictor import TextClassifier, load
+from bertrt.progress import Progress
+from bertrt.session import DEVICES, DeviceError
+
+log = logging.getLogger(__name__)
+
+# Lines read, predicted and written at a time, so a file of any size streams through.
+CHUNK = 2048
+JSON_TYPES = {dict: "object", list: "array", int: "number", float: "number", bool: "boolean"}
+
+
+class InputError(ValueError):
+    """A JSONL input line that is not a text."""
+
+
+def parse_line(raw: bytes, number: int, source: str) -> str:
+    """The text on one JSONL line: a JSON string or an object with a "text" string."""
+    where = f"{source}, line {number}"
+    expected = 'expected a JSON string or an object with a "text" string'
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not line.strip():
+        raise InputError(f"{where}: blank line; {expected}")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(value, dict):
+        if "text" not in value:
+            raise InputError(f'{where}: object has no "text" key (keys: {sorted(value)})')
+        value = value["text"]
+    if not isinstance(value, str):
+        kind = "null" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
+        raise InputError(f"{where}: found a JSON {kind}; {expected}")
+    return value
+
+
+def read_chunks(stream: BinaryIO, source: str) -> Iterator[tuple[list[str], int]]:
+    """Yield (texts, bytes consumed) CHUNK lines at a time, checking every line."""
+    texts: list[str] = []
+    consumed = 0
+    for number, raw in enumerate(stream, start=1):
+        texts.append(parse_line(raw, number, source))
+        consumed += len(raw)
+        if len(texts) == CHUNK:
+            yield texts, consumed
+            texts, consumed = [], 0
+    if texts:
+        yield texts, consumed
+
+
+@contextmanager
+def open_output(target: str) -> Iterator[TextIO]:
+    """stdout for "-", else a file that appears only once it is complete."""
+    if target == "-":
+        yield sys.stdout
+        return
+    path = Path(target)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_predictions(
+    model: TextClassifier, texts: list[str], batch_size: int, top_k: int | None, out: IO[str]
+) -> None:
+    """One JSON line per text: label, score and, with `top_k`, the k best labels."""
+    for prediction in model.predict(texts, batch_size, top_k):
+        out.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
+
+
+def open_model(args: argparse.Namespace) -> TextClassifier:
+    return load(resolve_model(args.model), args.device, args.variant, args.threads)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict the texts on the command line, or stream a JSONL file or stdin."""
+    if bool(args.texts) == bool(args.input):
+        raise InputError("give texts to classify or --input FILE.jsonl (or - for stdin), not both")
+    model = open_model(args)
+    with open_output(args.output) as out:
+        if args.texts:
+            write_predictions(model, args.texts, args.batch_size, args.top_k, out)
+            return 0
+        stdin = args.input == "-"
+        source = "<stdin>" if stdin else args.input
+        total = None if stdin else Path(args.input).stat().st_size
+        show = sys.stderr.isatty() if args.progress is None else args.progress
+        progress = Progress(sys.stderr, total, enabled=show)
+        with ExitStack() as stack:
+            stream = sys.stdin.buffer if stdin else stack.enter_context(open(args.input, "rb"))
+            for texts, consumed in read_chunks(stream, source):
+                write_predictions(model, texts, args.batch_size, args.top_k, out)
+                progress.update(consumed, len(texts))
+        progress.close()
+        log.info("%d texts from %s on %s", progress.texts, source, model.provider)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print the model's metadata as JSON."""
+    model = open_model(args)
+    info = {**model.metadata(), "shipped_variants": sorted(model.manifest["variants"])}
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over HTTP until interrupted."""
+    try:
+        from bertrt import server
+    except ModuleNotFoundError as exc:
+        raise BundleError(
+            f"serving needs fastapi and uvicorn ({exc}); install the wheel's [serve] extra "
+            "or pip install fastapi uvicorn"
+        ) from None
+    model = open_model(args)
+    server.serve(
+        model,
+        host=args.host,
+        port=args.port,
+        max_body_bytes=args.max_body_bytes,
+        max_batch=args.max_batch,
+        batch_size=args.batch_size,
+        max_concurrency=args.max_concurrency,
+    )
+    return 0
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    """Build a wheel with the runtime and the model folder; print its path."""
+    wheel = build_wheel(
+        resolve_model(args.model), args.out, args.name, args.version, args.onnxruntime
+    )
+    print(wheel)
+    return 0
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="exported model folder, or `bundled` / `bundled:NAME` for a model in this wheel",
+    )
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--variant", help="fp32, fp32-optimized, fp16 or int8 (default: best)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: ORT decides)")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bertrt", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    predict = commands.add_parser("predict", help="classify texts; JSON lines out")
+    _model_options(predict)
+    predict.add_argument("texts", nargs="*", help="texts to classify")
+    predict.add_argument("--input", help='JSONL file ("text" objects or strings), - for stdin')
+    predict.add_argument("--output", default="-", help="JSONL file to write, - for stdout")
+    predict.add_argument("--top-k", type=int, help="add the k best labels with their scores")
+    predict.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    predict.set_defaults(run=cmd_predict)
+
+    info = commands.add_parser("info", help="print the model's metadata")
+    _model_options(info)
+    info.set_defaults(run=cmd_info)
+
+    serve = commands.add_parser("serve", help="HTTP server (needs fastapi and uvicorn)")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--max-batch", type=int, default=256, help="most texts per request")
+    serve.add_argument("--max-concurrency", type=int, default=2, help="inferences at once")
+    serve.set_defaults(run=cmd_serve)
+
+    package = commands.add_parser("package", help="build a wheel bundling runtime and model")
+    package.add_argument("--model", required=True, help="exported model folder")
+    package.add_argument("--out", required=True, help="folder for the wheel")
+    package.add_argument("--name", default="default", help="bundled model name")
+    package.add_argument("--version", help="wheel version (default: the runtime's)")
+    package.add_argument("--onnxruntime", choices=ONNXRUNTIMES, default=ONNXRUNTIMES[0])
+    package.set_defaults(run=cmd_package)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run one command, turn expected failures into one-line errors."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, OSError, IntegrityError, DeviceError, BundleError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            # The reader went away (`| head`); stop quietly, as cat does.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"bertrt: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,219 @@
+"""The runtime's command line: predict on texts and JSONL files or stdin, info, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import synthetic_reviews
+
+import bertrt
+from bertrt import cli
+from bertrt.cli import InputError, main, parse_line
+from bertrt.predictor import TextClassifier
+from bertrt.progress import Progress
+
+
+@pytest.fixture(scope="module")
+def model(onnx_model_dir: Path) -> TextClassifier:
+    return bertrt.load(onnx_model_dir, device="cpu")
+
+
+def expected_lines(model: TextClassifier, texts: list[str], top_k: int | None = None) -> list:
+    return [p.as_dict() for p in model.predict(texts, top_k=top_k)]
+
+
+def assert_same(got: list[dict], expected: list[dict]) -> None:
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert [g["score"] for g in got] == pytest.approx([e["score"] for e in expected], abs=1e-6)
+
+
+def read_jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_predict_texts_print_json_lines(
+    onnx_model_dir: Path, model: TextClassifier, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = ["a wonderful film", "dull and boring", ""]
+    assert main(["predict", "--model", str(onnx_model_dir), "--device", "cpu", *texts]) == 0
+    got = read_jsonl(capsys.readouterr().out)
+    assert_same(got, expected_lines(model, texts))
+    assert all(set(line) == {"label", "score"} for line in got)
+
+
+def test_predict_top_k(
+    onnx_model_dir: Path, model: TextClassifier, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", "--model", str(onnx_model_dir), "--top-k", "2", "fun plot"]) == 0
+    (line,) = read_jsonl(capsys.readouterr().out)
+    (expected,) = expected_lines(model, ["fun plot"], top_k=2)
+    assert [entry["label"] for entry in line["top_k"]] == [e["label"] for e in expected["top_k"]]
+    assert line["top_k"][0]["score"] == pytest.approx(line["score"])
+
+
+def test_jsonl_file_in_file_out(
+    onnx_model_dir: Path, model: TextClassifier, tmp_path: Path
+) -> None:
+    texts = [r["text"] for r in synthetic_reviews(30, seed=5)]
+    records = [{"text": t, "id": i} if i % 2 else t for i, t in enumerate(texts)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "predict",
+        "--model",
+        str(onnx_model_dir),
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+    ]
+    assert main([*argv, "--batch-size", "4"]) == 0
+    assert_same(read_jsonl(out.read_text(encoding="utf-8")), expected_lines(model, texts))
+    assert not (tmp_path / "out.jsonl.tmp").exists()
+
+
+def test_jsonl_from_stdin_to_stdout_in_chunks_with_progress(
+    onnx_model_dir: Path,
+    model: TextClassifier,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    texts = [r["text"] for r in synthetic_reviews(25, seed=6)] + ["héllo wörld ✓"]
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data.encode("utf-8"))))
+    monkeypatch.setattr(cli, "CHUNK", 7)
+    argv = ["predict", "--model", str(onnx_model_dir), "--input", "-", "--progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert_same(read_jsonl(captured.out), expected_lines(model, texts))
+    # No total on stdin: the bar is a count and a rate.
+    assert captured.err.split("\r")[-1].startswith("26 texts, ")
+
+
+def test_python_dash_m_reads_stdin(onnx_model_dir: Path, model: TextClassifier) -> None:
+    texts = ["good fun", "a bland messy script"]
+    stdin = "".join(json.dumps(t) + "\n" for t in texts)
+    argv = [sys.executable, "-m", "bertrt", "--log-level", "warning", "predict"]
+    result = subprocess.run(
+        [*argv, "--model", str(onnx_model_dir), "--device", "cpu", "--input", "-"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_same(read_jsonl(result.stdout), expected_lines(model, texts))
+
+
+BAD_LINES = [
+    (b"{not json\n", "line 3: not valid JSON (Expecting property name"),
+    (b"[1, 2]\n", "line 3: found a JSON array; expected a JSON string or an object"),
+    (b'{"txt": "x"}\n', "line 3: object has no \"text\" key (keys: ['txt'])"),
+    (b'{"text": 5}\n', "line 3: found a JSON number"),
+    (b'{"text": null}\n', "line 3: found a JSON null"),
+    (b"\n", "line 3: blank line"),
+    (b'"caf\xe9"\n', "line 3: not UTF-8 (invalid continuation byte at byte 4)"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_LINES)
+def test_bad_jsonl_line_is_named_and_no_output_is_left(
+    onnx_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    bad: bytes,
+    message: str,
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'"fine"\n{"text": "also fine"}\n' + bad + b'"after"\n')
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "predict",
+        "--model",
+        str(onnx_model_dir),
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+    ]
+    assert main(argv) == 1
+    assert f"bertrt: error: {source}, {message}" in capsys.readouterr().err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [source]
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [(b'"plain"', "plain"), (b'{"text": "obj", "id": 3}', "obj"), (b'""', ""), (b'" "\r\n', " ")],
+)
+def test_parse_line_accepts_strings_and_text_objects(raw: bytes, text: str) -> None:
+    assert parse_line(raw, 1, "f") == text
+
+
+def test_parse_line_error_names_source_and_line() -> None:
+    with pytest.raises(InputError, match=r"^data\.jsonl, line 12: found a JSON boolean"):
+        parse_line(b"true", 12, "data.jsonl")
+
+
+def test_texts_and_input_are_exclusive(
+    onnx_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", "--model", str(onnx_model_dir), "--input", "-", "x"]) == 1
+    assert "give texts to classify or --input" in capsys.readouterr().err
+    assert main(["predict", "--model", str(onnx_model_dir)]) == 1
+
+
+def test_missing_model_folder_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", "--model", str(tmp_path / "nope"), "x"]) == 1
+    err = capsys.readouterr().err
+    assert f"bertrt: error: {tmp_path / 'nope' / 'manifest.json'}: no manifest" in err
+    assert "Traceback" not in err
+
+
+def test_bad_top_k_is_a_one_line_error(
+    onnx_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", "--model", str(onnx_model_dir), "--top-k", "5", "x"]) == 1
+    assert "bertrt: error: top_k must be between 1 and 2, got 5" in capsys.readouterr().err
+
+
+def test_info_prints_metadata(onnx_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", str(onnx_model_dir), "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["labels"] == ["fresh", "rotten"]
+    assert (info["task"], info["variant"], info["max_length"]) == (
+        "text-classification",
+        "fp32",
+        64,
+    )
+    assert info["provider"] == "CPUExecutionProvider"
+    assert info["shipped_variants"] == ["fp32"]
+
+
+def test_progress_bar_renders_fraction_and_rate() -> None:
+    stream = io.StringIO()
+    bar = Progress(stream, total=200, interval=0.0)
+    bar.update(50, 10)
+    bar.update(50, 10)
+    bar.close()
+    lines = stream.getvalue().split("\r")
+    assert lines[1].startswith(" 25% |######                  | 10 texts, ")
+    assert lines[2].startswith(" 50% |############            | 20 texts, ")
+    assert lines[-1].endswith(" texts/s\n")
+    assert Progress(io.StringIO(), total=None).render(0.0).startswith("0 texts, ")
+
+
+def test_disabled_progress_writes_nothing() -> None:
+    stream = io.StringIO()
+    bar = Progress(stream, total=10, enabled=False, interval=0.0)
+    bar.update(10, 3)
+    bar.close()
+    assert stream.getvalue() == ""

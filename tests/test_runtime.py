@@ -1,0 +1,261 @@
+"""The inference runtime: import isolation, providers, integrity checks and batching behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_reviews
+
+import bertrt
+from bertrt import predictor as predictor_module
+from bertrt.contract import LABELS_FILE, MANIFEST_FILE, TOKENIZER_FILE
+from bertrt.manifest import IntegrityError
+from bertrt.predictor import ModelFolderError, TextClassifier
+from bertrt.session import CPU, CUDA, DeviceError, start_session
+
+HEAVY = ["torch", "transformers", "pipeline", "sklearn", "pandas", "mlflow", "dvc"]
+SERVER_STACK = ["fastapi", "uvicorn", "starlette", "pydantic"]
+
+
+@cache
+def cuda_starts(model_file: Path) -> bool:
+    """Whether a CUDA session really starts here (not the silent CPU fallback)."""
+    try:
+        start_session(model_file, "cuda")
+    except DeviceError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def model(onnx_model_dir: Path) -> TextClassifier:
+    return bertrt.load(onnx_model_dir, device="cpu")
+
+
+def imported_after(statement: str) -> set[str]:
+    """Top-level module names in sys.modules after running `statement` in a fresh interpreter."""
+    report = "import json, sys; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    code = f"{statement}\n{report}"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_runtime_and_cli_import_neither_training_code_nor_server_stack() -> None:
+    modules = imported_after("import bertrt, bertrt.cli, bertrt.bundle")
+    assert {"bertrt", "onnxruntime", "tokenizers", "numpy"} <= modules
+    assert modules.isdisjoint(HEAVY + SERVER_STACK), sorted(modules & {*HEAVY, *SERVER_STACK})
+
+
+def test_server_imports_no_training_code() -> None:
+    modules = imported_after("import bertrt.server")
+    assert {"fastapi", "onnxruntime"} <= modules
+    assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_cpu_device_runs_on_cpu(model: TextClassifier) -> None:
+    assert model.provider == CPU
+    assert model.session.get_providers() == [CPU]
+
+
+def test_auto_device_falls_back_to_cpu_without_a_gpu(onnx_model_dir: Path) -> None:
+    if cuda_starts(onnx_model_dir / "model.onnx"):
+        pytest.skip("a CUDA device is present: auto picks it")
+    loaded = bertrt.load(onnx_model_dir, device="auto")
+    assert loaded.provider == CPU
+    assert loaded.session.get_providers()[0] == CPU
+
+
+def test_cuda_device_refuses_to_fall_back(onnx_model_dir: Path) -> None:
+    if cuda_starts(onnx_model_dir / "model.onnx"):
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(DeviceError, match=r"device='cuda' was asked for .* device='cpu'"):
+        bertrt.load(onnx_model_dir, device="cuda")
+
+
+def test_unknown_device_names_the_choices(onnx_model_dir: Path) -> None:
+    with pytest.raises(DeviceError, match=r"'gpu' is not one of \['auto', 'cuda', 'cpu'\]"):
+        bertrt.load(onnx_model_dir, device="gpu")
+
+
+@pytest.mark.gpu
+def test_cuda_runs_with_io_binding_and_matches_cpu(
+    onnx_model_dir: Path, model: TextClassifier
+) -> None:
+    if not cuda_starts(onnx_model_dir / "model.onnx"):
+        pytest.skip("no CUDA device on this machine")
+    gpu = bertrt.load(onnx_model_dir, device="cuda", variant="fp32")
+    assert gpu.provider == CUDA
+    session, bindings = gpu.session, []
+
+    class Spy:
+        """Forward to the session, counting IO bindings."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(session, name)
+
+        def io_binding(self) -> object:
+            bindings.append(1)
+            return session.io_binding()
+
+    gpu.session = Spy()
+    texts = [r["text"] for r in synthetic_reviews(40, seed=3)]
+    np.testing.assert_allclose(gpu.logits(texts, batch_size=16), model.logits(texts), atol=1e-4)
+    assert len(bindings) == 3
+
+
+def tamper_model(folder: Path) -> str:
+    path = folder / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return "model.onnx: sha256 does not match"
+
+
+def truncate_tokenizer(folder: Path) -> str:
+    path = folder / TOKENIZER_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    return "tokenizer.json: 100 bytes, the manifest says"
+
+
+def remove_labels(folder: Path) -> str:
+    (folder / LABELS_FILE).unlink()
+    return "labels.json: listed in manifest.json but missing"
+
+
+def bump_schema(folder: Path) -> str:
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["schema_version"] = 99
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return "manifest.json: schema_version 99, this runtime reads 1"
+
+
+def unlist_model(folder: Path) -> str:
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    del manifest["files"]["model.onnx"]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return "model.onnx: not listed in manifest.json"
+
+
+def remove_manifest(folder: Path) -> str:
+    (folder / MANIFEST_FILE).unlink()
+    return "manifest.json: no manifest"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [tamper_model, truncate_tokenizer, remove_labels, bump_schema, unlist_model, remove_manifest],
+)
+def test_damaged_folder_raises_integrity_error_naming_the_file(model_copy: Path, damage) -> None:
+    expected = damage(model_copy)
+    with pytest.raises(IntegrityError) as caught:
+        bertrt.load(model_copy, device="cpu")
+    assert expected in str(caught.value)
+
+
+def test_verify_false_skips_the_hash_check(model_copy: Path) -> None:
+    manifest = json.loads((model_copy / MANIFEST_FILE).read_text())
+    manifest["files"][TOKENIZER_FILE]["sha256"] = "0" * 64
+    (model_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert bertrt.load(model_copy, device="cpu", verify=False).labels == ["fresh", "rotten"]
+
+
+def test_unshipped_variant_lists_the_shipped_ones(onnx_model_dir: Path) -> None:
+    with pytest.raises(ModelFolderError, match=r"'int8' is not shipped .* shipped: \['fp32'\]"):
+        bertrt.load(onnx_model_dir, device="cpu", variant="int8")
+
+
+MIXED = ["good", "", "the plot was dull and the cast was weak " * 6, "fun", "a b c d e f g h"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 32])
+def test_batched_logits_equal_each_text_alone(model: TextClassifier, batch_size: int) -> None:
+    alone = np.concatenate([model.logits([text]) for text in MIXED])
+    together = model.logits(MIXED, batch_size=batch_size)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    # The untrained model's logits differ little, but enough that a mix-up would show.
+    gaps = [np.abs(alone[i] - alone[j]).max() for i in range(5) for j in range(i)]
+    assert min(gaps) > 2e-5
+
+
+def test_chunks_are_stitched_back_in_order(
+    model: TextClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [r["text"] for r in synthetic_reviews(23, seed=2)]
+    expected = model.logits(texts)
+    monkeypatch.setattr(predictor_module, "CHUNK", 5)
+    np.testing.assert_allclose(model.logits(texts, batch_size=2), expected, atol=1e-5)
+
+
+def test_empty_and_whitespace_texts_are_the_empty_input(model: TextClassifier) -> None:
+    logits = model.logits(["", "   ", "\n\t"])
+    np.testing.assert_allclose(logits[1:], np.repeat(logits[:1], 2, axis=0), atol=1e-6)
+    assert [p.label for p in model.predict(["", " "])] == [model.predict([""])[0].label] * 2
+
+
+def test_megabyte_text_is_truncated_like_its_prefix(model: TextClassifier) -> None:
+    huge = "great " * 200_000
+    assert len(huge) > 1_000_000
+    prefix = "great " * 100  # past max_length (64 tokens) already
+    np.testing.assert_allclose(model.logits([huge]), model.logits([prefix]), atol=1e-6)
+
+
+def test_ten_thousand_texts(model: TextClassifier) -> None:
+    unique = [r["text"] for r in synthetic_reviews(100, seed=4)]
+    expected = model.predict(unique)
+    got = model.predict(unique * 100, batch_size=64)
+    assert len(got) == 10_000
+    assert [p.label for p in got] == [p.label for p in expected] * 100
+    scores = np.array([p.score for p in got]).reshape(100, 100)
+    np.testing.assert_allclose(scores, np.tile([p.score for p in expected], (100, 1)), atol=1e-6)
+
+
+def test_no_texts_give_no_predictions(model: TextClassifier) -> None:
+    assert model.predict([]) == []
+    assert model.logits([]).shape == (0, 2)
+
+
+def test_top_k_ranks_every_label(model: TextClassifier) -> None:
+    (prediction,) = model.predict(["a wonderful brilliant film"], top_k=2)
+    scores = [score for _, score in prediction.top_k]
+    assert scores == sorted(scores, reverse=True)
+    assert {label for label, _ in prediction.top_k} == set(model.labels)
+    assert prediction.top_k[0] == (prediction.label, prediction.score)
+    assert sum(score for _, score in prediction.top_k) == pytest.approx(1.0)
+    assert prediction.as_dict()["top_k"][0] == {
+        "label": prediction.label,
+        "score": prediction.score,
+    }
+    (one,) = model.predict(["a wonderful brilliant film"], top_k=1)
+    assert one.top_k == prediction.top_k[:1]
+    assert model.predict(["x"])[0].top_k is None
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_top_k_out_of_range(model: TextClassifier, top_k: int) -> None:
+    with pytest.raises(ValueError, match=f"top_k must be between 1 and 2, got {top_k}"):
+        model.predict(["x"], top_k=top_k)
+
+
+def test_wrong_input_types(model: TextClassifier) -> None:
+    with pytest.raises(TypeError, match="not one string"):
+        model.predict("a single string")
+    with pytest.raises(TypeError, match="text 1 is int, expected str"):
+        model.predict(["ok", 7])
+    with pytest.raises(ValueError, match="batch_size must be > 0, got 0"):
+        model.predict(["ok"], batch_size=0)
+
+
+def test_metadata(model: TextClassifier, onnx_model_dir: Path) -> None:
+    meta = model.metadata()
+    assert meta["labels"] == ["fresh", "rotten"]
+    assert meta["task"] == "text-classification"
+    assert (meta["variant"], meta["provider"], meta["max_length"]) == ("fp32", CPU, 64)
+    assert model.folder == onnx_model_dir
