@@ -1,0 +1,1 @@
+"""Speed, memory and agreement of the exported model against plain PyTorch (`make bench`)."""

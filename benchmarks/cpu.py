@@ -1,0 +1,275 @@
+"""CPU benchmark: the plain transformers pipeline against the exported model's ONNX variants."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import measure, report
+
+log = logging.getLogger(__name__)
+
+PYTORCH = "pytorch"
+# fp16 is a CUDA variant: the CPU provider wraps its nodes in casts, so it is not served here.
+ORT_VARIANTS = ("fp32", "fp32-optimized", "int8")
+REFERENCE_BATCH = 32
+
+
+def columns(batch_sizes: Sequence[int]) -> dict[str, str]:
+    """Row key -> table header, one throughput column per batch size."""
+    return {
+        "backend": "backend",
+        "file_mb": "file MB",
+        "p50_ms": "p50 ms (b=1)",
+        "p95_ms": "p95 ms",
+        "p99_ms": "p99 ms",
+        **{f"texts_per_s_{b}": f"texts/s b={b}" for b in batch_sizes},
+        "peak_rss_mb": "peak RSS +MB",
+        "agreement": "agreement",
+        f"ratio_{REFERENCE_BATCH}": f"× PyTorch b={REFERENCE_BATCH}",
+    }
+
+
+Predict = Callable[[list[str], int], list[str]]
+
+
+def pytorch_predictor(
+    finetuned: Path, max_length: int, device: int = -1, dtype: Any = None
+) -> Predict:
+    """Labels from `transformers.pipeline`, the way a model card shows it."""
+    from transformers import pipeline
+
+    pipe = pipeline(
+        "text-classification",
+        model=str(finetuned),
+        tokenizer=str(finetuned),
+        device=device,
+        **({"dtype": dtype} if dtype is not None else {}),
+    )
+
+    def predict(texts: list[str], batch_size: int) -> list[str]:
+        out = pipe(texts, batch_size=batch_size, truncation=True, max_length=max_length)
+        return [row["label"] for row in out]
+
+    return predict
+
+
+def ort_predictor(model_dir: Path, variant: str, device: str, threads: int = 0) -> Predict:
+    """Labels from the standalone runtime on one variant of the model folder."""
+    from bertrt.predictor import load
+
+    # device="cuda" raises DeviceError rather than falling back to the CPU.
+    runtime = load(model_dir, device=device, variant=variant, threads=threads)
+
+    def predict(texts: list[str], batch_size: int) -> list[str]:
+        return [p.label for p in runtime.predict(texts, batch_size)]
+
+    return predict
+
+
+def bench_backend(
+    make: Callable[[], Predict],
+    texts: list[str],
+    latency_texts: int,
+    batch_sizes: Sequence[int],
+) -> tuple[dict[str, Any], list[str]]:
+    """Load, batch-1 latency and throughput of one backend; return them and its labels."""
+    with measure.PeakMemory() as memory:
+        start = time.perf_counter()
+        predict = make()
+        result: dict[str, Any] = {"load_s": time.perf_counter() - start}
+        # Warm-up: the first calls pick kernels and grow the allocators.
+        predict(texts[:8], 8)
+        singles = [[text] for text in texts[:latency_texts]]
+        result.update(
+            measure.percentiles_ms(measure.timed_calls(lambda b: predict(b, 1), singles))
+        )
+        labels: list[str] = []
+        for batch_size in batch_sizes:
+            start = time.perf_counter()
+            got = predict(texts, batch_size)
+            result[f"texts_per_s_{batch_size}"] = len(texts) / (time.perf_counter() - start)
+            if batch_size == REFERENCE_BATCH or not labels:
+                labels = got
+    result["peak_rss_mb"] = memory.delta_mb
+    return result, labels
+
+
+def token_lengths(model_dir: Path, texts: list[str], max_length: int) -> dict[str, float]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    lengths = np.array([len(e.ids) for e in tokenizer.encode_batch(texts)])
+    return {"mean": float(lengths.mean()), "p95": float(np.percentile(lengths, 95))}
+
+
+def run(
+    model_dir: Path,
+    finetuned: Path,
+    test: Path,
+    out: Path,
+    json_path: Path,
+    latency_texts: int = 300,
+    batch_sizes: Sequence[int] = (32, 128),
+    max_texts: int = 0,
+    threads: int = 0,
+    command: str = "",
+) -> dict[str, Any]:
+    """Benchmark PyTorch and every shipped CPU variant on the test texts; write both reports."""
+    # Import cost is measured apart, so each backend's memory is its model and its runs.
+    imports = measure.import_rss_mb()
+    import pandas as pd
+    import torch
+
+    from bertrt import manifest as manifest_io
+
+    manifest = manifest_io.read(model_dir)
+    texts = [str(t) for t in pd.read_parquet(test, columns=["text"])["text"]]
+    if max_texts:
+        texts = texts[:max_texts]
+    if not texts:
+        raise ValueError(f"{test}: no texts in column 'text'")
+    threads = threads or measure.machine()["physical_cores"] or 1
+    torch.set_num_threads(threads)
+    max_length = int(manifest["max_length"])
+    variants = [v for v in ORT_VARIANTS if v in manifest["variants"]]
+    backends: dict[str, Callable[[], Predict]] = {
+        PYTORCH: lambda: pytorch_predictor(finetuned, max_length),
+        **{
+            f"ort {v}": (lambda v=v: ort_predictor(model_dir, v, "cpu", threads)) for v in variants
+        },
+    }
+    sizes = sorted({REFERENCE_BATCH, *batch_sizes})
+    results, labels = {}, {}
+    for name, make in backends.items():
+        log.info("%s: %d texts, latency over %d", name, len(texts), min(latency_texts, len(texts)))
+        results[name], labels[name] = bench_backend(make, texts, latency_texts, sizes)
+        gc.collect()
+    reference = np.array(labels[PYTORCH])
+    for name, result in results.items():
+        result["backend"] = name
+        result["agreement"] = float((np.array(labels[name]) == reference).mean())
+        ratio = (
+            result[f"texts_per_s_{REFERENCE_BATCH}"]
+            / results[PYTORCH][f"texts_per_s_{REFERENCE_BATCH}"]
+        )
+        result[f"ratio_{REFERENCE_BATCH}"] = ratio
+        if name != PYTORCH:
+            file = manifest["variants"][name.removeprefix("ort ")]["file"]
+            result["file_mb"] = manifest["files"][file]["bytes"] / 2**20
+    data = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": measure.machine(),
+        "versions": measure.versions(),
+        "threads": threads,
+        "model": {
+            "base_model": manifest.get("base_model", {}).get("name"),
+            "labels": manifest["labels"],
+            "max_length": max_length,
+            "tokens": token_lengths(model_dir, texts, max_length),
+        },
+        "import_rss_mb": imports,
+        "texts": len(texts),
+        "latency_texts": min(latency_texts, len(texts)),
+        "batch_sizes": sizes,
+        "results": results,
+    }
+    body = markdown(data)
+    print(body)
+    report.write_section(out, "CPU", body)
+    report.write_json(json_path, data)
+    return data
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The CPU section: how it was measured, the table, and what it means."""
+    m, model = data["machine"], data["model"]
+    rows = list(data["results"].values())
+    best = max(
+        (r for r in rows if r["backend"] != PYTORCH),
+        key=lambda r: r[f"ratio_{REFERENCE_BATCH}"],
+        default=None,
+    )
+    lines = [
+        f"Measured {data['date']} with",
+        "",
+        f"    {data['command']}",
+        "",
+        f"- Machine: {m['cpu']} (flags: {', '.join(m['cpu_flags']) or 'none listed'}), "
+        f"{m['physical_cores']} cores / {m['logical_cores']} threads, {m['memory_gib']} GiB, "
+        f"{m['os']}, Python {m['python']}; 1-minute load average {m['load_average_1min']:.2f} "
+        "when it started (other processes' share of the CPU).",
+        f"- Threads: {data['threads']} for PyTorch and for ONNX Runtime.",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
+        f"- Model: {model['base_model'] or 'unknown base'}, labels {model['labels']}, max_length "
+        f"{model['max_length']}; {data['texts']} test texts, {model['tokens']['mean']:.1f} tokens "
+        f"on average (p95 {model['tokens']['p95']:.0f}). Latency: {data['latency_texts']} texts "
+        "one at a time; throughput: all the texts at each batch size.",
+        "",
+        report.table(rows, columns(data["batch_sizes"])),
+    ]
+    if best is not None:
+        lines.append(
+            f"At batch {REFERENCE_BATCH}, `bertrt` on {best['backend'].removeprefix('ort ')} "
+            f"runs at {best[f'ratio_{REFERENCE_BATCH}']:.2f}× the throughput of the "
+            "transformers pipeline; agreement is the share of texts given the same label as it."
+        )
+    lines.append(
+        "PyTorch is `pipeline('text-classification', device=-1)`; ONNX Runtime goes through "
+        "`bertrt.load(..., device='cpu', variant=...)`, which sorts texts by length before "
+        "batching. Peak RSS is the rise in the process's resident memory from just before a "
+        "backend loads to the end of its runs, sampled every 10 ms in one process after the "
+        "libraries were imported (importing onnxruntime added "
+        f"{data['import_rss_mb']['onnxruntime']:.0f} MB, torch and transformers "
+        f"{data['import_rss_mb']['torch+transformers']:.0f} MB); memory a previous backend "
+        "freed may be reused, which understates the later rows."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", type=Path, required=True, help="exported model folder")
+    parser.add_argument("--finetuned", type=Path, required=True, help="fine-tuned HF folder")
+    parser.add_argument("--test", type=Path, required=True, help="Parquet with a 'text' column")
+    parser.add_argument("--out", type=Path, required=True, help="markdown file to update")
+    parser.add_argument("--json", type=Path, required=True, help="JSON report to write")
+    parser.add_argument("--latency-texts", type=int, default=300)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--max-texts", type=int, default=0, help="0 uses every test text")
+    parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = shlex.join(
+        ["python", "-m", "benchmarks.cpu", *(sys.argv[1:] if argv is None else argv)]
+    )
+    run(
+        args.model_dir,
+        args.finetuned,
+        args.test,
+        args.out,
+        args.json,
+        args.latency_texts,
+        args.batch_sizes,
+        args.max_texts,
+        args.threads,
+        command,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

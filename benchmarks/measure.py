@@ -1,0 +1,131 @@
+"""Timing, peak memory and machine facts for the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+PACKAGES = ("torch", "transformers", "onnxruntime-gpu", "onnxruntime", "tokenizers", "numpy")
+# CPU flags that decide which int8 and fp32 kernels ONNX Runtime picks.
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Sample a memory reading in a thread; `delta_mb` is the peak over the start, in MiB."""
+
+    def __init__(self, read: Callable[[], int] = rss_bytes, interval_s: float = 0.01) -> None:
+        self.read, self.interval_s = read, interval_s
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.read())
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = self.read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def import_rss_mb() -> dict[str, float]:
+    """Resident memory each backend's libraries add when imported, in MiB (first import only)."""
+    before = rss_bytes()
+    import bertrt.predictor  # noqa: F401 - imported for its memory cost
+
+    middle = rss_bytes()
+    import torch  # noqa: F401
+    from transformers import pipeline  # noqa: F401
+
+    after = rss_bytes()
+    return {
+        "onnxruntime": (middle - before) / 2**20,
+        "torch+transformers": (after - middle) / 2**20,
+    }
+
+
+def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+    }
+
+
+def timed_calls(fn: Callable[[list[str]], Any], batches: Sequence[list[str]]) -> list[float]:
+    """Wall time of `fn` on each batch, in seconds."""
+    out = []
+    for batch in batches:
+        start = time.perf_counter()
+        fn(batch)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return []
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in FLAGS if flag in present]
+    return []
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores, memory, OS and the load other processes put on the machine at the start."""
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found

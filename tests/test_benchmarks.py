@@ -1,0 +1,77 @@
+"""The benchmarks' report sections and a CPU run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import synthetic_reviews
+
+from benchmarks import cpu, gpu, report
+
+DOC = "# Benchmarks\n\nIntro.\n\n## CPU\n\nold numbers\n\n## GPU\n\ngpu numbers\n"
+
+
+@pytest.mark.parametrize(
+    ("doc", "heading", "expected"),
+    [
+        (DOC, "CPU", "# Benchmarks\n\nIntro.\n\n## CPU\n\nnew\n\n## GPU\n\ngpu numbers\n"),
+        (DOC, "GPU", "# Benchmarks\n\nIntro.\n\n## CPU\n\nold numbers\n\n## GPU\n\nnew\n"),
+        ("# Benchmarks\n", "CPU", "# Benchmarks\n\n## CPU\n\nnew\n"),
+        ("", "GPU", "# Benchmarks\n\n## GPU\n\nnew\n"),
+        # A heading that merely starts with the name is another section.
+        ("## CPU notes\n\nkeep\n", "CPU", "## CPU notes\n\nkeep\n\n## CPU\n\nnew\n"),
+    ],
+)
+def test_replace_section(doc: str, heading: str, expected: str) -> None:
+    assert report.replace_section(doc, heading, "new\n") == expected
+
+
+def test_table_formats_numbers_and_gaps() -> None:
+    rows = [{"backend": "a", "x": 1.23456, "y": None}, {"backend": "b", "x": 1234.5, "y": 3}]
+    assert report.table(rows, {"backend": "name", "x": "X", "y": "Y"}) == (
+        "| name | X | Y |\n|---|---|---|\n| a | 1.235 | – |\n| b | 1234.5 | 3 |\n"
+    )
+
+
+def test_cpu_benchmark_on_the_tiny_model(
+    tmp_path: Path, tiny_model_dir: Path, onnx_model_dir: Path
+) -> None:
+    test = tmp_path / "test.parquet"
+    pd.DataFrame(synthetic_reviews(40, seed=5)).to_parquet(test)
+    docs, out_json = tmp_path / "docs" / "benchmarks.md", tmp_path / "bench_cpu.json"
+    docs.parent.mkdir()
+    docs.write_text(DOC, encoding="utf-8")
+    argv = [
+        *("--model-dir", str(onnx_model_dir), "--finetuned", str(tiny_model_dir)),
+        *("--test", str(test), "--out", str(docs), "--json", str(out_json)),
+        *("--latency-texts", "10", "--batch-sizes", "32", "--threads", "1"),
+    ]
+    assert cpu.main(argv) == 0
+    data = json.loads(out_json.read_text(encoding="utf-8"))
+    assert sorted(data["results"]) == ["ort fp32", "pytorch"]
+    assert data["texts"] == 40 and data["latency_texts"] == 10 and data["threads"] == 1
+    ort = data["results"]["ort fp32"]
+    assert ort["agreement"] == 1.0
+    assert ort["ratio_32"] == pytest.approx(
+        ort["texts_per_s_32"] / data["results"]["pytorch"]["texts_per_s_32"]
+    )
+    assert 0 < ort["p50_ms"] <= ort["p95_ms"] <= ort["p99_ms"]
+    text = docs.read_text(encoding="utf-8")
+    assert "old numbers" not in text and "## GPU\n\ngpu numbers\n" in text
+    assert "| ort fp32 |" in text and "python -m benchmarks.cpu --model-dir" in text
+
+
+def test_gpu_benchmark_exits_with_the_reason_without_cuda(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    argv = [
+        *("--model-dir", "m", "--finetuned", "f", "--test", "t.parquet"),
+        *("--out", str(tmp_path / "b.md"), "--json", str(tmp_path / "b.json")),
+    ]
+    with pytest.raises(SystemExit, match=r"benchmarks\.gpu: no CUDA device visible to torch"):
+        gpu.main(argv)
+    assert not (tmp_path / "b.md").exists()
