@@ -1,0 +1,214 @@
+"""HTTP serving of a text classifier: FastAPI with body and batch limits, run by uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bertrt import __version__
+from bertrt.predictor import TextClassifier
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class PredictRequest(BaseModel):
+    """Texts to classify: `{"texts": [...], "top_k": k}`, or a bare JSON list of strings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(description="texts to classify, in order")
+    top_k: int | None = Field(
+        default=None, ge=1, strict=True, description="also return the k best labels"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def bare_list(cls, data: Any) -> Any:
+        """Accept `["a", "b"]` as `{"texts": ["a", "b"]}`; explain a body that was not JSON."""
+        if isinstance(data, str | bytes):
+            raise ValueError(
+                "the body was not read as JSON; send it with Content-Type: application/json"
+            )
+        return {"texts": data} if isinstance(data, list) else data
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class PredictionOut(BaseModel):
+    label: str
+    score: float = Field(description="softmax probability of the label")
+    top_k: list[LabelScore] | None = None
+
+
+class PredictResponse(BaseModel):
+    predictions: list[PredictionOut]
+    variant: str
+    provider: str
+
+
+class Health(BaseModel):
+    status: str
+    variant: str
+    provider: str
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413, whether declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self.refuse(scope, receive, send, int(declared))
+            return
+        # Chunked bodies carry no length: read up to the limit, then hand the body on.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self.refuse(scope, receive, send, None)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
+        got = f"{size} bytes" if size is not None else "more bytes"
+        detail = f"request body of {got} is over the limit of {self.max_bytes} bytes"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+def create_app(
+    predictor: TextClassifier,
+    max_body_bytes: int = 1 << 20,
+    max_batch: int = 256,
+    batch_size: int = 32,
+    max_concurrency: int = 2,
+) -> FastAPI:
+    """The HTTP API over one loaded predictor.
+
+    Args:
+        max_body_bytes: larger request bodies get 413.
+        max_batch: requests with more texts get 413.
+        max_concurrency: inferences running at once in worker threads; ONNX Runtime sessions are
+            thread-safe, and each run already uses every intra-op thread it was given.
+    """
+    if max_body_bytes <= 0 or max_batch <= 0 or max_concurrency <= 0:
+        raise ValueError("max_body_bytes, max_batch and max_concurrency must be > 0")
+    limiter = anyio.CapacityLimiter(max_concurrency)
+    meta = predictor.metadata()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info(
+            "serving %s: %s variant on %s, max body %d bytes, max batch %d",
+            predictor.folder,
+            predictor.variant,
+            predictor.provider,
+            max_body_bytes,
+            max_batch,
+        )
+        yield
+
+    app = FastAPI(
+        title="bertrt",
+        version=__version__,
+        summary=f"{meta['task']} over {meta['labels']}",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    too_large = {413: {"model": Problem, "description": "body or batch over the limit"}}
+
+    @app.get("/health")
+    async def health() -> Health:
+        """The server is up and its model is loaded."""
+        return Health(status="ok", variant=predictor.variant, provider=predictor.provider)
+
+    @app.get("/metadata")
+    async def metadata() -> dict[str, Any]:
+        """Labels, variant, provider and the metrics recorded in the model's manifest."""
+        return {**meta, "shipped_variants": sorted(predictor.manifest["variants"])}
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        response_model_exclude_none=True,
+        responses={**too_large, 422: {"description": "malformed request"}},
+    )
+    async def predict(request: PredictRequest) -> dict[str, Any]:
+        """Label and score per text, in the order sent."""
+        if len(request.texts) > max_batch:
+            raise HTTPException(
+                413,
+                f"{len(request.texts)} texts in one request, the limit is {max_batch}; "
+                "split the batch",
+            )
+        run = partial(predictor.predict, request.texts, batch_size, request.top_k)
+        try:
+            # In a worker thread: the event loop keeps serving while ONNX Runtime computes.
+            predictions = await anyio.to_thread.run_sync(run, limiter=limiter)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {
+            "predictions": [p.as_dict() for p in predictions],
+            "variant": predictor.variant,
+            "provider": predictor.provider,
+        }
+
+    return app
+
+
+def serve(
+    predictor: TextClassifier,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_body_bytes: int = 1 << 20,
+    max_batch: int = 256,
+    batch_size: int = 32,
+    max_concurrency: int = 2,
+) -> None:
+    """Run the API with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(predictor, max_body_bytes, max_batch, batch_size, max_concurrency)
+    uvicorn.run(app, host=host, port=port, log_level=logging.getLogger().level or logging.INFO)

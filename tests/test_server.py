@@ -1,0 +1,256 @@
+"""The HTTP server, through a real HTTP client against uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from conftest import synthetic_reviews
+
+import bertrt
+from bertrt.contract import MANIFEST_FILE
+from bertrt.predictor import TextClassifier
+from bertrt.server import create_app
+
+MAX_BODY = 4096
+MAX_BATCH = 8
+METRICS = {"accuracy": 0.875, "macro_f1": 0.86}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory, onnx_model_dir: Path) -> TextClassifier:
+    """The exported model with evaluation metrics recorded in its manifest."""
+    folder = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(onnx_model_dir, folder)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    (folder / MANIFEST_FILE).write_text(json.dumps({**manifest, "metrics": METRICS}))
+    return bertrt.load(folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(model: TextClassifier) -> Iterator[str]:
+    """Base URL of the app served by uvicorn in a thread on a free loopback port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    app = create_app(model, max_body_bytes=MAX_BODY, max_batch=MAX_BATCH)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture
+def client(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=30) as session:
+        yield session
+
+
+def expected(model: TextClassifier, texts: list[str], top_k: int | None = None) -> list[dict]:
+    return [p.as_dict() for p in model.predict(texts, top_k=top_k)]
+
+
+def assert_same(got: list[dict], want: list[dict]) -> None:
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-6)
+
+
+def test_health(client: httpx.Client) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "variant": response.json()["variant"],
+        "provider": "CPUExecutionProvider",
+    }
+
+
+def test_metadata_carries_labels_and_manifest_metrics(
+    client: httpx.Client, model: TextClassifier
+) -> None:
+    meta = client.get("/metadata").json()
+    assert meta["labels"] == ["fresh", "rotten"]
+    assert meta["metrics"] == METRICS
+    assert (meta["variant"], meta["provider"]) == (model.variant, "CPUExecutionProvider")
+    assert meta["shipped_variants"] == sorted(model.manifest["variants"])
+
+
+def test_predict_object_body(client: httpx.Client, model: TextClassifier) -> None:
+    texts = ["a brilliant charming film", "", "tedious and clumsy " * 20]
+    response = client.post("/predict", json={"texts": texts})
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["variant"], body["provider"]) == (model.variant, "CPUExecutionProvider")
+    assert_same(body["predictions"], expected(model, texts))
+    assert all("top_k" not in p for p in body["predictions"])
+
+
+def test_predict_bare_list_with_top_k_object(client: httpx.Client, model: TextClassifier) -> None:
+    texts = ["fun", "weak"]
+    bare = client.post("/predict", json=texts).json()["predictions"]
+    assert_same(bare, expected(model, texts))
+    ranked = client.post("/predict", json={"texts": texts, "top_k": 2}).json()["predictions"]
+    for got, want in zip(ranked, expected(model, texts, top_k=2), strict=True):
+        assert [e["label"] for e in got["top_k"]] == [e["label"] for e in want["top_k"]]
+        assert got["top_k"][0]["score"] == pytest.approx(got["score"])
+
+
+def test_empty_batch(client: httpx.Client) -> None:
+    assert client.post("/predict", json={"texts": []}).json()["predictions"] == []
+
+
+def test_twenty_concurrent_requests_get_their_own_answers(url: str, model: TextClassifier) -> None:
+    batches = [
+        [r["text"] for r in synthetic_reviews(1 + i % MAX_BATCH, seed=i)] for i in range(20)
+    ]
+
+    def post(texts: list[str]) -> list[dict]:
+        with httpx.Client(base_url=url, timeout=60) as session:
+            response = session.post("/predict", json={"texts": texts})
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"]
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(post, batches))
+    for texts, got in zip(batches, answers, strict=True):
+        assert_same(got, expected(model, texts))
+
+
+MALFORMED = [
+    (b"this is not json", "json_invalid", ["body", 0]),
+    (b'{"texts": "one string"}', "list_type", ["body", "texts"]),
+    (b'{"texts": ["fine", 7]}', "string_type", ["body", "texts", 1]),
+    (b'["fine", null]', "string_type", ["body", "texts", 1]),
+    (b'{"text": ["fine"]}', "missing", ["body", "texts"]),
+    (b'{"texts": ["fine"], "top_k": "2"}', "int_type", ["body", "top_k"]),
+    (b'{"texts": ["fine"], "top_k": 0}', "greater_than_equal", ["body", "top_k"]),
+    (b"42", "model_attributes_type", ["body"]),
+]
+
+
+@pytest.mark.parametrize(("body", "error_type", "loc"), MALFORMED)
+def test_malformed_body_is_422_naming_the_problem(
+    client: httpx.Client, body: bytes, error_type: str, loc: list
+) -> None:
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert any(e["type"] == error_type and e["loc"] == loc for e in errors), errors
+    assert all(e["msg"] for e in errors)
+
+
+def test_body_sent_as_form_data_is_422_asking_for_json(client: httpx.Client) -> None:
+    response = client.post("/predict", content=b'["fine"]', headers={"content-type": "text/plain"})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["msg"] == (
+        "Value error, the body was not read as JSON; send it with Content-Type: application/json"
+    )
+
+
+def test_top_k_over_the_label_count_is_422(client: httpx.Client) -> None:
+    response = client.post("/predict", json={"texts": ["x"], "top_k": 3})
+    assert response.status_code == 422
+    assert response.json() == {"detail": "top_k must be between 1 and 2, got 3"}
+
+
+def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
+    body = json.dumps({"texts": ["x" * MAX_BODY]})
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json() == {
+        "detail": f"request body of {len(body)} bytes is over the limit of {MAX_BODY} bytes"
+    }
+
+
+def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"texts": ["'
+        for _ in range(6):
+            yield b"y" * 1000
+        yield b'"]}'
+
+    response = client.post("/predict", content=chunks())
+    assert response.status_code == 413
+    assert response.json()["detail"] == (
+        f"request body of more bytes is over the limit of {MAX_BODY} bytes"
+    )
+
+
+def test_batch_over_the_limit_is_413(client: httpx.Client) -> None:
+    response = client.post("/predict", json={"texts": ["a"] * (MAX_BATCH + 1)})
+    assert response.status_code == 413
+    assert response.json() == {
+        "detail": f"{MAX_BATCH + 1} texts in one request, the limit is {MAX_BATCH}; "
+        "split the batch"
+    }
+    assert client.post("/predict", json=["a"] * MAX_BATCH).status_code == 200
+
+
+def test_openapi_schema_describes_the_api(client: httpx.Client) -> None:
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/health", "/metadata"} <= set(schema["paths"])
+    request = schema["components"]["schemas"]["PredictRequest"]
+    assert request["required"] == ["texts"]
+    assert request["properties"]["texts"]["items"] == {"type": "string"}
+    assert "413" in schema["paths"]["/predict"]["post"]["responses"]
+
+
+def test_create_app_rejects_nonpositive_limits(model: TextClassifier) -> None:
+    with pytest.raises(ValueError, match="must be > 0"):
+        create_app(model, max_body_bytes=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_command_logs_provider_and_answers(onnx_model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "bertrt", "serve", "--model", str(onnx_model_dir)]
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [*argv, "--device", "cpu", "--port", str(port), "--max-batch", "3"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise AssertionError(log.read_text()) from None
+                time.sleep(0.1)
+        assert health.json()["provider"] == "CPUExecutionProvider"
+        over = httpx.post(f"http://127.0.0.1:{port}/predict", json=["a"] * 4, timeout=10)
+        assert over.status_code == 413
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert "on CPUExecutionProvider, max body 1048576 bytes, max batch 3" in log.read_text()
