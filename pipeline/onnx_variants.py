@@ -110,9 +110,7 @@ def gate(
     if result["agreement"] < min_agreement:
         reasons.append(f"agreement {result['agreement']:.4f} < {min_agreement}")
     if labels is not None:
-        truth = np.asarray(labels)
-        if truth.shape != (n,):
-            raise ValueError(f"{truth.shape[0]} labels for {n} texts; give one label per text")
+        truth = _label_ids(labels, n, reference.shape[1])
         result["accuracy"] = float((got == truth).mean())
         result["reference_accuracy"] = float((want == truth).mean())
         result["accuracy_drop"] = result["reference_accuracy"] - result["accuracy"]
@@ -122,6 +120,21 @@ def gate(
     if reasons:
         result["reason"] = "; ".join(reasons)
     return result
+
+
+def _label_ids(labels: Sequence[int], texts: int, classes: int) -> np.ndarray:
+    """Check that `labels` are one class id per text, each below the number of classes."""
+    truth = np.asarray(labels)
+    if truth.shape != (texts,):
+        raise ValueError(f"{len(truth)} labels for {texts} texts; give one label per text")
+    if texts and not np.issubdtype(truth.dtype, np.integer):
+        raise ValueError(
+            f"labels must be class ids in the manifest's label order, got {truth.tolist()[0]!r}; "
+            "map names to ids first (label_names.index(name))"
+        )
+    if texts and not (truth.min() >= 0 and truth.max() < classes):
+        raise ValueError(f"label ids must be in [0, {classes}), got {truth.min()}..{truth.max()}")
+    return truth
 
 
 def _open(folder: Path, name: str) -> tuple[TextClassifier | None, str]:

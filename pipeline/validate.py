@@ -73,6 +73,11 @@ def as_label(value: Any) -> str:
     return str(value)
 
 
+def blank(texts: pd.Series) -> pd.Series:
+    """Null or whitespace-only: reported once, by the text column's own check."""
+    return texts.map(lambda v: not isinstance(v, str) or not v.strip())
+
+
 def schema(
     split: str,
     text: str,
@@ -89,13 +94,13 @@ def schema(
 
     frame_checks = [
         pa.Check(
-            lambda df: ~df[text].duplicated(keep="first") | df[text].isna(),
+            lambda df: ~df[text].duplicated(keep="first") | blank(df[text]),
             error="duplicate text: the same text appears earlier in this split",
         ),
         pa.Check(
             lambda df: ~text_key(df[text]).duplicated(keep="first")
             | df[text].duplicated(keep="first")
-            | df[text].isna(),
+            | blank(df[text]),
             error="near-duplicate text: equal to an earlier row after normalising case and spaces",
         ),
         pa.Check(

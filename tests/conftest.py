@@ -114,3 +114,26 @@ def model_copy(tmp_path: Path, onnx_model_dir: Path) -> Path:
 def write_json(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+def write_params(folder: Path, overrides: dict[str, object] | None = None) -> Path:
+    """The project's params.yaml with `section.key` overrides, written into `folder`."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})[key] = value
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def write_splits(folder: Path, splits: dict[str, list[dict]]) -> Path:
+    """Parquet files `folder/{split}.parquet`, as the ingest stage writes them."""
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        pd.DataFrame(rows).to_parquet(folder / f"{name}.parquet", index=False)
+    return folder

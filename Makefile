@@ -1,0 +1,68 @@
+# Run `make` to list the targets. Every target is one command; dvc.yaml holds the pipeline itself.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help venv run repro test test-fast lint format bench bench-gpu package mlflow-ui metrics serve clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -r requirements-assets.txt
+	$(BIN)/pip install --no-deps -e .
+	touch $@
+
+venv: $(STAMP) ## create the virtual environment with the pinned stack (CPU torch)
+
+run: $(STAMP) ## run the whole pipeline on the embedded default model and data
+	dvc repro
+	@$(BIN)/python -m pipeline.summary
+
+repro: $(STAMP) ## dvc repro (what changed only), without the summary
+	dvc repro
+
+test: $(STAMP) ## run the test suite (offline, CPU)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP) ## ruff format and fix
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: $(STAMP) ## CPU benchmark: PyTorch pipeline vs ORT variants, written to docs/benchmarks.md
+	$(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu.json
+
+bench-gpu: $(STAMP) ## GPU benchmark (needs CUDA): torch fp32/fp16 vs ORT CUDA fp16 with IO binding
+	$(BIN)/python -m benchmarks.gpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_gpu.json
+
+package: $(STAMP) ## build an installable wheel with the runtime and the exported model into dist/
+	$(BIN)/python -m bertrt package --model models/onnx --out dist
+
+serve: $(STAMP) ## serve the exported model on http://127.0.0.1:8000
+	$(BIN)/python -m bertrt serve --model models/onnx
+
+mlflow-ui: $(STAMP) ## browse the runs at http://127.0.0.1:5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+metrics: $(STAMP) ## show the committed metrics of the last run
+	dvc metrics show
+
+clean: ## remove the virtual environment and caches (keeps data, models and mlflow.db)
+	rm -rf $(VENV) .pytest_cache .ruff_cache dist build
