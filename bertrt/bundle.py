@@ -18,7 +18,7 @@ ORT_VERSION = "1.31.1"
 ONNXRUNTIMES = ("onnxruntime-gpu", "onnxruntime")
 REQUIREMENTS = ("tokenizers==0.23.3", "numpy>=1.26")
 SERVE_REQUIREMENTS = ("fastapi>=0.115", "uvicorn>=0.30")
-NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9_]*[a-z0-9])?")
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 
 PYPROJECT = """\
 [build-system]
@@ -39,10 +39,10 @@ serve = {serve}
 bertrt = "bertrt.cli:main"
 
 [tool.setuptools]
-packages = ["bertrt"]
+packages = ["bertrt", "bertrt.models", "bertrt.models.{name}"]
 
 [tool.setuptools.package-data]
-bertrt = ["models/*/*"]
+"bertrt.models.{name}" = ["*"]
 """
 
 
@@ -142,7 +142,7 @@ def build_wheel(
     """Build `bertrt-model-<name>`: the runtime plus the model folder as `bertrt/models/<name>/`.
 
     Args:
-        name: the bundled model's name: lower-case letters, digits and inner underscores.
+        name: the bundled model's name, a lower-case Python identifier.
         version: the wheel's version; the runtime's own version by default.
         onnxruntime: "onnxruntime-gpu" (runs on CPU too) or "onnxruntime" (CPU only, smaller).
     """
@@ -150,7 +150,7 @@ def build_wheel(
 
     if not NAME_PATTERN.fullmatch(name):
         raise BundleError(
-            f"bundle name {name!r}: use lower-case letters, digits and inner underscores"
+            f"bundle name {name!r}: start with a lower-case letter; then letters, digits or _"
         )
     if onnxruntime not in ONNXRUNTIMES:
         raise BundleError(f"onnxruntime {onnxruntime!r} is not one of {list(ONNXRUNTIMES)}")
