@@ -1,4 +1,4 @@
-"""Stage evaluate: test-set metrics, confusion matrix, calibration and the most confident mistakes."""
+"""Stage evaluate: test metrics, confusion matrix, calibration and the most confident mistakes."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from pipeline.atomic import write_json
 log = logging.getLogger(__name__)
 
 
-def predict(model_dir: Path, tokenized_dir: Path, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model_dir: Path, tokenized_dir: Path, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits and true label ids on the test split, through the Trainer's prediction loop."""
     from datasets import load_from_disk
     from transformers import (

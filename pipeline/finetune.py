@@ -1,4 +1,4 @@
-"""Stage finetune: HF Trainer on the tokenized data, tracked in MLflow, resumable from checkpoints."""
+"""Stage finetune: HF Trainer on the tokenized data, tracked in MLflow, resumable."""
 
 from __future__ import annotations
 
@@ -137,11 +137,15 @@ def run(
 
     source = resolve_model(p.base.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = tasks.get(p.base.task).model_class().from_pretrained(
-        source,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
+    model = (
+        tasks.get(p.base.task)
+        .model_class()
+        .from_pretrained(
+            source,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
     )
     trainer = Trainer(
         model=model,
@@ -151,12 +155,18 @@ def run(
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=tasks.get(p.base.task).compute_metrics,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)],
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)
+        ],
     )
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "finetune") as active:
-        write_json(checkpoints / FINGERPRINT, {"fingerprint": fingerprint, "run_id": active.info.run_id})
+        write_json(
+            checkpoints / FINGERPRINT, {"fingerprint": fingerprint, "run_id": active.info.run_id}
+        )
         mlflow.set_tags({**tracking.provenance_tags(), "data_sha256": data_digest})
-        tracking.log_params_once({**p.flat(), "data_sha256": data_digest, "train_rows": len(train)})
+        tracking.log_params_once(
+            {**p.flat(), "data_sha256": data_digest, "train_rows": len(train)}
+        )
         dataset = mlflow.data.from_pandas(
             train.to_pandas()[["labels"]].assign(n_tokens=[len(x) for x in train["input_ids"]]),
             source=str(validated_dir / "train.parquet"),
@@ -190,7 +200,9 @@ def run(
         mlflow.log_metric("best_validation_macro_f1", best or 0.0)
         mlflow.log_artifacts(str(curves_dir), artifact_path="training_curves")
     write_json(report, summary)
-    log.info("model %s saved to %s (best validation macro-F1 %.4f)", model_hash[:12], out_dir, best)
+    log.info(
+        "model %s saved to %s (best validation macro-F1 %.4f)", model_hash[:12], out_dir, best
+    )
     return summary
 
 

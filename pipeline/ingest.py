@@ -27,7 +27,9 @@ def check_columns(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> None
             )
 
 
-def clean(df: pd.DataFrame, cfg: params.Ingest, text: str, label: str) -> tuple[pd.DataFrame, dict]:
+def clean(
+    df: pd.DataFrame, cfg: params.Ingest, text: str, label: str
+) -> tuple[pd.DataFrame, dict]:
     """Drop configured labels, empty texts and duplicate texts; return the counts dropped."""
     dropped: dict[str, int] = {}
     if cfg.drop_labels:

@@ -36,7 +36,9 @@ class Base:
         if not 8 <= self.max_length <= 8192:
             errors.append(f"base.max_length: {self.max_length} must be between 8 and 8192")
         if not self.model.strip():
-            errors.append("base.model: empty; give a hub id, a local folder or package:<pkg>/<dir>")
+            errors.append(
+                "base.model: empty; give a hub id, a local folder or package:<pkg>/<dir>"
+            )
         if self.text_column == self.label_column:
             errors.append("base.text_column and base.label_column must name different columns")
         return errors
@@ -223,7 +225,7 @@ def _coerce(path: Path, where: str, value: Any, hint: Any) -> Any:
         return float(value)
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
         raise ParamsError(
             f"{path}: {where} must be {hint.__name__}, got {type(value).__name__} {value!r}"
         )

@@ -86,7 +86,7 @@ def resolve_model(spec: str, key: str = "base.model") -> str:
 
         try:
             return snapshot_download(spec, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any cache miss means the same thing here
+        except Exception:
             why = "HF_HUB_OFFLINE is set" if offline else "the model hub is unreachable"
             raise SourceError(
                 f"{key}: {spec!r} looks like a hub id, {why} and it is not in the local cache; "

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nPipeline finished.")
     if evaluation:
         print(
-            f"  test accuracy {evaluation['accuracy']:.4f}, macro-F1 {evaluation['macro_f1']:.4f}, "
+            f"  test accuracy {evaluation['accuracy']:.4f}, "
+            f"macro-F1 {evaluation['macro_f1']:.4f}, "
             f"ECE {evaluation['ece']:.4f} on {evaluation['rows']} rows"
         )
     if export:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  make mlflow-ui            # runs, curves and plots at http://127.0.0.1:5000")
     print("  dvc metrics show          # reports/*.json")
     print("  dvc plots show --json     # training curves and confusion matrix")
-    print(f"  python -m bertrt predict --model {args.model} \"a warm, funny film\"")
+    print(f'  python -m bertrt predict --model {args.model} "a warm, funny film"')
     print(f"  python -m bertrt serve --model {args.model}")
     return 0
 

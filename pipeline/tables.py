@@ -7,7 +7,11 @@ from pathlib import Path
 import pandas as pd
 
 SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "dev"),
+    "test": ("test",),
+}
 SUFFIXES = {
     ".csv": "csv",
     ".tsv": "tsv",
@@ -58,7 +62,10 @@ def find_split_files(folder: Path) -> dict[str, Path]:
         for split, aliases in SPLIT_ALIASES.items():
             if stem in aliases and table_format(path):
                 if split in found:
-                    raise TableError(f"{folder}: two files for split {split!r}: {found[split].name}, {path.name}")
+                    raise TableError(
+                        f"{folder}: two files for split {split!r}: "
+                        f"{found[split].name}, {path.name}"
+                    )
                 found[split] = path
     missing = [s for s in SPLITS if s not in found]
     if missing:

@@ -95,7 +95,7 @@ def connect(cfg: Tracking) -> str:
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.set_experiment(cfg.experiment)
-    except Exception as exc:  # noqa: BLE001 - any store failure: report and stop
+    except Exception as exc:
         raise TrackingError(f"MLflow store {uri} cannot be used: {exc}") from exc
     return uri
 

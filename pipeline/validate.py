@@ -47,9 +47,7 @@ def label_kind(values: pd.Series) -> str:
     present = values.dropna()
     if len(present) and all(isinstance(v, str) for v in present):
         return "str"
-    ints = [
-        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in present
-    ]
+    ints = [isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in present]
     if len(present) and all(ints):
         return "int"
     strings = sum(isinstance(v, str) for v in present)
@@ -61,9 +59,7 @@ def has_kind(value: Any, kind: str) -> bool:
         return isinstance(value, str)
     if isinstance(value, bool):
         return False
-    return isinstance(value, numbers.Integral) or (
-        isinstance(value, float) and value.is_integer()
-    )
+    return isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
 
 
 def as_label(value: Any) -> str:
@@ -98,9 +94,11 @@ def schema(
             error="duplicate text: the same text appears earlier in this split",
         ),
         pa.Check(
-            lambda df: ~text_key(df[text]).duplicated(keep="first")
-            | df[text].duplicated(keep="first")
-            | blank(df[text]),
+            lambda df: (
+                ~text_key(df[text]).duplicated(keep="first")
+                | df[text].duplicated(keep="first")
+                | blank(df[text])
+            ),
             error="near-duplicate text: equal to an earlier row after normalising case and spaces",
         ),
         pa.Check(
@@ -155,9 +153,7 @@ def schema(
     )
 
 
-def failures_from(
-    err: SchemaErrors, file: Path, text: str, limit: int
-) -> list[dict[str, Any]]:
+def failures_from(err: SchemaErrors, file: Path, text: str, limit: int) -> list[dict[str, Any]]:
     """One entry per failing row and reason (row numbers count data rows from 1)."""
     out = []
     cases = err.failure_cases
@@ -217,7 +213,7 @@ def token_lengths(texts: list[str], model: str) -> np.ndarray:
 
 
 def run(raw_dir: Path, params_path: Path, out_dir: Path, report: Path, failures: Path) -> dict:
-    """Check every split; write `out_dir` (Parquet + labels.json) and stats, or fail with a list."""
+    """Check every split; write `out_dir` (Parquet, labels.json) and stats, or list failures."""
     p = params.load(params_path, "base", "validate")
     text, label = p.base.text_column, p.base.label_column
     frames = {}
@@ -285,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True, help="stats JSON")
     parser.add_argument("--failures", type=Path, required=True, help="failing rows, on failure")
     args = parser.parse_args(argv)
-    return entry.guarded(
-        lambda: run(args.raw, args.params, args.out, args.report, args.failures)
-    )
+    return entry.guarded(lambda: run(args.raw, args.params, args.out, args.report, args.failures))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,48 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-POSITIVE = "good great excellent wonderful superb delightful moving brilliant fun charming".split()
-NEGATIVE = "bad awful boring dull terrible tedious clumsy weak bland messy".split()
-NEUTRAL = "the film movie story plot actor scene script director cast was is and a of it".split()
+POSITIVE = [
+    "good",
+    "great",
+    "excellent",
+    "wonderful",
+    "superb",
+    "delightful",
+    "moving",
+    "brilliant",
+    "fun",
+    "charming",
+]
+NEGATIVE = [
+    "bad",
+    "awful",
+    "boring",
+    "dull",
+    "terrible",
+    "tedious",
+    "clumsy",
+    "weak",
+    "bland",
+    "messy",
+]
+NEUTRAL = [
+    "the",
+    "film",
+    "movie",
+    "story",
+    "plot",
+    "actor",
+    "scene",
+    "script",
+    "director",
+    "cast",
+    "was",
+    "is",
+    "and",
+    "a",
+    "of",
+    "it",
+]
 
 
 def synthetic_reviews(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -49,8 +88,12 @@ def build_tiny_model(folder: Path, labels: tuple[str, ...] = ("fresh", "rotten")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = [" ".join(POSITIVE + NEGATIVE + NEUTRAL)] * 4 + [r["text"] for r in synthetic_reviews(200)]
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    corpus = [" ".join(POSITIVE + NEGATIVE + NEUTRAL)] * 4 + [
+        r["text"] for r in synthetic_reviews(200)
+    ]
+    tok.train_from_iterator(
+        corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials)
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
