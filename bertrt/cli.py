@@ -92,13 +92,16 @@ def write_predictions(
 
 
 def open_model(args: argparse.Namespace) -> TextClassifier:
+    """Load the folder or bundled model named by --model with the device options."""
     return load(resolve_model(args.model), args.device, args.variant, args.threads)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict the texts on the command line, or stream a JSONL file or stdin."""
     if bool(args.texts) == bool(args.input):
-        raise InputError("give texts to classify or --input FILE.jsonl (or - for stdin), not both")
+        raise InputError(
+            "give texts to classify or --input FILE.jsonl (- for stdin): one of the two"
+        )
     model = open_model(args)
     with open_output(args.output) as out:
         if args.texts:
@@ -159,6 +162,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command that loads a model shares."""
     parser.add_argument(
         "--model",
         required=True,
@@ -171,6 +175,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `bertrt` argument parser with its four commands."""
     parser = argparse.ArgumentParser(prog="bertrt", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
