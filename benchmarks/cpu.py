@@ -23,6 +23,8 @@ PYTORCH = "pytorch"
 # fp16 is a CUDA variant: the CPU provider wraps its nodes in casts, so it is not served here.
 ORT_VARIANTS = ("fp32", "fp32-optimized", "int8")
 REFERENCE_BATCH = 32
+# A 1-minute load average above this share of the threads used means the CPU was not ours.
+BUSY = 0.5
 
 
 def columns(batch_sizes: Sequence[int]) -> dict[str, str]:
@@ -141,7 +143,8 @@ def run(
         texts = texts[:max_texts]
     if not texts:
         raise ValueError(f"{test}: no texts in column 'text'")
-    threads = threads or measure.machine()["physical_cores"] or 1
+    machine = measure.machine()
+    threads = threads or machine["physical_cores"] or 1
     torch.set_num_threads(threads)
     max_length = int(manifest["max_length"])
     variants = [v for v in ORT_VARIANTS if v in manifest["variants"]]
@@ -152,6 +155,15 @@ def run(
         },
     }
     sizes = sorted({REFERENCE_BATCH, *batch_sizes})
+    load = machine["load_average_1min"]
+    if load > BUSY * threads:
+        # Seen here: torch at 2 threads on 2 busy cores took 520 ms a text instead of 18 ms.
+        log.warning(
+            "1-minute load average %.2f with %d threads: other processes share the CPU, the "
+            "timings will be distorted (OpenMP threads in PyTorch the most); re-run when idle",
+            load,
+            threads,
+        )
     results, labels = {}, {}
     for name, make in backends.items():
         log.info("%s: %d texts, latency over %d", name, len(texts), min(latency_texts, len(texts)))
@@ -172,11 +184,12 @@ def run(
     data = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
-        "machine": measure.machine(),
+        "machine": machine,
         "versions": measure.versions(),
         "threads": threads,
         "model": {
             "base_model": manifest.get("base_model", {}).get("name"),
+            "folder": str(model_dir),
             "labels": manifest["labels"],
             "max_length": max_length,
             "tokens": token_lengths(model_dir, texts, max_length),
@@ -198,11 +211,6 @@ def markdown(data: dict[str, Any]) -> str:
     """The CPU section: how it was measured, the table, and what it means."""
     m, model = data["machine"], data["model"]
     rows = list(data["results"].values())
-    best = max(
-        (r for r in rows if r["backend"] != PYTORCH),
-        key=lambda r: r[f"ratio_{REFERENCE_BATCH}"],
-        default=None,
-    )
     lines = [
         f"Measured {data['date']} with",
         "",
@@ -211,20 +219,30 @@ def markdown(data: dict[str, Any]) -> str:
         f"- Machine: {m['cpu']} (flags: {', '.join(m['cpu_flags']) or 'none listed'}), "
         f"{m['physical_cores']} cores / {m['logical_cores']} threads, {m['memory_gib']} GiB, "
         f"{m['os']}, Python {m['python']}; 1-minute load average {m['load_average_1min']:.2f} "
-        "when it started (other processes' share of the CPU).",
+        "when it started"
+        + (
+            " (**the CPU was shared with other processes: timings are distorted**)."
+            if m["load_average_1min"] > BUSY * data["threads"]
+            else "."
+        ),
         f"- Threads: {data['threads']} for PyTorch and for ONNX Runtime.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
-        f"- Model: {model['base_model'] or 'unknown base'}, labels {model['labels']}, max_length "
+        f"- Model: `{model['folder']}` (base {model['base_model'] or 'not recorded'}), labels "
+        f"{model['labels']}, max_length "
         f"{model['max_length']}; {data['texts']} test texts, {model['tokens']['mean']:.1f} tokens "
         f"on average (p95 {model['tokens']['p95']:.0f}). Latency: {data['latency_texts']} texts "
         "one at a time; throughput: all the texts at each batch size.",
         "",
         report.table(rows, columns(data["batch_sizes"])),
     ]
-    if best is not None:
+    ours = [r for r in rows if r["backend"] != PYTORCH]
+    if ours:
+        ratios = ", ".join(
+            f"{r[f'ratio_{REFERENCE_BATCH}']:.2f}× on {r['backend'].removeprefix('ort ')}"
+            for r in ours
+        )
         lines.append(
-            f"At batch {REFERENCE_BATCH}, `bertrt` on {best['backend'].removeprefix('ort ')} "
-            f"runs at {best[f'ratio_{REFERENCE_BATCH}']:.2f}× the throughput of the "
+            f"At batch {REFERENCE_BATCH}, `bertrt` runs at {ratios} the throughput of the "
             "transformers pipeline; agreement is the share of texts given the same label as it."
         )
     lines.append(

@@ -155,6 +155,7 @@ def run(
         "versions": measure.versions(),
         "model": {
             "base_model": manifest.get("base_model", {}).get("name"),
+            "folder": str(model_dir),
             "labels": manifest["labels"],
             "max_length": max_length,
             "tokens": token_lengths(model_dir, texts, max_length),
@@ -182,7 +183,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"- Machine: {m['gpu']} (CUDA {m['cuda']}), {m['cpu']}, {m['physical_cores']} cores, "
         f"{m['memory_gib']} GiB, {m['os']}, Python {m['python']}.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
-        f"- Model: {model['base_model'] or 'unknown base'}, labels {model['labels']}, max_length "
+        f"- Model: `{model['folder']}` (base {model['base_model'] or 'not recorded'}), labels "
+        f"{model['labels']}, max_length "
         f"{model['max_length']}; texts from the {data['texts']} test texts "
         f"({model['tokens']['mean']:.1f} tokens on average), {data['batches_per_size']} timed "
         "batches per size after one untimed one.",

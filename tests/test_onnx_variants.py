@@ -207,9 +207,13 @@ def test_gate_table(
     assert (result["accuracy_drop"] is None) is (labels is None)
 
 
-def test_gate_refuses_mismatched_labels_and_records_empty_input() -> None:
+def test_gate_refuses_bad_labels_and_records_empty_input() -> None:
     logits = np.zeros((3, 2), np.float32)
     with pytest.raises(ValueError, match="2 labels for 3 texts"):
         onnx_variants.gate(logits, logits, [0, 1], 0.9, 0.1)
+    with pytest.raises(ValueError, match="class ids in the manifest's label order, got 'fresh'"):
+        onnx_variants.gate(logits, logits, ["fresh", "rotten", "fresh"], 0.9, 0.1)
+    with pytest.raises(ValueError, match=r"label ids must be in \[0, 2\), got 0\.\.2"):
+        onnx_variants.gate(logits, logits, [0, 1, 2], 0.9, 0.1)
     empty = onnx_variants.gate(np.zeros((0, 2)), np.zeros((0, 2)), [], 0.9, 0.1)
     assert empty == {"texts": 0, "passed": False, "reason": "not evaluated: no texts to gate on"}
