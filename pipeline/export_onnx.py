@@ -21,7 +21,7 @@ from bertrt.contract import (
     dynamic_axes,
 )
 from bertrt.predictor import load as load_runtime
-from pipeline import lineage, onnx_variants, params, tracking
+from pipeline import entry, lineage, model_card, onnx_variants, params, tracking
 from pipeline.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,14 @@ def run(
 ) -> dict[str, Any]:
     """Export the fine-tuned model to `out_dir` and record the result in `report` and MLflow."""
     import pandas as pd
+    from transformers import AutoConfig
 
     p = params.load(params_path, "base", "export", "tracking")
-    texts = pd.read_parquet(test_path)["text"].tolist()
+    test = pd.read_parquet(test_path)
+    label2id = AutoConfig.from_pretrained(model_dir).label2id
+    unknown = sorted(set(test["label"]) - set(label2id))
+    if unknown:
+        raise ValueError(f"{test_path}: labels {unknown} are not among the model's {label2id}")
     metrics = json.loads(Path(eval_report).read_text(encoding="utf-8"))
     model_hash = lineage.model_digest(model_dir)
     extra = {
@@ -217,14 +222,25 @@ def run(
         parity = build_model_folder(
             model_dir,
             out_dir,
-            texts,
+            test["text"].tolist(),
             p.base.max_length,
             p.export.opset,
             p.export.parity_atol,
             p.export.batch_size,
             extra,
+            labels=[label2id[label] for label in test["label"]],
+            variants=tuple(p.export.variants),
+            min_agreement=p.export.min_agreement,
+            max_accuracy_drop=p.export.max_accuracy_drop,
         )
-        result = {"parity": parity, "files": manifest_io.read(out_dir)["files"]}
+        manifest = manifest_io.read(out_dir)
+        model_card.write(out_dir, manifest)
+        result = {
+            "parity": parity,
+            "variants": manifest["variants"],
+            "rejected_variants": manifest.get("rejected_variants", {}),
+            "files": manifest["files"],
+        }
         write_json(report, result)
         tracking.log_export(result, out_dir)
     return result
@@ -239,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(args.model, args.test, args.eval_report, args.params, args.out, args.report)
-    return 0
+    return entry.guarded(
+        lambda: run(args.model, args.test, args.eval_report, args.params, args.out, args.report)
+    )
 
 
 if __name__ == "__main__":

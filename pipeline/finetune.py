@@ -137,15 +137,13 @@ def run(
 
     source = resolve_model(p.base.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = (
-        tasks.get(p.base.task)
-        .model_class()
-        .from_pretrained(
-            source,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-        )
+    task = tasks.get(p.base.task)
+    model = task.model_class().from_pretrained(
+        source,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        **task.MODEL_KWARGS,
     )
     trainer = Trainer(
         model=model,
@@ -154,7 +152,7 @@ def run(
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=tasks.get(p.base.task).compute_metrics,
+        compute_metrics=task.compute_metrics,
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)
         ],

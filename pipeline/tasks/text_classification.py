@@ -9,6 +9,9 @@ import numpy as np
 
 TEXT = "text"
 LABEL = "label"
+# Set up front: the model would set it on its first forward pass, so a run resumed after the
+# last step would otherwise save a different config.json.
+MODEL_KWARGS = {"problem_type": "single_label_classification"}
 
 
 def model_class() -> Any:

@@ -1,0 +1,135 @@
+"""Tests for the tokenize and finetune stages on the tiny model: outputs, MLflow, resuming."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import synthetic_reviews, write_params, write_splits
+
+from pipeline import finetune, tokenize_data, tracking, validate
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Validated and tokenized tiny data, and params pointing at the tiny model."""
+    root = tmp_path_factory.mktemp("ft")
+    rows = synthetic_reviews(160, seed=11)
+    raw = write_splits(
+        root / "raw", {"train": rows[:112], "validation": rows[112:136], "test": rows[136:]}
+    )
+    params_path = write_params(
+        root,
+        {
+            "base.model": str(tiny_model_dir),
+            "base.max_length": 32,
+            "finetune.epochs": 2,
+            "finetune.batch_size": 16,
+            "finetune.learning_rate": 1e-3,
+            "finetune.warmup_steps": 0,
+            "finetune.logging_steps": 2,
+            "finetune.max_train_samples": 0,
+            "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
+        },
+    )
+    validated = root / "validated"
+    validate.run(raw, params_path, validated, root / "validation.json", root / "failures.json")
+    tokenized = root / "tokenized"
+    tokenize_data.run(validated, params_path, tokenized, root / "tokenize.json")
+    return {"root": root, "params": params_path, "validated": validated, "tokenized": tokenized}
+
+
+def test_tokenize_keeps_lengths_unpadded_and_labels_as_ids(prepared: dict) -> None:
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(prepared["tokenized"]))
+    lengths = {len(ids) for ids in data["train"]["input_ids"]}
+    assert len(lengths) > 1, "no padding at tokenization time"
+    assert set(data["train"]["labels"]) == {0, 1}
+    report = json.loads((prepared["root"] / "tokenize.json").read_text())
+    assert report["splits"]["train"]["truncation_rate"] == 0.0
+    assert report["splits"]["train"]["token_length"]["p100"] == max(lengths)
+
+
+def run_finetune(prepared: dict, out: str, params_path: Path | None = None) -> dict:
+    root = prepared["root"]
+    return finetune.run(
+        prepared["tokenized"],
+        prepared["validated"],
+        params_path or prepared["params"],
+        root / out,
+        root / f"{out}-checkpoints",
+        root / f"{out}-train.json",
+        root / f"{out}-curves",
+    )
+
+
+def test_finetune_saves_a_model_curves_and_one_mlflow_run(prepared: dict) -> None:
+    import mlflow
+    from transformers import AutoConfig
+
+    summary = run_finetune(prepared, "model")
+    root = prepared["root"]
+    config = AutoConfig.from_pretrained(root / "model")
+    assert config.id2label == {0: "fresh", 1: "rotten"}
+    assert (root / "model" / "model.safetensors").is_file()
+    assert (root / "model" / "tokenizer.json").is_file()
+    assert summary["epochs_run"] == 2.0
+    assert summary["best_checkpoint"].startswith("checkpoint-")
+    evals = (root / "model-curves" / "eval.csv").read_text().splitlines()
+    assert evals[0] == "step,epoch,eval_loss,eval_accuracy,eval_macro_f1" and len(evals) == 3
+    assert len((root / "model-curves" / "train_loss.csv").read_text().splitlines()) > 3
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["text-classification"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags[tracking.MODEL_TAG] == summary["model_sha256"]
+    assert run.data.params["finetune.learning_rate"] == "0.001"
+    assert "git_commit" in run.data.tags and "data_sha256" in run.data.tags
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert len(history) >= 3, "step-level training curve"
+    assert run.inputs.dataset_inputs[0].dataset.name == "train"
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(prepared: dict) -> None:
+    first = run_finetune(prepared, "resumable")
+    root = prepared["root"]
+    # What a kill leaves behind: checkpoints, no final model. The next run must resume.
+    import shutil
+
+    shutil.rmtree(root / "resumable")
+    second = run_finetune(prepared, "resumable")
+    assert second["resumed"] is True
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["global_steps"] == first["global_steps"]
+    assert second["model_sha256"] == first["model_sha256"]
+
+
+def test_changed_params_start_over_instead_of_resuming(prepared: dict) -> None:
+    import yaml
+
+    root = prepared["root"]
+    run_finetune(prepared, "restart")
+    data = yaml.safe_load(prepared["params"].read_text())
+    data["finetune"]["epochs"] = 1
+    changed = root / "params-one-epoch.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    summary = run_finetune(prepared, "restart", changed)
+    assert summary["resumed"] is False
+    assert summary["epochs_run"] == 1.0
+
+
+def test_an_unreachable_tracking_server_stops_before_training(
+    prepared: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(tracking.TrackingError, match="unreachable"):
+        run_finetune(prepared, "never")
+    assert not (prepared["root"] / "never").exists()
+    assert not (prepared["root"] / "never-checkpoints").exists()
