@@ -219,6 +219,7 @@ def run(
     }
     with tracking.run_for_model(p.tracking, model_hash) as run_id:
         extra["mlflow_run_id"] = run_id
+        tracking.log_params_once(p.flat())
         parity = build_model_folder(
             model_dir,
             out_dir,

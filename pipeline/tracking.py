@@ -160,6 +160,11 @@ def log_params_once(values: dict[str, Any]) -> None:
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
     fresh = {k: v for k, v in values.items() if k not in existing}
+    for key in sorted(set(values) & set(existing)):
+        if str(values[key]) != existing[key]:
+            # Params are immutable per run: the newer value goes into a tag instead.
+            log.warning("%s changed from %s to %s for this model", key, existing[key], values[key])
+            mlflow.set_tag(f"latest.{key}", str(values[key]))
     items = list(fresh.items())
     for start in range(0, len(items), 100):
         mlflow.log_params(dict(items[start : start + 100]))
