@@ -223,6 +223,12 @@ def _coerce(path: Path, where: str, value: Any, hint: Any) -> Any:
         raise TypeError(f"unsupported annotation for {where}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads `5e-05` (no dot, as `dvc exp run -S` writes it) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):

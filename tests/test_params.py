@@ -80,3 +80,10 @@ def test_unknown_section_and_missing_file(tmp_path: Path) -> None:
     path.write_text("base: [unclosed")
     with pytest.raises(params.ParamsError, match="not valid YAML"):
         params.load(path)
+
+
+def test_a_float_written_without_a_dot_is_read_as_a_float(tmp_path: Path) -> None:
+    path = write_params(tmp_path)
+    path.write_text(path.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 5e-05"))
+    assert "learning_rate: 5e-05" in path.read_text()
+    assert params.load(path).finetune.learning_rate == 5e-05
