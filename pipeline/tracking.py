@@ -27,6 +27,8 @@ class TrackingError(RuntimeError):
 
 def repo_root(cwd: Path | None = None) -> Path:
     """The real project root, also from inside a `dvc exp run --temp/--queue` copy of it."""
+    if os.environ.get("DVC_ROOT"):  # set by `dvc exp run` to the parent repo's root
+        return Path(os.environ["DVC_ROOT"])
     here = (cwd or Path.cwd()).resolve()
     text = here.as_posix()
     for marker in EXPS_MARKER:

@@ -33,7 +33,9 @@ def sh(cmd: list[str], cwd: Path) -> str:
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        )
     return done.stdout + done.stderr
 
 
@@ -49,7 +51,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     (root / "sources").mkdir()
-    pd.DataFrame(synthetic_reviews(240, seed=5)).to_csv(root / "sources" / "reviews.csv", index=False)
+    pd.DataFrame(synthetic_reviews(240, seed=5)).to_csv(
+        root / "sources" / "reviews.csv", index=False
+    )
     write_params(
         root,
         {
@@ -138,9 +142,17 @@ def test_the_mlflow_store_holds_one_run_with_everything(repo: Path, first_repro:
     assert run.data.params["finetune.learning_rate"] == "0.001"
     assert run.data.params["evaluate.ece_bins"] == "15"
     assert run.data.params["export.opset"] == "17"
-    for metric in ("loss", "eval_macro_f1", "test_accuracy", "test_ece", "onnx_max_abs_logit_diff"):
+    for metric in (
+        "loss",
+        "eval_macro_f1",
+        "test_accuracy",
+        "test_ece",
+        "onnx_max_abs_logit_diff",
+    ):
         assert metric in run.data.metrics, metric
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    artifacts = {
+        a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")
+    }
     assert "evaluation/confusion.png" in artifacts
     onnx = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "onnx")}
     assert "onnx/manifest.json" in onnx
@@ -153,7 +165,9 @@ def test_a_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:
     assert "didn't change" in output or "is cached" in output
 
 
-def test_a_learning_rate_change_reruns_only_finetune_and_after(repo: Path, first_repro: str) -> None:
+def test_a_learning_rate_change_reruns_only_finetune_and_after(
+    repo: Path, first_repro: str
+) -> None:
     sh(["dvc", "repro"], repo)
     params_path = repo / "params.yaml"
     data = yaml.safe_load(params_path.read_text())
@@ -161,3 +175,12 @@ def test_a_learning_rate_change_reruns_only_finetune_and_after(repo: Path, first
     params_path.write_text(yaml.safe_dump(data, sort_keys=False))
     output = sh(["dvc", "repro"], repo)
     assert stages_run(output) == ["finetune", "evaluate", "export"]
+
+
+def test_a_forced_retrain_gives_the_same_model_bit_for_bit(repo: Path, first_repro: str) -> None:
+    before = json.loads((repo / "reports" / "train.json").read_text())["model_sha256"]
+    shutil.rmtree(repo / "models" / "checkpoints")  # or it would resume, not retrain
+    sh(["dvc", "repro", "--force", "--single-item", "finetune"], repo)
+    after = json.loads((repo / "reports" / "train.json").read_text())
+    assert after["resumed"] is False
+    assert after["model_sha256"] == before
