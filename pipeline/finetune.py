@@ -17,6 +17,7 @@ from pipeline.sources import resolve_model
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fingerprint.json"
+LOAD_OPTIONS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "revision")
 
 
 def checkpoint_state(checkpoints: Path, fingerprint: str) -> tuple[bool, str | None]:
@@ -34,6 +35,20 @@ def checkpoint_state(checkpoints: Path, fingerprint: str) -> tuple[bool, str | N
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
     return False, None
+
+
+def drop_load_options(path: Path) -> None:
+    """Remove how the tokenizer was loaded (e.g. HF_HUB_OFFLINE) from what it saved.
+
+    Otherwise the same training saves a different file, and a different model hash, depending
+    on the environment of the machine that ran it.
+    """
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in LOAD_OPTIONS:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_curves(history: list[dict[str, Any]], curves_dir: Path) -> None:
@@ -175,6 +190,7 @@ def run(
         result = trainer.train(resume_from_checkpoint=bool(resume) or None)
         with atomic_dir(out_dir) as tmp:
             trainer.save_model(str(tmp))
+            drop_load_options(tmp / "tokenizer_config.json")
         model_hash = lineage.model_digest(out_dir)
         mlflow.set_tag(tracking.MODEL_TAG, model_hash)
         best = trainer.state.best_metric

@@ -133,3 +133,9 @@ def test_an_unreachable_tracking_server_stops_before_training(
         run_finetune(prepared, "never")
     assert not (prepared["root"] / "never").exists()
     assert not (prepared["root"] / "never-checkpoints").exists()
+
+
+def test_the_saved_tokenizer_config_does_not_depend_on_the_environment(prepared: dict) -> None:
+    config = json.loads((prepared["root"] / "model" / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in config
+    assert config["model_max_length"] == 64
