@@ -145,14 +145,19 @@ def run(
     if p.finetune.max_train_samples and len(train) > p.finetune.max_train_samples:
         train = train.shuffle(seed=p.base.seed).select(range(p.finetune.max_train_samples))
     data_digest = lineage.file_digest(validated_dir)
+    # Checkpoints are only resumed by the same code on the same data with the same params.
+    task = tasks.get(p.base.task)
+    sources = [Path(__file__), *sorted(Path(task.__file__).parent.glob("*.py"))]
+    code = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
     fingerprint = hashlib.sha256(
-        json.dumps({"params": p.as_dict(), "data": data_digest}, sort_keys=True).encode()
+        json.dumps(
+            {"params": p.as_dict(), "data": data_digest, "code": code}, sort_keys=True
+        ).encode()
     ).hexdigest()
     resume, run_id = checkpoint_state(checkpoints, fingerprint)
 
     source = resolve_model(p.base.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    task = tasks.get(p.base.task)
     model = task.model_class().from_pretrained(
         source,
         num_labels=len(labels),
