@@ -1,0 +1,42 @@
+"""Model tests for the export stage: the ONNX contract, parity, and what a failed parity leaves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import synthetic_reviews
+
+from bertrt.contract import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES
+from pipeline.export_onnx import ParityError, build_model_folder
+
+
+def test_graph_declares_the_contract_with_dynamic_axes(onnx_model_dir: Path) -> None:
+    graph = onnx.load(str(onnx_model_dir / "model.onnx")).graph
+    manifest = json.loads((onnx_model_dir / MANIFEST_FILE).read_text())
+    names = [i.name for i in graph.input]
+    # The tiny tokenizer yields no token_type_ids (as DistilBERT's): the graph declares a subset.
+    assert names == manifest["inputs"] == [n for n in INPUT_NAMES if n in names]
+    assert names[:2] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.output] == list(OUTPUT_NAMES["text-classification"])
+    for tensor in graph.input:
+        dims = tensor.type.tensor_type.shape.dim
+        assert [d.dim_param for d in dims] == ["batch", "sequence"]
+    assert manifest["variants"]["fp32"]["gate"]["max_abs_logit_diff"] <= 1e-4
+    assert manifest["variants"]["fp32"]["gate"]["label_mismatches"] == 0
+
+
+def test_failed_parity_ships_nothing_and_keeps_the_previous_folder(
+    tmp_path: Path, tiny_model_dir: Path, onnx_model_dir: Path
+) -> None:
+    out = tmp_path / "onnx"
+    texts = [r["text"] for r in synthetic_reviews(16, seed=4)]
+    build_model_folder(tiny_model_dir, out, texts, max_length=64, opset=17)
+    before = (out / MANIFEST_FILE).read_bytes()
+    with pytest.raises(ParityError, match="ONNX parity failed on 16 texts"):
+        # A tolerance no float32 graph meets: the check, not the model, is what fails here.
+        build_model_folder(tiny_model_dir, out, texts, max_length=64, opset=17, parity_atol=1e-30)
+    assert (out / MANIFEST_FILE).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx"], "no temporary folder left behind"
