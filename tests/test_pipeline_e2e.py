@@ -184,3 +184,19 @@ def test_a_forced_retrain_gives_the_same_model_bit_for_bit(repo: Path, first_rep
     after = json.loads((repo / "reports" / "train.json").read_text())
     assert after["resumed"] is False
     assert after["model_sha256"] == before
+
+
+def test_a_temp_experiment_logs_into_the_repo_root_store(repo: Path, first_repro: str) -> None:
+    import mlflow
+
+    sh(["dvc", "exp", "run", "--temp", "-n", "lr-2e-3", "-S", "finetune.learning_rate=2e-3"], repo)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(
+        experiment_names=["text-classification"],
+        filter_string="tags.dvc_exp_name = 'lr-2e-3'",
+        output_format="list",
+    )
+    assert len(runs) == 1
+    assert runs[0].data.params["finetune.learning_rate"] == "0.002"
+    assert "test_accuracy" in runs[0].data.metrics, "evaluate found the run from the temp copy"
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the copy"
