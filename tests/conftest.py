@@ -81,19 +81,19 @@ def synthetic_reviews(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def build_tiny_model(folder: Path, labels: tuple[str, ...] = ("fresh", "rotten")) -> Path:
     """A 2-layer BERT (hidden 32) with a WordPiece tokenizer trained on the synthetic words."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # The vocabulary is built in a fixed order rather than trained: WordPiece training breaks
+    # ties differently from one process to the next, which changed token ids between runs.
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+    words = sorted(set(POSITIVE + NEGATIVE + NEUTRAL))
+    tokens = [*specials, *chars, *(f"##{c}" for c in chars), *words]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = [" ".join(POSITIVE + NEGATIVE + NEUTRAL)] * 4 + [
-        r["text"] for r in synthetic_reviews(200)
-    ]
-    tok.train_from_iterator(
-        corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials)
-    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
