@@ -178,7 +178,9 @@ def check_parity(
     }
     log.info(
         "parity on %d texts: max |dlogit| %.2e, %d label mismatches",
-        *[len(texts), max_diff, mismatched],
+        len(texts),
+        max_diff,
+        mismatched,
     )
     if not result["passed"]:
         raise ParityError(

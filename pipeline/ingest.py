@@ -86,11 +86,12 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
         files = find_split_files(source)
         frames = {}
         dropped: dict[str, dict[str, int]] = {}
+        rows_in = {}
         for name, path in files.items():
             df = read_table(path)
             check_columns(df, path, columns)
+            rows_in[name] = len(df)
             frames[name], dropped[name] = clean(df, cfg, text, label)
-        rows_in = {name: len(read_table(path)) for name, path in files.items()}
     else:
         df = read_table(source)
         check_columns(df, source, {**columns, "ingest.group_column": cfg.group_column})

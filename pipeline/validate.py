@@ -13,6 +13,7 @@ from pandera.errors import SchemaErrors
 
 from pipeline import entry, params
 from pipeline.atomic import atomic_dir, write_json
+from pipeline.sources import resolve_model
 from pipeline.tables import SPLITS, text_key
 from pipeline.text_schema import as_label, failures_from, has_kind, label_kind, schema
 
@@ -47,17 +48,14 @@ def percentiles(values: pd.Series) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(arr, q)) for q in qs} if len(arr) else {}
 
 
-def token_lengths(texts: list[str], model: str) -> np.ndarray:
-    from transformers import AutoTokenizer
-
-    from pipeline.sources import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+def token_lengths(texts: list[str], tokenizer: Any) -> np.ndarray:
     return np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
 
 
 def run(raw_dir: Path, params_path: Path, out_dir: Path, report: Path, failures: Path) -> dict:
     """Check every split; write `out_dir` (Parquet, labels.json) and stats, or list failures."""
+    from transformers import AutoTokenizer
+
     p = params.load(params_path, "base", "validate")
     text, label = p.base.text_column, p.base.label_column
     frames = {}
@@ -86,12 +84,13 @@ def run(raw_dir: Path, params_path: Path, out_dir: Path, report: Path, failures:
         raise ValidationFailed(found, failures)
     failures.unlink(missing_ok=True)
     stats: dict[str, Any] = {"labels": labels, "label_type": kind, "splits": {}}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(p.base.model))
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             df = frames[split]
             clean = pd.DataFrame({"text": df[text].astype(str), "label": df[label].map(as_label)})
             clean.to_parquet(tmp / f"{split}.parquet", index=False)
-            tokens = token_lengths(clean["text"].tolist(), p.base.model)
+            tokens = token_lengths(clean["text"].tolist(), tokenizer)
             too_long = int((tokens > p.base.max_length).sum())
             if too_long:
                 log.warning(
