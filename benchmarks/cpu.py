@@ -118,14 +118,14 @@ def with_unshipped_int8(model_dir: Path, scratch: Path) -> Path | None:
     from pipeline.onnx_variants import to_int8
 
     manifest = manifest_io.read(model_dir)
-    if "int8" in manifest["variants"] or "fp32-optimized" not in manifest["variants"]:
+    if "int8" in manifest.variants or "fp32-optimized" not in manifest.variants:
         return None
     folder = scratch / "model"
     shutil.copytree(model_dir, folder)
     to_int8(folder / VARIANT_FILES["fp32-optimized"], folder / VARIANT_FILES["int8"])
-    manifest["variants"]["int8"] = {"file": VARIANT_FILES["int8"], "precision": "int8"}
-    manifest["files"] = manifest_io.file_entries(folder, [*manifest["files"], "model.int8.onnx"])
-    manifest_io.write(folder, {k: v for k, v in manifest.items() if k != "schema_version"})
+    manifest.variants["int8"] = {"file": VARIANT_FILES["int8"], "precision": "int8"}
+    manifest.files = manifest_io.file_entries(folder, [*manifest.files, "model.int8.onnx"])
+    manifest_io.write(folder, manifest)
     return folder
 
 
@@ -168,8 +168,8 @@ def run(
     machine = measure.machine()
     threads = threads or machine["physical_cores"] or 1
     torch.set_num_threads(threads)
-    max_length = int(manifest["max_length"])
-    variants = [v for v in ORT_VARIANTS if v in manifest["variants"]]
+    max_length = manifest.max_length
+    variants = [v for v in ORT_VARIANTS if v in manifest.variants]
     backends: dict[str, Callable[[], Predict]] = {
         PYTORCH: lambda: pytorch_predictor(finetuned, max_length),
         **{
@@ -210,8 +210,8 @@ def run(
         if name != PYTORCH:
             folder_manifest = manifest_io.read(folders[name])
             variant = name.removeprefix("ort ").removesuffix(f" {UNSHIPPED}")
-            file = folder_manifest["variants"][variant]["file"]
-            result["file_mb"] = folder_manifest["files"][file]["bytes"] / 2**20
+            file = folder_manifest.variants[variant]["file"]
+            result["file_mb"] = folder_manifest.files[file]["bytes"] / 2**20
     shutil.rmtree(scratch, ignore_errors=True)
     data = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -220,9 +220,9 @@ def run(
         "versions": measure.versions(),
         "threads": threads,
         "model": {
-            "base_model": manifest.get("base_model", {}).get("name"),
+            "base_model": manifest.provenance.get("base_model", {}).get("name"),
             "folder": str(model_dir),
-            "labels": manifest["labels"],
+            "labels": manifest.labels,
             "max_length": max_length,
             "tokens": token_lengths(model_dir, texts, max_length),
         },

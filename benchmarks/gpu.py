@@ -124,13 +124,13 @@ def run(
     texts = texts[:max_texts] if max_texts else texts
     if not texts:
         raise ValueError(f"{test}: no texts in column 'text'")
-    max_length = int(manifest["max_length"])
+    max_length = manifest.max_length
     # ONNX Runtime first: a CUDA provider that cannot start fails before the long PyTorch runs.
     backends: dict[str, Callable[[], Predict]] = {
         **{
             f"ort cuda {v}": (lambda v=v: ort_predictor(model_dir, v, "cuda"))
             for v in ORT_VARIANTS
-            if v in manifest["variants"]
+            if v in manifest.variants
         },
         REFERENCE: lambda: pytorch_predictor(finetuned, max_length, 0, torch.float32),
         "pytorch fp16": lambda: pytorch_predictor(finetuned, max_length, 0, torch.float16),
@@ -154,9 +154,9 @@ def run(
         "machine": {**measure.machine(), "gpu": gpu, "cuda": torch.version.cuda},
         "versions": measure.versions(),
         "model": {
-            "base_model": manifest.get("base_model", {}).get("name"),
+            "base_model": manifest.provenance.get("base_model", {}).get("name"),
             "folder": str(model_dir),
-            "labels": manifest["labels"],
+            "labels": manifest.labels,
             "max_length": max_length,
             "tokens": token_lengths(model_dir, texts, max_length),
         },

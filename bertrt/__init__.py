@@ -4,7 +4,17 @@ Imports only onnxruntime, tokenizers and numpy (the server adds a small ASGI sta
 """
 
 from bertrt.bundle import load_bundled
-from bertrt.predictor import Prediction, TextClassifier, load
+from bertrt.predictor import Prediction, Predictor, TextClassifier, load
+from bertrt.token_classifier import Entity, Tagging, TokenClassifier
 
-__all__ = ["Prediction", "TextClassifier", "load", "load_bundled"]
+__all__ = [
+    "Entity",
+    "Prediction",
+    "Predictor",
+    "Tagging",
+    "TextClassifier",
+    "TokenClassifier",
+    "load",
+    "load_bundled",
+]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bertrt import manifest as manifest_io
 from bertrt.contract import MANIFEST_FILE, MODEL_CARD_FILE
-from bertrt.predictor import TextClassifier, load
+from bertrt.predictor import Predictor, load
 
 # Bundled model folders live here inside an installed wheel: bertrt/models/<name>/.
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -28,7 +28,7 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "bertrt-model-{dist_name}"
 version = "{version}"
-description = "ONNX Runtime text classifier '{name}' with the bertrt runtime"
+description = "ONNX Runtime model '{name}' with the bertrt runtime"
 requires-python = ">=3.10"
 dependencies = {dependencies}
 {readme}
@@ -90,7 +90,7 @@ def load_bundled(
     threads: int = 0,
     tensorrt: bool = False,
     verify: bool = True,
-) -> TextClassifier:
+) -> Predictor:
     """Open the model bundled into this installation; the options are those of `bertrt.load`."""
     return load(bundled_dir(name), device, variant, threads, tensorrt, verify)
 
@@ -112,7 +112,7 @@ def write_project(
     target = package / "models" / name
     target.mkdir(parents=True)
     # Only what the manifest lists (plus the manifest and model card): no stray temporary files.
-    for file in [*manifest.get("files", {}), MANIFEST_FILE, MODEL_CARD_FILE]:
+    for file in [*manifest.files, MANIFEST_FILE, MODEL_CARD_FILE]:
         if (model_dir / file).is_file():
             shutil.copy2(model_dir / file, target / file)
     readme = ""

@@ -10,18 +10,21 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, BinaryIO, TextIO
+from typing import IO, Any, BinaryIO, TextIO
 
 from bertrt.bundle import ONNXRUNTIMES, BundleError, build_wheel, resolve_model
 from bertrt.manifest import IntegrityError
-from bertrt.predictor import TextClassifier, load
+from bertrt.predictor import Predictor, load
 from bertrt.progress import Progress
 from bertrt.session import DEVICES, DeviceError
+from bertrt.token_classifier import AGGREGATIONS
 
 log = logging.getLogger(__name__)
 
 # Lines read, predicted and written at a time, so a file of any size streams through.
 CHUNK = 2048
+# predict() keyword -> the flag that sets it.
+OPTION_FLAGS = {"top_k": "--top-k", "aggregation": "--aggregation", "tokens": "--tokens"}
 JSON_TYPES = {dict: "object", list: "array", int: "number", float: "number", bool: "boolean"}
 
 
@@ -84,14 +87,26 @@ def open_output(target: str) -> Iterator[TextIO]:
 
 
 def write_predictions(
-    model: TextClassifier, texts: list[str], batch_size: int, top_k: int | None, out: IO[str]
+    model: Predictor, texts: list[str], batch_size: int, options: dict[str, Any], out: IO[str]
 ) -> None:
-    """One JSON line per text: label, score and, with `top_k`, the k best labels."""
-    for prediction in model.predict(texts, batch_size, top_k):
+    """One JSON line per text: the predictor's result (a label, or entities) as a dict."""
+    for prediction in model.predict(texts, batch_size, **options):
         out.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
 
 
-def open_model(args: argparse.Namespace) -> TextClassifier:
+def predict_options(args: argparse.Namespace, model: Predictor) -> dict[str, Any]:
+    """The task options given on the command line; one the model's task lacks is an error."""
+    given = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
+    for name in given:
+        if name not in model.OPTIONS:
+            raise InputError(
+                f"{OPTION_FLAGS[name]} does not apply to this {model.task} model; "
+                f"its options are {[OPTION_FLAGS[o] for o in model.OPTIONS] or 'none'}"
+            )
+    return given
+
+
+def open_model(args: argparse.Namespace) -> Predictor:
     """Load the folder or bundled model named by --model with the device options."""
     return load(resolve_model(args.model), args.device, args.variant, args.threads)
 
@@ -103,9 +118,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "give texts to classify or --input FILE.jsonl (- for stdin): one of the two"
         )
     model = open_model(args)
+    options = predict_options(args, model)
     with open_output(args.output) as out:
         if args.texts:
-            write_predictions(model, args.texts, args.batch_size, args.top_k, out)
+            write_predictions(model, args.texts, args.batch_size, options, out)
             return 0
         stdin = args.input == "-"
         source = "<stdin>" if stdin else args.input
@@ -115,7 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         with ExitStack() as stack:
             stream = sys.stdin.buffer if stdin else stack.enter_context(open(args.input, "rb"))
             for texts, consumed in read_chunks(stream, source):
-                write_predictions(model, texts, args.batch_size, args.top_k, out)
+                write_predictions(model, texts, args.batch_size, options, out)
                 progress.update(consumed, len(texts))
         progress.close()
         log.info("%d texts from %s on %s", progress.texts, source, model.provider)
@@ -125,7 +141,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the model's metadata as JSON."""
     model = open_model(args)
-    info = {**model.metadata(), "shipped_variants": sorted(model.manifest["variants"])}
+    info = {**model.metadata(), "shipped_variants": sorted(model.manifest.variants)}
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
 
@@ -185,7 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts to classify")
     predict.add_argument("--input", help='JSONL file ("text" objects or strings), - for stdin')
     predict.add_argument("--output", default="-", help="JSONL file to write, - for stdout")
-    predict.add_argument("--top-k", type=int, help="add the k best labels with their scores")
+    predict.add_argument(
+        "--top-k", type=int, help="text classification: add the k best labels with their scores"
+    )
+    predict.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        help="token classification: how tokens form entities (default simple)",
+    )
+    predict.add_argument(
+        "--tokens",
+        action="store_const",
+        const=True,
+        help="token classification: add every token's own tag",
+    )
     predict.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -222,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ValueError, OSError, IntegrityError, DeviceError, BundleError) as exc:
+    except (ValueError, TypeError, OSError, IntegrityError, DeviceError, BundleError) as exc:
         if isinstance(exc, BrokenPipeError):
             # The reader went away (`| head`); stop quietly, as cat does.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

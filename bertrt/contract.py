@@ -1,8 +1,12 @@
-"""The ONNX contract between the export stage and the runtime, declared once."""
+"""The ONNX contract between the export stage and the runtime, declared once.
+
+Task names, variant names, file names, input names and each task's output axes live here; the
+pipeline (params, tasks, export) and the runtime import them from this module.
+"""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"
@@ -12,12 +16,19 @@ MODEL_CARD_FILE = "README.md"
 # Inputs in the order the exporter passes them; a graph may declare a subset (DistilBERT and
 # RoBERTa-style models have no token_type_ids) and the runtime feeds only what the graph declares.
 INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+INPUT_AXES: dict[int, str] = {0: "batch", 1: "sequence"}
 
-OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
-    "text-classification": ("logits",),
+TEXT_CLASSIFICATION = "text-classification"
+TOKEN_CLASSIFICATION = "token-classification"
+
+# Task -> output name -> its dynamic axes. A per-text output has only a batch axis; a per-token
+# output also has the sequence axis, and the runtime reads it only where the attention mask is 1.
+OUTPUTS: dict[str, dict[str, dict[int, str]]] = {
+    TEXT_CLASSIFICATION: {"logits": {0: "batch"}},
+    TOKEN_CLASSIFICATION: {"logits": {0: "batch", 1: "sequence"}},
 }
 
-TASKS: tuple[str, ...] = tuple(OUTPUT_NAMES)
+TASKS: tuple[str, ...] = tuple(OUTPUTS)
 
 # Variant name -> file name in the model folder. "fp32" is the plain export and always ships.
 VARIANT_FILES: dict[str, str] = {
@@ -26,10 +37,24 @@ VARIANT_FILES: dict[str, str] = {
     "fp16": "model.fp16.onnx",
     "int8": "model.int8.onnx",
 }
+BASE_VARIANT = "fp32"
+VARIANTS: tuple[str, ...] = tuple(VARIANT_FILES)
+# The variants export may add on top of the plain graph, each behind its gate.
+OPTIONAL_VARIANTS: tuple[str, ...] = tuple(v for v in VARIANTS if v != BASE_VARIANT)
 
 
-def dynamic_axes(input_names: tuple[str, ...], output_names: tuple[str, ...]) -> dict:
-    """Batch and sequence axes are dynamic on every input; batch on every output."""
-    axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in input_names}
-    axes.update({name: {0: "batch"} for name in output_names})
+def output_names(task: str) -> tuple[str, ...]:
+    """The graph's output names for `task`."""
+    return tuple(OUTPUTS[task])
+
+
+def per_token(task: str) -> bool:
+    """Whether the task's first output has a sequence axis (one row per token)."""
+    return 1 in next(iter(OUTPUTS[task].values()))
+
+
+def dynamic_axes(input_names: tuple[str, ...], task: str) -> dict[str, dict[int, str]]:
+    """Batch and sequence axes on every input; the task's axes on every output."""
+    axes: dict[str, dict[int, str]] = {name: dict(INPUT_AXES) for name in input_names}
+    axes.update({name: dict(out) for name, out in OUTPUTS[task].items()})
     return axes

@@ -1,14 +1,16 @@
-"""Read, write and verify `manifest.json`, the model folder's table of contents."""
+"""`manifest.json`, the model folder's table of contents: a typed object, read and verified."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertrt.contract import MANIFEST_FILE, SCHEMA_VERSION
+from bertrt.contract import MANIFEST_FILE, SCHEMA_VERSION, TASKS
 
 
 class IntegrityError(RuntimeError):
@@ -31,39 +33,108 @@ def file_entries(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     }
 
 
-def write(folder: Path, manifest: dict[str, Any]) -> Path:
+@dataclass
+class Manifest:
+    """What the runtime needs to serve a model folder, and where the model came from.
+
+    Args:
+        window_stride: 0 cuts texts at `max_length`; > 0 reads a longer text as overlapping
+            windows of `max_length` tokens that share `window_stride` tokens.
+        variants: shipped graphs by name: file, precision, providers, gate.
+        files: sha256 and size of every file the folder ships.
+        provenance: base model, data and params digests, git, DVC stages, MLflow run.
+    """
+
+    task: str
+    labels: list[str]
+    max_length: int
+    pad_token_id: int
+    inputs: list[str]
+    outputs: list[str]
+    opset: int
+    variants: dict[str, dict[str, Any]]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    window_stride: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    rejected_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: Path | str = MANIFEST_FILE) -> Manifest:
+        """Check every key and type; a missing or wrong one is an IntegrityError naming it."""
+        if not isinstance(data, dict):
+            raise IntegrityError(f"{where}: must be a JSON object; re-run the export stage")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise IntegrityError(
+                f"{where}: schema_version {version!r}, this runtime reads {SCHEMA_VERSION}; "
+                "re-export the model or install a matching runtime"
+            )
+        values = {}
+        for item in dataclasses.fields(cls):
+            if item.name not in data:
+                if item.default is dataclasses.MISSING and item.default_factory is (
+                    dataclasses.MISSING
+                ):
+                    raise IntegrityError(
+                        f"{where}: key {item.name!r} is missing; re-run the export stage"
+                    )
+                continue
+            value = data[item.name]
+            kind = {"int": int, "str": str}.get(str(item.type))
+            kind = kind or (list if str(item.type).startswith("list") else dict)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise IntegrityError(
+                    f"{where}: key {item.name!r} must be a JSON "
+                    f"{'number' if kind is int else kind.__name__}, got {value!r:.60}"
+                )
+            values[item.name] = value
+        manifest = cls(**values)
+        if manifest.task not in TASKS:
+            raise IntegrityError(
+                f"{where}: task {manifest.task!r} is not one this runtime serves ({list(TASKS)}); "
+                "install a newer runtime"
+            )
+        for name, entry in {**manifest.files}.items():
+            if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
+                raise IntegrityError(f"{where}: files[{name!r}] needs sha256 and bytes")
+        for name, entry in manifest.variants.items():
+            if not isinstance(entry, dict) or "file" not in entry:
+                raise IntegrityError(f"{where}: variants[{name!r}] has no file")
+        return manifest
+
+
+def write(folder: Path, manifest: Manifest) -> Path:
     """Write manifest.json atomically (temporary file, then rename)."""
-    manifest = {"schema_version": SCHEMA_VERSION, **manifest}
     path = folder / MANIFEST_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True, ensure_ascii=False)
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
 
-def read(folder: Path) -> dict[str, Any]:
-    """Load manifest.json and check its schema version."""
+def read(folder: Path) -> Manifest:
+    """Load manifest.json and check its schema."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise IntegrityError(
             f"{path}: no manifest; point at a model folder written by the export stage"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{path}: not valid JSON ({exc}); re-run the export stage") from None
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise IntegrityError(
-            f"{path}: schema_version {version!r}, this runtime reads {SCHEMA_VERSION}; "
-            "re-export the model or install a matching runtime"
-        )
-    return manifest
+    return Manifest.from_dict(data, path)
 
 
-def verify(folder: Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
+def verify(folder: Path, manifest: Manifest, names: list[str] | None = None) -> None:
     """Check the sha256 and size of the named files (all listed files when None)."""
-    files = manifest.get("files", {})
+    files = manifest.files
     for name in names if names is not None else sorted(files):
         entry = files.get(name)
         path = Path(folder) / name

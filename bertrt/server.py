@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from fastapi import FastAPI, HTTPException
@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bertrt import __version__
-from bertrt.predictor import TextClassifier
+from bertrt.contract import TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from bertrt.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,15 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _bare_list(data: Any) -> Any:
+    """Accept `["a", "b"]` as `{"texts": ["a", "b"]}`; explain a body that was not JSON."""
+    if isinstance(data, str | bytes):
+        raise ValueError(
+            "the body was not read as JSON; send it with Content-Type: application/json"
+        )
+    return {"texts": data} if isinstance(data, list) else data
 
 
 class PredictRequest(BaseModel):
@@ -38,12 +48,25 @@ class PredictRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def bare_list(cls, data: Any) -> Any:
-        """Accept `["a", "b"]` as `{"texts": ["a", "b"]}`; explain a body that was not JSON."""
-        if isinstance(data, str | bytes):
-            raise ValueError(
-                "the body was not read as JSON; send it with Content-Type: application/json"
-            )
-        return {"texts": data} if isinstance(data, list) else data
+        return _bare_list(data)
+
+
+class TagRequest(BaseModel):
+    """Texts to tag: `{"texts": [...], "aggregation": "simple", "tokens": false}` or a list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(description="texts to find entities in, in order")
+    aggregation: Literal["simple", "first", "max", "average"] = Field(
+        default="simple",
+        description="simple groups tokens; first, max and average give each word one tag first",
+    )
+    tokens: bool = Field(default=False, strict=True, description="also return every token's tag")
+
+    @model_validator(mode="before")
+    @classmethod
+    def bare_list(cls, data: Any) -> Any:
+        return _bare_list(data)
 
 
 class LabelScore(BaseModel):
@@ -61,6 +84,40 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
     variant: str
     provider: str
+
+
+class EntityOut(BaseModel):
+    type: str = Field(description="entity type, e.g. PER")
+    score: float = Field(description="mean probability of the entity's tags")
+    text: str = Field(description="the entity exactly as it appears in the text")
+    start: int = Field(description="offset of its first character in the text (code points)")
+    end: int = Field(description="offset just past its last character")
+
+
+class TokenOut(BaseModel):
+    text: str
+    tag: str
+    score: float
+    start: int
+    end: int
+
+
+class TaggingOut(BaseModel):
+    entities: list[EntityOut]
+    tokens: list[TokenOut] | None = None
+
+
+class TagResponse(BaseModel):
+    predictions: list[TaggingOut]
+    variant: str
+    provider: str
+
+
+# Task -> (request body, response body) of POST /predict.
+SCHEMAS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+    TEXT_CLASSIFICATION: (PredictRequest, PredictResponse),
+    TOKEN_CLASSIFICATION: (TagRequest, TagResponse),
+}
 
 
 class Health(BaseModel):
@@ -119,7 +176,7 @@ class BodyLimit:
 
 
 def create_app(
-    predictor: TextClassifier,
+    predictor: Predictor,
     max_body_bytes: int = 1 << 20,
     max_batch: int = 256,
     batch_size: int = 32,
@@ -167,23 +224,20 @@ def create_app(
     @app.get("/metadata")
     async def metadata() -> dict[str, Any]:
         """Labels, variant, provider and the metrics recorded in the model's manifest."""
-        return {**meta, "shipped_variants": sorted(predictor.manifest["variants"])}
+        return {**meta, "shipped_variants": sorted(predictor.manifest.variants)}
 
-    @app.post(
-        "/predict",
-        response_model=PredictResponse,
-        response_model_exclude_none=True,
-        responses={**too_large, 422: {"description": "malformed request"}},
-    )
-    async def predict(request: PredictRequest) -> dict[str, Any]:
-        """Label and score per text, in the order sent."""
+    request_model, response_model = SCHEMAS[predictor.task]
+
+    async def predict(request: BaseModel) -> dict[str, Any]:
+        """The model's prediction per text (a label, or entities), in the order sent."""
         if len(request.texts) > max_batch:
             raise HTTPException(
                 413,
                 f"{len(request.texts)} texts in one request, the limit is {max_batch}; "
                 "split the batch",
             )
-        run = partial(predictor.predict, request.texts, batch_size, request.top_k)
+        options = request.model_dump(exclude={"texts"}, exclude_none=True)
+        run = partial(predictor.predict, request.texts, batch_size, **options)
         try:
             # In a worker thread: the event loop keeps serving while ONNX Runtime computes.
             predictions = await anyio.to_thread.run_sync(run, limiter=limiter)
@@ -195,11 +249,19 @@ def create_app(
             "provider": predictor.provider,
         }
 
+    # The body's schema depends on the task, so the annotation is set before FastAPI reads it.
+    predict.__annotations__["request"] = request_model
+    app.post(
+        "/predict",
+        response_model=response_model,
+        response_model_exclude_none=True,
+        responses={**too_large, 422: {"description": "malformed request"}},
+    )(predict)
     return app
 
 
 def serve(
-    predictor: TextClassifier,
+    predictor: Predictor,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_body_bytes: int = 1 << 20,

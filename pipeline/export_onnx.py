@@ -6,39 +6,44 @@ import argparse
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from bertrt import manifest as manifest_io
 from bertrt.contract import (
+    BASE_VARIANT,
     INPUT_NAMES,
     LABELS_FILE,
-    OUTPUT_NAMES,
+    TEXT_CLASSIFICATION,
     TOKENIZER_FILE,
     VARIANT_FILES,
     dynamic_axes,
+    output_names,
 )
-from bertrt.predictor import load as load_runtime
-from pipeline import entry, lineage, model_card, onnx_variants, params, tracking
+from bertrt.engine import Engine, open_engine
+from bertrt.manifest import Manifest
+from pipeline import entry, lineage, model_card, onnx_variants, params, tasks, tracking
 from pipeline.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
-TASK = "text-classification"
+# The gate's task metric of runtime outputs (one row per window), for a variant or the reference.
+Score = Callable[[list[list[Any]], np.ndarray], float]
 
 
 class ParityError(RuntimeError):
     """The ONNX graph does not reproduce the PyTorch model."""
 
 
-def export_graph(model: Any, tokenizer: Any, path: Path, opset: int) -> tuple[str, ...]:
-    """Write the fp32 graph with dynamic batch and sequence axes; return the input names used."""
+def export_graph(model: Any, tokenizer: Any, path: Path, opset: int, task: str) -> tuple[str, ...]:
+    """Write the fp32 graph with the task's dynamic axes; return the input names used."""
     import torch
 
     sample = tokenizer(["a sample text", "another"], padding=True, return_tensors="pt")
     inputs = tuple(name for name in INPUT_NAMES if name in sample)
-    outputs = OUTPUT_NAMES[TASK]
     model.eval()
     with torch.no_grad():
         # dynamo=False: the TorchScript exporter's graph is the one ORT's optimizer fully fuses.
@@ -47,8 +52,8 @@ def export_graph(model: Any, tokenizer: Any, path: Path, opset: int) -> tuple[st
             (dict(sample.items()),),
             str(path),
             input_names=list(inputs),
-            output_names=list(outputs),
-            dynamic_axes=dynamic_axes(inputs, outputs),
+            output_names=list(output_names(task)),
+            dynamic_axes=dynamic_axes(inputs, task),
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
@@ -56,22 +61,37 @@ def export_graph(model: Any, tokenizer: Any, path: Path, opset: int) -> tuple[st
     return inputs
 
 
-def torch_logits(model: Any, tokenizer: Any, texts: list[str], max_length: int, batch: int) -> Any:
-    """Reference logits from the PyTorch model, batch by batch, dynamic padding."""
+def torch_outputs(model: Any, engine: Engine, encodings: list[Any], batch_size: int) -> np.ndarray:
+    """The PyTorch model's outputs on exactly the runtime's batches, shaped as `engine.infer`."""
     import torch
 
-    out = []
+    width = max((len(e.ids) for e in encodings), default=0)
+    out: np.ndarray | None = None
     with torch.no_grad():
-        for start in range(0, len(texts), batch):
-            enc = tokenizer(
-                texts[start : start + batch],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            out.append(model(**enc).logits.float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.num_labels), np.float32)
+        for idx in engine.batches(encodings, batch_size):
+            feeds = engine.feeds([encodings[i] for i in idx])
+            got = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits
+            got = got.float().numpy()
+            if out is None:
+                rest = got.shape[2:] if got.ndim == 3 else got.shape[1:]
+                out = np.zeros(
+                    (len(encodings), *((width,) if got.ndim == 3 else ()), *rest), dtype=np.float32
+                )
+            if got.ndim == 3:
+                out[idx, : got.shape[1]] = got
+            else:
+                out[idx] = got
+    return out if out is not None else np.zeros((0, model.config.num_labels), np.float32)
+
+
+def compare(got: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> tuple[float, int, int]:
+    """(max |difference|, positions whose argmax differs, positions compared), where valid."""
+    if got.ndim == 3:
+        got, reference = got[mask], reference[mask]
+    if not len(got):
+        return 0.0, 0, 0
+    diff = float(np.abs(got - reference).max())
+    return diff, int((got.argmax(-1) != reference.argmax(-1)).sum()), len(got)
 
 
 def build_model_folder(
@@ -82,109 +102,105 @@ def build_model_folder(
     opset: int,
     parity_atol: float = 1e-4,
     batch_size: int = 32,
-    extra: dict[str, Any] | None = None,
-    labels: list[int] | None = None,
+    provenance: dict[str, Any] | None = None,
+    score: Score | None = None,
     variants: tuple[str, ...] = (),
     min_agreement: float = 0.995,
-    max_accuracy_drop: float = 0.005,
+    max_metric_drop: float = 0.005,
+    task: str = TEXT_CLASSIFICATION,
+    window_stride: int = 0,
+    metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export, check parity on `texts`, and write the complete model folder atomically.
 
     Args:
-        labels: true label ids of `texts`, for the variants' accuracy-drop gate.
+        score: the task metric of runtime outputs on `texts`, for the variants' metric-drop gate.
         variants: optimised, fp16 and int8 graphs to add; each ships only if its gate passes,
             and every gate result is recorded in the manifest.
 
     Returns the parity results; raises ParityError (leaving `out` untouched) when they fail.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, attn_implementation="eager"
-    )
+    model = tasks.get(task).model_class().from_pretrained(model_dir, attn_implementation="eager")
     label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     with atomic_dir(out) as tmp:
-        inputs = export_graph(model, tokenizer, tmp / VARIANT_FILES["fp32"], opset)
+        inputs = export_graph(model, tokenizer, tmp / VARIANT_FILES[BASE_VARIANT], opset, task)
         shutil.copy(Path(model_dir) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         write_json(tmp / LABELS_FILE, label_names)
-        files = [VARIANT_FILES["fp32"], TOKENIZER_FILE, LABELS_FILE]
-        manifest: dict[str, Any] = {
-            "task": TASK,
-            "labels": label_names,
-            "max_length": max_length,
-            "pad_token_id": tokenizer.pad_token_id or 0,
-            "inputs": list(inputs),
-            "outputs": list(OUTPUT_NAMES[TASK]),
-            "opset": opset,
-            "variants": {
-                "fp32": {
-                    "file": VARIANT_FILES["fp32"],
+        files = [VARIANT_FILES[BASE_VARIANT], TOKENIZER_FILE, LABELS_FILE]
+        manifest = Manifest(
+            task=task,
+            labels=label_names,
+            max_length=max_length,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            inputs=list(inputs),
+            outputs=list(output_names(task)),
+            opset=opset,
+            window_stride=window_stride,
+            variants={
+                BASE_VARIANT: {
+                    "file": VARIANT_FILES[BASE_VARIANT],
                     "precision": "fp32",
                     "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                 }
             },
-            "files": manifest_io.file_entries(tmp, files),
-            **(extra or {}),
-        }
-        manifest_io.write(tmp, manifest)
-        reference = torch_logits(model, tokenizer, texts, max_length, batch_size)
-        parity = check_parity(
-            model, tokenizer, tmp, texts, max_length, parity_atol, batch_size, reference
+            files=manifest_io.file_entries(tmp, files),
+            metrics=metrics or {},
+            provenance=provenance or {},
         )
-        manifest["variants"]["fp32"].update(gate=parity, shipped=True)
+        manifest_io.write(tmp, manifest)
+        engine = open_engine(tmp, device="cpu", variant=BASE_VARIANT)
+        windows = engine.encode(texts)
+        flat = [w for per_text in windows for w in per_text]
+        reference = torch_outputs(model, engine, flat, batch_size)
+        got, mask = engine.infer(flat, batch_size)
+        parity = check_parity(got, reference, mask, len(texts), parity_atol)
+        manifest.variants[BASE_VARIANT].update(gate=parity, shipped=True)
         if variants:
             files += onnx_variants.add_variants(
                 tmp,
                 manifest,
                 variants,
-                texts,
+                flat,
                 reference,
-                labels,
+                mask,
+                (lambda outputs: score(windows, outputs)) if score else None,
                 num_heads=model.config.num_attention_heads,
                 hidden_size=model.config.hidden_size,
                 min_agreement=min_agreement,
-                max_accuracy_drop=max_accuracy_drop,
+                max_metric_drop=max_metric_drop,
                 batch_size=batch_size,
             )
-            manifest["files"] = manifest_io.file_entries(tmp, files)
+            manifest.files = manifest_io.file_entries(tmp, files)
         manifest_io.write(tmp, manifest)
     return parity
 
 
 def check_parity(
-    model: Any,
-    tokenizer: Any,
-    folder: Path,
-    texts: list[str],
-    max_length: int,
-    atol: float,
-    batch_size: int,
-    reference: np.ndarray | None = None,
+    got: np.ndarray, reference: np.ndarray, mask: np.ndarray, texts: int, atol: float
 ) -> dict[str, Any]:
-    """Compare the exported graph (through the runtime, on CPU) with PyTorch on `texts`."""
-    if reference is None:
-        reference = torch_logits(model, tokenizer, texts, max_length, batch_size)
-    runtime = load_runtime(folder, device="cpu", variant="fp32")
-    got = runtime.logits(texts, batch_size=batch_size)
-    max_diff = float(np.abs(got - reference).max()) if len(texts) else 0.0
-    mismatched = int((got.argmax(-1) != reference.argmax(-1)).sum())
+    """The exported graph (through the runtime, on CPU) against PyTorch, on valid positions."""
+    max_diff, mismatched, positions = compare(got, reference, mask)
     result = {
-        "texts": len(texts),
+        "texts": texts,
+        "positions": positions,
         "max_abs_logit_diff": max_diff,
         "label_mismatches": mismatched,
         "atol": atol,
         "passed": max_diff <= atol and mismatched == 0,
     }
     log.info(
-        "parity on %d texts: max |dlogit| %.2e, %d label mismatches",
-        len(texts),
+        "parity on %d texts (%d positions): max |dlogit| %.2e, %d label mismatches",
+        texts,
+        positions,
         max_diff,
         mismatched,
     )
     if not result["passed"]:
         raise ParityError(
-            f"ONNX parity failed on {len(texts)} texts: max |dlogit| {max_diff:.3e} "
+            f"ONNX parity failed on {texts} texts: max |dlogit| {max_diff:.3e} "
             f"(allowed {atol:.0e}), {mismatched} different labels; the graph is not shipped"
         )
     return result
@@ -199,50 +215,54 @@ def run(
     report: Path,
 ) -> dict[str, Any]:
     """Export the fine-tuned model to `out_dir` and record the result in `report` and MLflow."""
-    import pandas as pd
     from transformers import AutoConfig
 
-    p = params.load(params_path, "base", "export", "tracking")
+    p = params.load(params_path, "base", "tokenize", "export", "tracking")
+    task = tasks.get(p.base.task)
     test = pd.read_parquet(test_path)
-    label2id = AutoConfig.from_pretrained(model_dir).label2id
-    unknown = sorted(set(test["label"]) - set(label2id))
-    if unknown:
-        raise ValueError(f"{test_path}: labels {unknown} are not among the model's {label2id}")
-    metrics = json.loads(Path(eval_report).read_text(encoding="utf-8"))
+    config = AutoConfig.from_pretrained(model_dir)
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    stride = task.window_stride(p)
     model_hash = lineage.model_digest(model_dir)
-    extra = {
+    metrics = json.loads(Path(eval_report).read_text(encoding="utf-8"))
+    provenance = {
         "base_model": {"name": p.base.model, "sha256": lineage.base_model_digest(p.base.model)},
+        "vocab_size": config.vocab_size,
         "finetuned_sha256": model_hash,
-        "metrics": metrics.get("overall", metrics),
         "data_sha256": lineage.file_digest(test_path.parent),
         "params_sha256": params.load(params_path).digest(),
         "git": lineage.git_info(),
         "dvc_stages": lineage.dvc_lock_hashes(),
     }
     with tracking.run_for_model(p.tracking, model_hash) as run_id:
-        extra["mlflow_run_id"] = run_id
+        provenance["mlflow_run_id"] = run_id
         tracking.log_params_once(p.flat())
         parity = build_model_folder(
             model_dir,
             out_dir,
-            test["text"].tolist(),
+            task.texts(test),
             p.base.max_length,
             p.export.opset,
             p.export.parity_atol,
             p.export.batch_size,
-            extra,
-            labels=[label2id[label] for label in test["label"]],
+            provenance,
+            score=lambda windows, outputs: task.score(windows, outputs, test, labels, stride),
             variants=tuple(p.export.variants),
             min_agreement=p.export.min_agreement,
-            max_accuracy_drop=p.export.max_accuracy_drop,
+            max_metric_drop=p.export.max_metric_drop,
+            task=task.name,
+            window_stride=stride,
+            metrics=metrics.get("overall", metrics),
         )
         manifest = manifest_io.read(out_dir)
         model_card.write(out_dir, manifest)
         result = {
             "parity": parity,
-            "variants": manifest["variants"],
-            "rejected_variants": manifest.get("rejected_variants", {}),
-            "files": manifest["files"],
+            "gate_metric": task.gate_metric,
+            "variants": {k: v.get("gate", {}) for k, v in manifest.variants.items()},
+            "rejected_variants": {
+                k: v.get("gate", {}) for k, v in manifest.rejected_variants.items()
+            },
         }
         write_json(report, result)
         tracking.log_export(result, out_dir)

@@ -14,6 +14,7 @@ from typing import Any
 from pipeline import entry, lineage, params, tasks, tracking
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.sources import resolve_model
+from pipeline.vocabulary import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fingerprint.json"
@@ -51,8 +52,15 @@ def drop_load_options(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_curves(history: list[dict[str, Any]], curves_dir: Path) -> None:
-    """Step-level training loss and epoch-level validation metrics as CSV files for DVC plots."""
+# Evaluation log entries that are timings, not metrics.
+TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
+def write_curves(history: list[dict[str, Any]], curves_dir: Path, metric: str) -> None:
+    """Step-level training loss and epoch-level validation metrics as CSV files for DVC plots.
+
+    `selection_score` repeats the task's model-selection metric, so one plot serves every task.
+    """
     curves_dir.mkdir(parents=True, exist_ok=True)
     train = [
         {"step": h["step"], "epoch": round(h["epoch"], 4), "loss": h["loss"]}
@@ -63,9 +71,8 @@ def write_curves(history: list[dict[str, Any]], curves_dir: Path) -> None:
         {
             "step": h["step"],
             "epoch": round(h["epoch"], 4),
-            "eval_loss": h["eval_loss"],
-            "eval_accuracy": h["eval_accuracy"],
-            "eval_macro_f1": h["eval_macro_f1"],
+            **{k: v for k, v in h.items() if k.startswith("eval_") and k not in TIMINGS},
+            "selection_score": h[f"eval_{metric}"],
         }
         for h in history
         if "eval_loss" in h
@@ -78,7 +85,7 @@ def write_curves(history: list[dict[str, Any]], curves_dir: Path) -> None:
             writer.writerows(rows)
 
 
-def training_arguments(p: params.Params, checkpoints: Path) -> Any:
+def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) -> Any:
     import torch
     from transformers import TrainingArguments
 
@@ -97,8 +104,8 @@ def training_arguments(p: params.Params, checkpoints: Path) -> Any:
         save_strategy="epoch",
         save_total_limit=2,
         load_best_model_at_end=True,
-        metric_for_best_model="macro_f1",
-        greater_is_better=True,
+        metric_for_best_model=task.selection_metric,
+        greater_is_better=task.greater_is_better,
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
         train_sampling_strategy="group_by_length",
@@ -126,13 +133,7 @@ def run(
     import mlflow
     import torch
     from datasets import load_from_disk
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        EarlyStoppingCallback,
-        Trainer,
-        set_seed,
-    )
+    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
 
     p = params.load(params_path, "base", "finetune", "tracking")
     uri = tracking.connect(p.tracking)  # an unreachable store stops us before any training
@@ -147,7 +148,7 @@ def run(
     data_digest = lineage.file_digest(validated_dir)
     # Checkpoints are only resumed by the same code on the same data with the same params.
     task = tasks.get(p.base.task)
-    sources = [Path(__file__), *sorted(Path(task.__file__).parent.glob("*.py"))]
+    sources = [Path(__file__), *sorted(Path(tasks.__file__).parent.glob("*.py"))]
     code = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -157,22 +158,25 @@ def run(
     resume, run_id = checkpoint_state(checkpoints, fingerprint)
 
     source = resolve_model(p.base.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    extended = tokenized_dir / TOKENIZER_DIR  # the tokenize stage's, when it added characters
+    tokenizer = AutoTokenizer.from_pretrained(str(extended) if extended.is_dir() else source)
+    # A checkpoint that already has a head of another size (e.g. a classifier fine-tuned on other
+    # labels) gets a new one; the encoder's weights are what is reused.
     model = task.model_class().from_pretrained(
-        source,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        **task.MODEL_KWARGS,
+        source, ignore_mismatched_sizes=True, **task.model_kwargs(labels)
     )
+    base_vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > base_vocab:
+        log.info("resizing embeddings %d -> %d for the added tokens", base_vocab, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
     trainer = Trainer(
         model=model,
-        args=training_arguments(p, checkpoints),
+        args=training_arguments(p, checkpoints, task),
         train_dataset=train,
         eval_dataset=data["validation"],
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=task.compute_metrics,
+        data_collator=task.collator(tokenizer),
+        compute_metrics=task.compute_metrics(labels),
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)
         ],
@@ -183,13 +187,19 @@ def run(
         )
         mlflow.set_tags({**tracking.provenance_tags(), "data_sha256": data_digest})
         tracking.log_params_once(
-            {**p.flat(), "data_sha256": data_digest, "train_rows": len(train)}
+            {
+                **p.flat(),
+                "data_sha256": data_digest,
+                "train_rows": len(train),
+                "added_tokens": len(tokenizer) - base_vocab,
+            }
         )
+        summary_table = task.training_summary(train)
         dataset = mlflow.data.from_pandas(
-            train.to_pandas()[["labels"]].assign(n_tokens=[len(x) for x in train["input_ids"]]),
+            summary_table,
             source=str(validated_dir / "train.parquet"),
             name="train",
-            targets="labels",
+            targets="labels" if "labels" in summary_table else None,
         )
         mlflow.log_input(dataset, context="training")
         result = trainer.train(resume_from_checkpoint=bool(resume) or None)
@@ -206,7 +216,10 @@ def run(
             "train_rows": len(train),
             "epochs_run": round(trainer.state.epoch or 0, 4),
             "global_steps": trainer.state.global_step,
-            "best_validation_macro_f1": best,
+            "selection_metric": task.selection_metric,
+            f"best_validation_{task.selection_metric}": best,
+            "vocab_size": len(tokenizer),
+            "added_tokens": max(0, len(tokenizer) - base_vocab),
             "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
             "train_loss": result.training_loss,
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
@@ -215,12 +228,16 @@ def run(
             "torch_threads": torch.get_num_threads(),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
         }
-        write_curves(trainer.state.log_history, curves_dir)
-        mlflow.log_metric("best_validation_macro_f1", best or 0.0)
+        write_curves(trainer.state.log_history, curves_dir, task.selection_metric)
+        mlflow.log_metric(f"best_validation_{task.selection_metric}", best or 0.0)
         mlflow.log_artifacts(str(curves_dir), artifact_path="training_curves")
     write_json(report, summary)
     log.info(
-        "model %s saved to %s (best validation macro-F1 %.4f)", model_hash[:12], out_dir, best
+        "model %s saved to %s (best validation %s %.4f)",
+        model_hash[:12],
+        out_dir,
+        task.selection_metric,
+        best or 0.0,
     )
     return summary
 

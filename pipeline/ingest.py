@@ -9,121 +9,96 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import entry, lineage, params
+from pipeline import entry, lineage, params, tasks
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.sources import resolve_path
-from pipeline.tables import SPLITS, TableError, find_split_files, read_table, text_key
+from pipeline.tables import SPLITS, TableError, find_split_files
 
 log = logging.getLogger(__name__)
+SOURCE_FILE = "source_file"  # which input file a row came from, for validation messages
 
 
-def check_columns(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> None:
-    """Every configured column exists; otherwise name the file, the column and the params key."""
-    for key, column in columns.items():
-        if column and column not in df.columns:
-            raise TableError(
-                f"{path}: no column {column!r} (set by {key}); the file has "
-                f"{list(df.columns)}; fix {key} in params.yaml"
-            )
-
-
-def clean(
-    df: pd.DataFrame, cfg: params.Ingest, text: str, label: str
-) -> tuple[pd.DataFrame, dict]:
-    """Drop configured labels, empty texts and duplicate texts; return the counts dropped."""
-    dropped: dict[str, int] = {}
-    if cfg.drop_labels:
-        mask = df[label].astype("string").isin(cfg.drop_labels)
-        dropped["label_in_drop_labels"] = int(mask.sum())
-        df = df[~mask.fillna(False)]
-    if cfg.drop_empty_text:
-        empty = df[text].isna() | (df[text].astype("string").str.strip() == "")
-        dropped["empty_text"] = int(empty.sum())
-        df = df[~empty]
-    if cfg.deduplicate:
-        key = text_key(df[text])
-        conflicting = key.map(df.groupby(key)[label].nunique()) > 1
-        dropped["conflicting_labels"] = int(conflicting.sum())
-        df, key = df[~conflicting], key[~conflicting]
-        duplicate = key.duplicated(keep="first")
-        dropped["duplicate_text"] = int(duplicate.sum())
-        df = df[~duplicate]
-    for reason, count in dropped.items():
-        log.info("dropped %d rows: %s", count, reason)
-    return df.reset_index(drop=True), dropped
-
-
-def split(df: pd.DataFrame, cfg: params.Ingest, label: str, seed: int) -> dict[str, pd.DataFrame]:
-    """Seeded split, stratified by label; rows sharing a group value stay on one side."""
+def cut(
+    frame: pd.DataFrame, fraction: float, seed: int, strata: pd.Series | None, groups: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rest, held out): seeded, stratified by `strata` if given, `groups` kept whole."""
     from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-    def cut(frame: pd.DataFrame, fraction: float, salt: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-        if not cfg.group_column:
-            rest, held = train_test_split(
-                frame, test_size=fraction, stratify=frame[label], random_state=seed + salt
-            )
-            return rest, held
-        folds = StratifiedGroupKFold(
-            n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed + salt
+    if len(frame) < 2:
+        raise TableError(f"{len(frame)} row(s) left after cleaning: too few to split")
+    if not groups:
+        return tuple(
+            train_test_split(frame, test_size=fraction, stratify=strata, random_state=seed)
         )
-        rest_idx, held_idx = next(
-            folds.split(frame, frame[label].astype(str), groups=frame[cfg.group_column])
-        )
-        return frame.iloc[rest_idx], frame.iloc[held_idx]
+    folds = StratifiedGroupKFold(
+        n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed
+    )
+    labels = strata if strata is not None else pd.Series(0, index=frame.index)
+    rest_idx, held_idx = next(folds.split(frame, labels, groups=frame[groups]))
+    return frame.iloc[rest_idx], frame.iloc[held_idx]
 
-    rest, test = cut(df, cfg.test_fraction, 0)
-    train, validation = cut(rest, cfg.validation_fraction / (1 - cfg.test_fraction), 1)
+
+def split(df: pd.DataFrame, p: params.Params, task: tasks.Task) -> dict[str, pd.DataFrame]:
+    """Seeded train/validation/test split (stratified as the task says; groups stay whole)."""
+    cfg, seed = p.ingest, p.base.seed
+    rest, test = cut(df, cfg.test_fraction, seed, task.stratify(df, p), cfg.group_column)
+    fraction = cfg.validation_fraction / (1 - cfg.test_fraction)
+    train, validation = cut(rest, fraction, seed + 1, task.stratify(rest, p), cfg.group_column)
     return {"train": train, "validation": validation, "test": test}
+
+
+def sample(df: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
+    if rows and len(df) > rows:
+        log.info("kept a seeded sample of %d of %d rows (ingest.max_rows)", rows, len(df))
+        return df.sample(n=rows, random_state=seed).reset_index(drop=True)
+    return df
 
 
 def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
     """Read the source, clean and split it, write `out_dir/{split}.parquet` and the report."""
     p = params.load(params_path, "base", "ingest")
-    cfg, text, label = p.ingest, p.base.text_column, p.base.label_column
+    task = tasks.get(p.base.task)
+    cfg = p.ingest
     source = resolve_path(cfg.source, "ingest.source")
-    columns = {"base.text_column": text, "base.label_column": label}
+    dropped: dict[str, dict[str, int]] = {}
+    rows_in: dict[str, int] = {}
     if source.is_dir():
-        files = find_split_files(source)
+        files = find_split_files(source, task.accepts)
         frames = {}
-        dropped: dict[str, dict[str, int]] = {}
-        rows_in = {}
         for name, path in files.items():
-            df = read_table(path)
-            check_columns(df, path, columns)
+            df = read(task, path, p)
             rows_in[name] = len(df)
-            frames[name], dropped[name] = clean(df, cfg, text, label)
+            frames[name], dropped[name] = task.clean(df, p)
+            frames[name] = sample(frames[name], cfg.max_rows, p.base.seed)
+        if "validation" not in frames:
+            log.info("%s has no validation file: cutting it from train", source)
+            fraction = cfg.validation_fraction
+            train = frames["train"]
+            frames["train"], frames["validation"] = cut(
+                train, fraction, p.base.seed + 1, task.stratify(train, p), cfg.group_column
+            )
     else:
-        df = read_table(source)
-        check_columns(df, source, {**columns, "ingest.group_column": cfg.group_column})
+        df = read(task, source, p)
         rows_in = {"all": len(df)}
-        df, dropped_all = clean(df, cfg, text, label)
-        if cfg.max_rows and len(df) > cfg.max_rows:
-            df = df.sample(n=cfg.max_rows, random_state=p.base.seed).reset_index(drop=True)
-            log.info("kept a seeded sample of %d rows (ingest.max_rows)", cfg.max_rows)
-        frames = split(df, cfg, label, p.base.seed)
-        dropped = {"all": dropped_all}
+        df, dropped["all"] = task.clean(df, p)
+        frames = split(sample(df, cfg.max_rows, p.base.seed), p, task)
+    for reasons in dropped.values():
+        for reason, count in reasons.items():
+            log.info("dropped %d rows: %s", count, reason)
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             frame = frames[name].reset_index(drop=True)
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
-            log.info(
-                "%s: %d rows, labels %s",
-                name,
-                len(frame),
-                frame[label].value_counts().to_dict(),
-            )
-    sample = frames["train"].iloc[0][[text, label]].to_dict() if len(frames["train"]) else {}
-    log.info("sample row: %s", sample)
+            log.info("%s: %d rows, %s", name, len(frame), task.label_counts(frame, p))
+    if len(frames["train"]):
+        log.info("sample row: %s", frames["train"].iloc[0].to_dict())
     result = {
         "source": cfg.source,
         "source_sha256": lineage.file_digest(source),
         "rows_in": rows_in,
         "dropped": dropped,
         "rows": {name: len(frames[name]) for name in SPLITS},
-        "labels": {
-            name: {str(k): int(v) for k, v in frames[name][label].value_counts().items()}
-            for name in SPLITS
-        },
+        "labels": {name: task.label_counts(frames[name], p) for name in SPLITS},
         "groups": {
             name: int(frames[name][cfg.group_column].nunique()) if cfg.group_column else None
             for name in SPLITS
@@ -134,6 +109,18 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
         result["groups_shared_train_test"] = len(shared)
     write_json(report, result)
     return result
+
+
+def read(task: tasks.Task, path: Path, p: params.Params) -> pd.DataFrame:
+    """One source file through the task's reader, with the group column checked."""
+    df = task.read(path, p)
+    column = p.ingest.group_column
+    if column and column not in df.columns:
+        raise TableError(
+            f"{path}: no column {column!r} (set by ingest.group_column); the file has "
+            f'{list(df.columns)}; fix ingest.group_column in params.yaml ("" for none)'
+        )
+    return df.assign(**{SOURCE_FILE: path.name})
 
 
 def main(argv: list[str] | None = None) -> int:

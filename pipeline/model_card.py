@@ -3,33 +3,40 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from bertrt.contract import MODEL_CARD_FILE
+from bertrt.manifest import Manifest
 from pipeline.atomic import atomic_file
 
 
-def render(manifest: dict[str, Any]) -> str:
+def render(manifest: Manifest) -> str:
     """Markdown: what the model is, how it was made, how well it does, how to run it."""
-    metrics = manifest.get("metrics", {})
-    git = manifest.get("git", {})
+    metrics = manifest.metrics
+    info = manifest.provenance
+    git = info.get("git", {})
+    long_texts = (
+        f"longer texts are read in windows sharing {manifest.window_stride} tokens"
+        if manifest.window_stride
+        else "longer texts are cut"
+    )
     lines = [
-        f"# {manifest['task']} model",
+        f"# {manifest.task} model",
         "",
-        f"Labels (in output order): {', '.join(manifest['labels'])}. "
-        f"Maximum length: {manifest['max_length']} tokens.",
+        f"Labels (in output order): {', '.join(manifest.labels)}. "
+        f"Maximum length: {manifest.max_length} tokens; {long_texts}.",
         "",
         "## Provenance",
         "",
-        f"- base model: `{manifest.get('base_model', {}).get('name')}` "
-        f"(weights sha256 `{manifest.get('base_model', {}).get('sha256')}`)",
-        f"- fine-tuned weights sha256: `{manifest.get('finetuned_sha256')}`",
-        f"- data sha256: `{manifest.get('data_sha256')}`; params sha256: "
-        f"`{manifest.get('params_sha256')}`",
+        f"- base model: `{info.get('base_model', {}).get('name')}` "
+        f"(weights sha256 `{info.get('base_model', {}).get('sha256')}`); vocabulary "
+        f"{info.get('vocab_size')} tokens",
+        f"- fine-tuned weights sha256: `{info.get('finetuned_sha256')}`",
+        f"- data sha256: `{info.get('data_sha256')}`; params sha256: "
+        f"`{info.get('params_sha256')}`",
         f"- git commit `{git.get('commit')}`"
         + (" (uncommitted changes)" if git.get("dirty") else "")
         + (f", tag `{git['tag']}`" if git.get("tag") else ""),
-        f"- MLflow run `{manifest.get('mlflow_run_id')}`",
+        f"- MLflow run `{info.get('mlflow_run_id')}`",
         "",
         "## Test metrics",
         "",
@@ -45,7 +52,7 @@ def render(manifest: dict[str, Any]) -> str:
         "| variant | file | precision | providers | gate |",
         "|---|---|---|---|---|",
     ]
-    for name, entry in manifest.get("variants", {}).items():
+    for name, entry in manifest.variants.items():
         gate = entry.get("gate", {})
         summary = (
             f"max abs logit diff {gate['max_abs_logit_diff']:.1e}"
@@ -58,7 +65,7 @@ def render(manifest: dict[str, Any]) -> str:
             f"| {name} | `{entry['file']}` | {entry['precision']} | "
             f"{', '.join(entry.get('providers', []))} | {summary} |"
         )
-    for name, entry in manifest.get("rejected_variants", {}).items():
+    for name, entry in manifest.rejected_variants.items():
         lines.append(f"| {name} (not shipped) | | | | {entry.get('gate', {}).get('reason', '')} |")
     lines += [
         "",
@@ -75,7 +82,7 @@ def render(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write(folder: Path, manifest: dict[str, Any]) -> Path:
+def write(folder: Path, manifest: Manifest) -> Path:
     path = Path(folder) / MODEL_CARD_FILE
     with atomic_file(path) as tmp:
         tmp.write_text(render(manifest), encoding="utf-8")

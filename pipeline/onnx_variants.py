@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bertrt import manifest as manifest_io
-from bertrt.contract import VARIANT_FILES
-from bertrt.predictor import TextClassifier
-from bertrt.predictor import load as load_runtime
+from bertrt.contract import BASE_VARIANT, OPTIONAL_VARIANTS, VARIANT_FILES
+from bertrt.engine import Engine, open_engine
+from bertrt.manifest import Manifest
 from bertrt.session import CPU, CUDA, DeviceError
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32-optimized", "fp16", "int8")
 PRECISIONS = {"fp32-optimized": "fp32", "fp16": "fp16", "int8": "int8"}
 # The providers each variant is built for; the runtime picks fp16 on CUDA, fp32-optimized on CPU.
 PROVIDERS = {"fp32-optimized": [CUDA, CPU], "fp16": [CUDA], "int8": [CPU]}
@@ -93,71 +92,58 @@ def to_int8(src: Path, dst: Path) -> None:
 
 
 def gate(
-    logits: np.ndarray,
+    outputs: np.ndarray,
     reference: np.ndarray,
-    labels: Sequence[int] | None,
+    mask: np.ndarray,
     min_agreement: float,
-    max_accuracy_drop: float,
+    max_metric_drop: float,
+    score: Callable[[np.ndarray], float] | None = None,
 ) -> dict[str, Any]:
-    """Label agreement, accuracy drop and max |dlogit| of `logits` against the PyTorch ones."""
-    if logits.shape != reference.shape:
-        raise ValueError(f"logits {logits.shape} and reference {reference.shape} differ in shape")
-    n = len(reference)
+    """Label agreement with PyTorch where `mask` is valid, max |dlogit|, and the drop of the
+    task metric (`score`: accuracy, entity F1) from the PyTorch outputs to these."""
+    if outputs.shape != reference.shape:
+        raise ValueError(f"outputs {outputs.shape} and reference {reference.shape} differ")
+    got, want = (outputs[mask], reference[mask]) if outputs.ndim == 3 else (outputs, reference)
+    n = len(want)
     if n == 0:
-        return {"texts": 0, "passed": False, "reason": "not evaluated: no texts to gate on"}
-    got, want = logits.argmax(-1), reference.argmax(-1)
+        return {"positions": 0, "passed": False, "reason": "not evaluated: nothing to gate on"}
+    agree = got.argmax(-1) == want.argmax(-1)
     result: dict[str, Any] = {
-        "texts": n,
-        "agreement": float((got == want).mean()),
-        "label_disagreements": int((got != want).sum()),
-        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+        "positions": n,
+        "agreement": float(agree.mean()),
+        "label_disagreements": int((~agree).sum()),
+        "max_abs_logit_diff": float(np.abs(got - want).max()),
         "min_agreement": min_agreement,
-        "max_accuracy_drop": max_accuracy_drop,
-        "accuracy": None,
-        "reference_accuracy": None,
-        "accuracy_drop": None,
+        "max_metric_drop": max_metric_drop,
+        "score": None,
+        "reference_score": None,
+        "metric_drop": None,
     }
     reasons = []
     if result["agreement"] < min_agreement:
         reasons.append(f"agreement {result['agreement']:.4f} < {min_agreement}")
-    if labels is not None:
-        truth = _label_ids(labels, n, reference.shape[1])
-        result["accuracy"] = float((got == truth).mean())
-        result["reference_accuracy"] = float((want == truth).mean())
-        result["accuracy_drop"] = result["reference_accuracy"] - result["accuracy"]
-        if result["accuracy_drop"] > max_accuracy_drop + EPS:
-            reasons.append(f"accuracy drop {result['accuracy_drop']:.4f} > {max_accuracy_drop}")
+    if score is not None:
+        result["score"] = float(score(outputs))
+        result["reference_score"] = float(score(reference))
+        result["metric_drop"] = result["reference_score"] - result["score"]
+        if result["metric_drop"] > max_metric_drop + EPS:
+            reasons.append(f"metric drop {result['metric_drop']:.4f} > {max_metric_drop}")
     result["passed"] = not reasons
     if reasons:
         result["reason"] = "; ".join(reasons)
     return result
 
 
-def _label_ids(labels: Sequence[int], texts: int, classes: int) -> np.ndarray:
-    """Check that `labels` are one class id per text, each below the number of classes."""
-    truth = np.asarray(labels)
-    if truth.shape != (texts,):
-        raise ValueError(f"{len(truth)} labels for {texts} texts; give one label per text")
-    if texts and not np.issubdtype(truth.dtype, np.integer):
-        raise ValueError(
-            f"labels must be class ids in the manifest's label order, got {truth.tolist()[0]!r}; "
-            "map names to ids first (label_names.index(name))"
-        )
-    if texts and not (truth.min() >= 0 and truth.max() < classes):
-        raise ValueError(f"label ids must be in [0, {classes}), got {truth.min()}..{truth.max()}")
-    return truth
-
-
-def _open(folder: Path, name: str) -> tuple[TextClassifier | None, str]:
-    """A runtime on the variant's own device; fp16 tries CUDA first, then the CPU."""
+def _open(folder: Path, name: str) -> tuple[Engine | None, str]:
+    """An engine on the variant's own device; fp16 tries CUDA first, then the CPU."""
     if name != "fp16":
-        return load_runtime(folder, device="cpu", variant=name, verify=False), ""
+        return open_engine(folder, device="cpu", variant=name, verify=False), ""
     try:
-        return load_runtime(folder, device="cuda", variant=name, verify=False), ""
+        return open_engine(folder, device="cuda", variant=name, verify=False), ""
     except DeviceError:
         log.info("fp16: no CUDA session starts here; gating it on the CPU instead")
     try:
-        return load_runtime(folder, device="cpu", variant=name, verify=False), ""
+        return open_engine(folder, device="cpu", variant=name, verify=False), ""
     except Exception as exc:  # any failure to start is the recorded reason it is not shipped
         return None, f"not evaluated: no CUDA, and the CPU cannot run it ({exc})"
 
@@ -165,22 +151,22 @@ def _open(folder: Path, name: str) -> tuple[TextClassifier | None, str]:
 def _evaluate(
     folder: Path,
     name: str,
-    texts: list[str],
+    encodings: list[Any],
     reference: np.ndarray,
-    labels: Sequence[int] | None,
+    mask: np.ndarray,
+    score: Callable[[np.ndarray], float] | None,
     min_agreement: float,
-    max_accuracy_drop: float,
+    max_metric_drop: float,
     batch_size: int,
 ) -> dict[str, Any]:
-    runtime, reason = _open(folder, name)
+    engine, reason = _open(folder, name)
     size = (folder / VARIANT_FILES[name]).stat().st_size
-    if runtime is None:
-        return {"texts": 0, "bytes": size, "provider": None, "passed": False, "reason": reason}
-    result = gate(
-        runtime.logits(texts, batch_size), reference, labels, min_agreement, max_accuracy_drop
-    )
-    result.update(bytes=size, provider=runtime.provider)
-    if name == "fp16" and runtime.provider == CPU:
+    if engine is None:
+        return {"positions": 0, "bytes": size, "provider": None, "passed": False, "reason": reason}
+    outputs, _ = engine.infer(encodings, batch_size)
+    result = gate(outputs, reference, mask, min_agreement, max_metric_drop, score)
+    result.update(bytes=size, provider=engine.provider)
+    if name == "fp16" and engine.provider == CPU:
         # ORT's CPU provider wraps most fp16 nodes in Casts to fp32: this checks the fp16 weights
         # and the tensors between nodes, not the CUDA kernels' fp16 arithmetic.
         result["note"] = "gated on CPU (no CUDA here); CUDA fp16 kernels not exercised"
@@ -189,27 +175,28 @@ def _evaluate(
 
 def add_variants(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     names: Sequence[str],
-    texts: list[str],
+    encodings: list[Any],
     reference: np.ndarray,
-    labels: Sequence[int] | None,
+    mask: np.ndarray,
+    score: Callable[[np.ndarray], float] | None,
     num_heads: int,
     hidden_size: int,
     min_agreement: float,
-    max_accuracy_drop: float,
+    max_metric_drop: float,
     batch_size: int = 32,
 ) -> list[str]:
     """Build, gate and keep or delete each named variant in `folder`; return the shipped files.
 
-    Shipped variants join manifest["variants"], rejected ones go to manifest["rejected_variants"]
-    with their gate; the caller re-writes manifest["files"] so its sha256 covers the shipped ones.
+    Shipped variants join manifest.variants, rejected ones go to manifest.rejected_variants with
+    their gate; the caller re-writes manifest.files so its sha256 covers the shipped ones.
     """
-    unknown = [name for name in names if name not in VARIANTS]
+    unknown = [name for name in names if name not in OPTIONAL_VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(OPTIONAL_VARIANTS)}")
     optimized = folder / VARIANT_FILES["fp32-optimized"]
-    fused = optimize(folder / VARIANT_FILES["fp32"], optimized, num_heads, hidden_size)
+    fused = optimize(folder / VARIANT_FILES[BASE_VARIANT], optimized, num_heads, hidden_size)
     builders = {"fp16": to_fp16, "int8": to_int8}
     candidates: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(names):
@@ -224,13 +211,20 @@ def add_variants(
     if "fp32-optimized" not in candidates:
         optimized.unlink()
     # The runtime reads the manifest, so the candidates are listed before they are gated.
-    manifest["variants"].update(candidates)
+    manifest.variants.update(candidates)
     manifest_io.write(folder, manifest)
-    rejected = manifest.setdefault("rejected_variants", {})
     shipped = []
     for name, entry in candidates.items():
         entry["gate"] = _evaluate(
-            folder, name, texts, reference, labels, min_agreement, max_accuracy_drop, batch_size
+            folder,
+            name,
+            encodings,
+            reference,
+            mask,
+            score,
+            min_agreement,
+            max_metric_drop,
+            batch_size,
         )
         entry["shipped"] = entry["gate"]["passed"]
         if entry["shipped"]:
@@ -238,15 +232,15 @@ def add_variants(
             log.info("variant %s shipped: %s", name, _summary(entry["gate"]))
             continue
         (folder / entry["file"]).unlink()
-        rejected[name] = manifest["variants"].pop(name)
+        manifest.rejected_variants[name] = manifest.variants.pop(name)
         log.warning("variant %s NOT shipped: %s", name, entry["gate"]["reason"])
     return shipped
 
 
 def _summary(result: dict[str, Any]) -> str:
-    drop = result["accuracy_drop"]
+    drop = result["metric_drop"]
     return (
-        f"agreement {result['agreement']:.4f} on {result['texts']} texts, accuracy drop "
-        f"{'n/a (no labels)' if drop is None else f'{drop:.4f}'}, max |dlogit| "
+        f"agreement {result['agreement']:.4f} on {result['positions']} positions, metric drop "
+        f"{'n/a' if drop is None else f'{drop:.4f}'}, max |dlogit| "
         f"{result['max_abs_logit_diff']:.2e}, {result['bytes']} bytes, on {result['provider']}"
     )

@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
-TASKS = ("text-classification",)
+from bertrt.contract import OPTIONAL_VARIANTS, TASKS
+
+TAG_SCHEMES = ("iob1", "iob2", "bioes")
 
 
 class ParamsError(ValueError):
@@ -72,19 +74,37 @@ class Ingest:
 class Validate:
     labels: list[str]
     max_duplicate_report: int
+    tag_scheme: str  # token classification: the scheme of the input tags, read into IOB2
 
     def check(self) -> list[str]:
+        errors = []
         if len(set(self.labels)) != len(self.labels):
-            return [f"validate.labels: {self.labels} lists a label twice"]
-        return []
+            errors.append(f"validate.labels: {self.labels} lists a label twice")
+        if self.tag_scheme not in TAG_SCHEMES:
+            errors.append(
+                f"validate.tag_scheme: {self.tag_scheme!r} is not one of {list(TAG_SCHEMES)} "
+                "(BMES is read as bioes)"
+            )
+        return errors
 
 
 @dataclass(frozen=True)
 class Tokenize:
     batch_size: int
+    stride: int  # token classification: tokens shared by the windows of a long sentence
+    label_all_subwords: bool  # token classification: label every subword, not only the first
+    vocab_extension_min_count: int  # add characters seen this often as [UNK]; 0: never
 
     def check(self) -> list[str]:
-        return [] if self.batch_size > 0 else ["tokenize.batch_size must be > 0"]
+        errors = [] if self.batch_size > 0 else ["tokenize.batch_size must be > 0"]
+        if self.stride < 0:
+            errors.append(f"tokenize.stride: {self.stride} must be >= 0")
+        if self.vocab_extension_min_count < 0:
+            errors.append(
+                f"tokenize.vocab_extension_min_count: {self.vocab_extension_min_count} must be "
+                ">= 0 (0 keeps the vocabulary as it is)"
+            )
+        return errors
 
 
 @dataclass(frozen=True)
@@ -130,9 +150,6 @@ class Evaluate:
         return errors
 
 
-VARIANTS = ("fp32-optimized", "fp16", "int8")
-
-
 @dataclass(frozen=True)
 class Export:
     opset: int
@@ -140,17 +157,17 @@ class Export:
     batch_size: int
     variants: list[str]
     min_agreement: float
-    max_accuracy_drop: float
+    max_metric_drop: float
 
     def check(self) -> list[str]:
         errors = []
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        unknown = [v for v in self.variants if v not in OPTIONAL_VARIANTS]
         if unknown:
-            errors.append(f"export.variants: {unknown} not among {list(VARIANTS)}")
+            errors.append(f"export.variants: {unknown} not among {list(OPTIONAL_VARIANTS)}")
         if not 0.0 < self.min_agreement <= 1.0:
             errors.append(f"export.min_agreement: {self.min_agreement} must be in (0, 1]")
-        if not 0.0 <= self.max_accuracy_drop < 1.0:
-            errors.append(f"export.max_accuracy_drop: {self.max_accuracy_drop} must be in [0, 1)")
+        if not 0.0 <= self.max_metric_drop < 1.0:
+            errors.append(f"export.max_metric_drop: {self.max_metric_drop} must be in [0, 1)")
         if not 14 <= self.opset <= 21:
             errors.append(f"export.opset: {self.opset} must be between 14 and 21")
         if not 0.0 < self.parity_atol <= 1e-2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -54,24 +55,37 @@ def read_table(path: Path) -> pd.DataFrame:
     )
 
 
-def find_split_files(folder: Path) -> dict[str, Path]:
-    """train/validation/test files in a folder (validation may be named valid or dev)."""
+def split_of(path: Path) -> str | None:
+    """The split a file name names: `train.csv`, `dev.txt`, `msra_test.txt`, `x-valid.jsonl`."""
+    stem = path.name.split(".")[0].lower()
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            if stem == alias or stem.endswith(("_" + alias, "-" + alias)):
+                return split
+    return None
+
+
+def find_split_files(
+    folder: Path, accepts: Callable[[Path], bool] = lambda p: table_format(p) is not None
+) -> dict[str, Path]:
+    """train/validation/test files in a folder (validation may be named valid or dev, and may
+    be absent: then it is cut from train)."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        stem = path.name.split(".")[0].lower()
-        for split, aliases in SPLIT_ALIASES.items():
-            if stem in aliases and table_format(path):
-                if split in found:
-                    raise TableError(
-                        f"{folder}: two files for split {split!r}: "
-                        f"{found[split].name}, {path.name}"
-                    )
-                found[split] = path
-    missing = [s for s in SPLITS if s not in found]
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        split = split_of(path)
+        if not split or not accepts(path):
+            continue
+        if split in found:
+            raise TableError(
+                f"{folder}: two files for split {split!r}: {found[split].name}, {path.name}"
+            )
+        found[split] = path
+    missing = [s for s in SPLITS if s not in found and s != "validation"]
     if missing:
         raise TableError(
             f"{folder}: no file for split(s) {missing}; name them train/validation/test "
-            "with a .csv, .jsonl or .parquet suffix, or point ingest.source at one file"
+            "(or dev/valid; a prefix such as msra_train works) with a suffix the task reads, "
+            "or point ingest.source at one file"
         )
     return found
 

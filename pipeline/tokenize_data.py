@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pandas as pd
 
-from pipeline import entry, params, tasks
+from pipeline import entry, lineage, params, tasks, vocabulary
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.sources import resolve_model
 from pipeline.tables import SPLITS
+from pipeline.vocabulary import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
 
@@ -26,39 +28,37 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
     p = params.load(params_path, "base", "tokenize")
     task = tasks.get(p.base.task)
     labels = json.loads((validated_dir / "labels.json").read_text(encoding="utf-8"))
-    label2id = {label: i for i, label in enumerate(labels)}
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(p.base.model))
     if not tokenizer.is_fast:
         raise ValueError(f"base.model {p.base.model!r} has no fast tokenizer (tokenizer.json)")
-    splits = {}
-    stats: dict[str, Any] = {"max_length": p.base.max_length, "splits": {}}
-    for split in SPLITS:
-        dataset = Dataset.from_parquet(str(validated_dir / f"{split}.parquet"))
-        full = dataset.map(
-            lambda b: {"n_tokens": [len(x) for x in tokenizer(b["text"])["input_ids"]]},
-            batched=True,
-            batch_size=p.tokenize.batch_size,
-            desc=f"measuring {split}",
-        )["n_tokens"]
-        splits[split] = dataset.map(
-            lambda b: task.tokenize_batch(tokenizer, b, p.base.max_length, label2id),
-            batched=True,
-            batch_size=p.tokenize.batch_size,
-            remove_columns=dataset.column_names,
-            desc=f"tokenizing {split}",
+    if task.window_stride(p) and not 0 < task.window_stride(p) < p.base.max_length // 2:
+        raise ValueError(
+            f"tokenize.stride: {task.window_stride(p)} must be between 1 and half of "
+            f"base.max_length ({p.base.max_length}) so that windows advance"
         )
-        lengths = np.asarray(full)
-        truncated = float((lengths > p.base.max_length).mean()) if len(lengths) else 0.0
-        stats["splits"][split] = {
-            "rows": len(dataset),
-            "truncation_rate": round(truncated, 6),
-            "token_length": {
-                f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)
-            },
-        }
-        log.info("%s: %d rows, %.2f%% truncated", split, len(dataset), 100 * truncated)
+    stats: dict[str, Any] = {"max_length": p.base.max_length, "splits": {}}
+    train_texts = task.texts(pd.read_parquet(validated_dir / "train.parquet"))
+    if p.tokenize.vocab_extension_min_count:
+        stats["vocabulary"] = vocabulary.extend(
+            tokenizer, train_texts, p.tokenize.vocab_extension_min_count
+        )
+    else:
+        stats["vocabulary"] = {"unk_rate": round(vocabulary.unk_rate(tokenizer, train_texts), 6)}
+    splits = {}
+    for split in SPLITS:
+        path = validated_dir / f"{split}.parquet"
+        # The saved fingerprint is a function of the inputs only, not of the environment.
+        key = f"{lineage.file_digest(path)}|{p.digest()}|{len(tokenizer)}|{split}"
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        dataset = Dataset.from_parquet(str(path))
+        splits[split], stats["splits"][split] = task.tokenize(
+            dataset, tokenizer, labels, p, fingerprint
+        )
+        log.info("%s: %s", split, stats["splits"][split])
     with atomic_dir(out_dir) as tmp:
         DatasetDict(splits).save_to_disk(str(tmp))
+        if p.tokenize.vocab_extension_min_count:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
     write_json(report, stats)
     return stats
 

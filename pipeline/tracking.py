@@ -183,8 +183,8 @@ def log_export(result: dict[str, Any], out_dir: Path) -> None:
             "onnx_label_mismatches": parity["label_mismatches"],
         }
     )
-    for name, entry in result.get("variants", {}).items():
-        for key, value in entry.get("gate", {}).items():
+    for name, gate in result.get("variants", {}).items():
+        for key, value in gate.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 mlflow.log_metric(f"onnx_{name}_{key}", value)
     mlflow.log_artifact(str(Path(out_dir) / "manifest.json"), artifact_path="onnx")

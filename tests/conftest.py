@@ -180,3 +180,46 @@ def write_splits(folder: Path, splits: dict[str, list[dict]]) -> Path:
     for name, rows in splits.items():
         pd.DataFrame(rows).to_parquet(folder / f"{name}.parquet", index=False)
     return folder
+
+
+PEOPLE = [["alice"], ["bob", "stone"], ["carol", "dune"], ["dave"]]
+PLACES = [["paris"], ["new", "york"], ["oslo"], ["rome"]]
+
+
+def synthetic_sentences(n: int, seed: int = 0) -> list[dict]:
+    """IOB2-tagged sentences (`tokens`, `tags`) with PER and LOC entities among filler words."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        tokens, tags = [], []
+        for _ in range(rng.randint(2, 4)):
+            tokens += rng.sample(NEUTRAL, rng.randint(1, 3))
+            tags += ["O"] * (len(tokens) - len(tags))
+            kind, names = rng.choice([("PER", PEOPLE), ("LOC", PLACES)])
+            name = rng.choice(names)
+            tokens += name
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(name) - 1)
+        key = " ".join(tokens)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+# Per registered task: tiny rows for train/validation/test and the params that read them.
+TASK_DATA = {
+    "text-classification": (
+        lambda n, seed: synthetic_reviews(n, seed),
+        {"base.text_column": "text", "base.label_column": "category"},
+    ),
+    "token-classification": (
+        lambda n, seed: synthetic_sentences(n, seed),
+        {
+            "base.task": "token-classification",
+            "base.text_column": "tokens",
+            "base.label_column": "tags",
+            "tokenize.stride": 4,
+        },
+    ),
+}

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import evaluate_model
 from pipeline.tasks import text_classification as task
 
 
 def test_metrics_on_a_known_table() -> None:
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     truth = np.array([0, 1, 1, 1])
-    result = evaluate_model.metrics(probs, truth, ["neg", "pos"], bins=10, task=task)
+    result = task.metrics(probs, truth, ["neg", "pos"], bins=10)
     assert result["overall"]["accuracy"] == pytest.approx(0.75)
     # neg: P=1/2, R=1, F1=2/3; pos: P=1, R=2/3, F1=0.8
     assert result["overall"]["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)

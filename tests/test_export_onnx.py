@@ -9,7 +9,7 @@ import onnx
 import pytest
 from conftest import synthetic_reviews
 
-from bertrt.contract import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES
+from bertrt.contract import INPUT_NAMES, MANIFEST_FILE, output_names
 from pipeline.export_onnx import ParityError, build_model_folder
 
 
@@ -20,7 +20,7 @@ def test_graph_declares_the_contract_with_dynamic_axes(onnx_model_dir: Path) -> 
     # The tiny tokenizer yields no token_type_ids (as DistilBERT's): the graph declares a subset.
     assert names == manifest["inputs"] == [n for n in INPUT_NAMES if n in names]
     assert names[:2] == ["input_ids", "attention_mask"]
-    assert [o.name for o in graph.output] == list(OUTPUT_NAMES["text-classification"])
+    assert [o.name for o in graph.output] == list(output_names("text-classification"))
     for tensor in graph.input:
         dims = tensor.type.tensor_type.shape.dim
         assert [d.dim_param for d in dims] == ["batch", "sequence"]

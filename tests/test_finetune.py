@@ -79,7 +79,9 @@ def test_finetune_saves_a_model_curves_and_one_mlflow_run(prepared: dict) -> Non
     assert summary["epochs_run"] == 2.0
     assert summary["best_checkpoint"].startswith("checkpoint-")
     evals = (root / "model-curves" / "eval.csv").read_text().splitlines()
-    assert evals[0] == "step,epoch,eval_loss,eval_accuracy,eval_macro_f1" and len(evals) == 3
+    header = "step,epoch,eval_loss,eval_accuracy,eval_macro_f1,selection_score"
+    assert evals[0] == header and len(evals) == 3
+    assert summary["selection_metric"] == "macro_f1"
     assert len((root / "model-curves" / "train_loss.csv").read_text().splitlines()) > 3
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")

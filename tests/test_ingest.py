@@ -155,7 +155,7 @@ BAD = [
         lambda t: _write(_folder(t / "splits"), "train.csv", pd.DataFrame(source_rows())).parent,
         {},
         TableError,
-        "no file for split(s) ['validation', 'test']",
+        "no file for split(s) ['test']",
     ),
     (
         lambda t: _text(t / "bad.jsonl", '{"text": "a", "category": "fresh"}\n{oops\n'),

@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import synthetic_reviews
 
 from bertrt import manifest as manifest_io
 from bertrt.predictor import load
 from pipeline import onnx_variants
-from pipeline.export_onnx import build_model_folder, torch_logits
+from pipeline.export_onnx import build_model_folder
 
 VARIANTS = ("fp32-optimized", "fp16", "int8")
 # Max |dlogit| each variant may show against PyTorch on the tiny model (its logits are ~1e-2).
@@ -26,6 +27,11 @@ def _data(n: int = 48, seed: int = 1) -> tuple[list[str], list[int]]:
     return [r["text"] for r in rows], [0 if r["category"] == "fresh" else 1 for r in rows]
 
 
+def _accuracy(labels: list[int]) -> Any:
+    """The gate's score: accuracy of runtime outputs (one row per text) against `labels`."""
+    return lambda windows, outputs: float((outputs.argmax(-1) == np.asarray(labels)).mean())
+
+
 def _manifest(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
 
@@ -35,7 +41,14 @@ def variant_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
     texts, labels = _data()
     out = tmp_path_factory.mktemp("variants") / "model"
     build_model_folder(
-        tiny_model_dir, out, texts, 64, 17, labels=labels, variants=VARIANTS, batch_size=16
+        tiny_model_dir,
+        out,
+        texts,
+        64,
+        17,
+        score=_accuracy(labels),
+        variants=VARIANTS,
+        batch_size=16,
     )
     return out
 
@@ -46,7 +59,9 @@ def reference(tiny_model_dir: Path) -> np.ndarray:
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return torch_logits(model, tokenizer, _data()[0], 64, 16)
+    enc = tokenizer(_data()[0], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits.numpy()
 
 
 def test_every_variant_is_built_gated_and_shipped(variant_dir: Path) -> None:
@@ -57,9 +72,9 @@ def test_every_variant_is_built_gated_and_shipped(variant_dir: Path) -> None:
         entry = manifest["variants"][name]
         assert entry["shipped"] is True
         assert entry["file"] in manifest["files"]
-        assert entry["gate"]["texts"] == 48
+        assert entry["gate"]["positions"] == 48
         assert entry["gate"]["agreement"] == 1.0
-        assert entry["gate"]["accuracy_drop"] == 0.0
+        assert entry["gate"]["metric_drop"] == 0.0
         assert entry["gate"]["provider"] == "CPUExecutionProvider"
         assert entry["gate"]["bytes"] == (variant_dir / entry["file"]).stat().st_size
         assert entry["gate"]["max_abs_logit_diff"] <= ATOL[name]
@@ -136,7 +151,7 @@ def _negate_output(path: Path) -> None:
 def test_failing_variants_are_deleted_and_recorded(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    real_int8, real_load = onnx_variants.to_int8, onnx_variants.load_runtime
+    real_int8, real_load = onnx_variants.to_int8, onnx_variants.open_engine
 
     def corrupted_int8(src: Path, dst: Path) -> None:
         real_int8(src, dst)
@@ -148,12 +163,12 @@ def test_failing_variants_are_deleted_and_recorded(
         return real_load(folder, device=device, variant=variant, verify=verify)
 
     monkeypatch.setattr(onnx_variants, "to_int8", corrupted_int8)
-    monkeypatch.setattr(onnx_variants, "load_runtime", no_fp16_on_cpu)
+    monkeypatch.setattr(onnx_variants, "open_engine", no_fp16_on_cpu)
     texts, labels = _data()
     out = tmp_path / "model"
     caplog.set_level("WARNING", logger="pipeline.onnx_variants")
     build_model_folder(
-        tiny_model_dir, out, texts, 64, 17, labels=labels, variants=("fp16", "int8")
+        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("fp16", "int8")
     )
     manifest = _manifest(out)
     assert sorted(manifest["variants"]) == ["fp32"]
@@ -180,7 +195,7 @@ GATE_CASES = [
     ([0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0], 0.995, 0.005, True, None),
     ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0], 0.75, 0.5, True, None),
     ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0], 0.995, 0.5, False, "agreement 0.7500 < 0.995"),
-    ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0], 0.5, 0.2, False, "accuracy drop 0.2500 > 0.2"),
+    ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 0], 0.5, 0.2, False, "metric drop 0.2500 > 0.2"),
     # Disagreeing where PyTorch was wrong raises accuracy: no drop.
     ([0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 1], 0.5, 0.0, True, None),
     ([0, 1, 1, 1], [0, 1, 1, 0], None, 0.75, 0.0, True, None),
@@ -200,20 +215,37 @@ def test_gate_table(
     reason: str | None,
 ) -> None:
     onehot = np.eye(2, dtype=np.float32)
-    result = onnx_variants.gate(onehot[got], onehot[want], labels, min_agreement, max_drop)
+    mask = np.ones((len(got), 1), bool)
+    score = None if labels is None else lambda out: float((out.argmax(-1) == labels).mean())
+    result = onnx_variants.gate(onehot[got], onehot[want], mask, min_agreement, max_drop, score)
     assert result["passed"] is passed
     assert result.get("reason", "").startswith(reason or "")
     assert result["max_abs_logit_diff"] == (1.0 if got != want else 0.0)
-    assert (result["accuracy_drop"] is None) is (labels is None)
+    assert (result["metric_drop"] is None) is (labels is None)
 
 
-def test_gate_refuses_bad_labels_and_records_empty_input() -> None:
+def test_gate_reads_per_token_outputs_only_where_the_mask_is_set() -> None:
+    reference = np.zeros((2, 3, 2), np.float32)
+    reference[..., 0] = 1.0
+    outputs = reference.copy()
+    outputs[1, 2] = [0.0, 5.0]  # a padded position: ignored
+    mask = np.array([[1, 1, 1], [1, 1, 0]], bool)
+    result = onnx_variants.gate(outputs, reference, mask, 0.99, 0.0)
+    assert result["positions"] == 5 and result["agreement"] == 1.0 and result["passed"]
+    outputs[0, 1] = [0.0, 5.0]  # a real token whose tag flips
+    result = onnx_variants.gate(outputs, reference, mask, 0.99, 0.0)
+    assert result["label_disagreements"] == 1 and not result["passed"]
+
+
+def test_gate_refuses_mismatched_shapes_and_records_empty_input() -> None:
     logits = np.zeros((3, 2), np.float32)
-    with pytest.raises(ValueError, match="2 labels for 3 texts"):
-        onnx_variants.gate(logits, logits, [0, 1], 0.9, 0.1)
-    with pytest.raises(ValueError, match="class ids in the manifest's label order, got 'fresh'"):
-        onnx_variants.gate(logits, logits, ["fresh", "rotten", "fresh"], 0.9, 0.1)
-    with pytest.raises(ValueError, match=r"label ids must be in \[0, 2\), got 0\.\.2"):
-        onnx_variants.gate(logits, logits, [0, 1, 2], 0.9, 0.1)
-    empty = onnx_variants.gate(np.zeros((0, 2)), np.zeros((0, 2)), [], 0.9, 0.1)
-    assert empty == {"texts": 0, "passed": False, "reason": "not evaluated: no texts to gate on"}
+    with pytest.raises(ValueError, match=r"outputs \(3, 2\) and reference \(2, 2\) differ"):
+        onnx_variants.gate(logits, logits[:2], np.ones((3, 1), bool), 0.9, 0.1)
+    empty = onnx_variants.gate(
+        np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 0), bool), 0.9, 0.1
+    )
+    assert empty == {
+        "positions": 0,
+        "passed": False,
+        "reason": "not evaluated: nothing to gate on",
+    }

@@ -68,7 +68,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
             "finetune.logging_steps": 4,
             "finetune.max_train_samples": 0,
             "export.min_agreement": 0.9,
-            "export.max_accuracy_drop": 0.1,
+            "export.max_metric_drop": 0.1,
         },
     )
     sh(["git", "init", "-q"], root)
@@ -119,10 +119,11 @@ def test_onnx_parity_and_manifest(repo: Path, first_repro: str) -> None:
     assert manifest["metrics"]["accuracy"] == pytest.approx(
         json.loads((repo / "reports" / "eval.json").read_text())["overall"]["accuracy"]
     )
-    assert manifest["git"]["commit"] and len(manifest["data_sha256"]) == 64
-    assert "finetune" in manifest["dvc_stages"]
+    info = manifest["provenance"]
+    assert info["git"]["commit"] and len(info["data_sha256"]) == 64
+    assert "finetune" in info["dvc_stages"]
     assert str(repo) not in (folder / "manifest.json").read_text().replace(
-        manifest["base_model"]["name"], ""
+        info["base_model"]["name"], ""
     ), "no absolute path of this machine in the manifest"
     assert "Test metrics" in (folder / "README.md").read_text()
     predictor = bertrt.load(folder, device="cpu")

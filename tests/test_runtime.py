@@ -62,7 +62,7 @@ def test_server_imports_no_training_code() -> None:
 
 def test_cpu_device_runs_on_cpu(model: TextClassifier) -> None:
     assert model.provider == CPU
-    assert model.session.get_providers() == [CPU]
+    assert model.engine.session.get_providers() == [CPU]
 
 
 def test_auto_device_falls_back_to_cpu_without_a_gpu(onnx_model_dir: Path) -> None:
@@ -70,7 +70,7 @@ def test_auto_device_falls_back_to_cpu_without_a_gpu(onnx_model_dir: Path) -> No
         pytest.skip("a CUDA device is present: auto picks it")
     loaded = bertrt.load(onnx_model_dir, device="auto")
     assert loaded.provider == CPU
-    assert loaded.session.get_providers()[0] == CPU
+    assert loaded.engine.session.get_providers()[0] == CPU
 
 
 def test_cuda_device_refuses_to_fall_back(onnx_model_dir: Path) -> None:
@@ -134,7 +134,7 @@ def bump_schema(folder: Path) -> str:
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     manifest["schema_version"] = 99
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return "manifest.json: schema_version 99, this runtime reads 1"
+    return "manifest.json: schema_version 99, this runtime reads 2"
 
 
 def unlist_model(folder: Path) -> str:

@@ -91,7 +91,7 @@ def test_metadata_carries_labels_and_manifest_metrics(
     assert meta["labels"] == ["fresh", "rotten"]
     assert meta["metrics"] == METRICS
     assert (meta["variant"], meta["provider"]) == (model.variant, "CPUExecutionProvider")
-    assert meta["shipped_variants"] == sorted(model.manifest["variants"])
+    assert meta["shipped_variants"] == sorted(model.manifest.variants)
 
 
 def test_predict_object_body(client: httpx.Client, model: TextClassifier) -> None:

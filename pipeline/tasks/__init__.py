@@ -1,14 +1,25 @@
-"""What differs by task: model class, tokenisation with labels, metrics."""
+"""What differs by task, behind one `Task` interface; the registry maps task names to them."""
 
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
+
+from bertrt.contract import TASKS, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from pipeline.tasks.base import Task
+
+# Task name (declared in bertrt.contract) -> "module:class" implementing it.
+REGISTRY: dict[str, str] = {
+    TEXT_CLASSIFICATION: "pipeline.tasks.text_classification:TextClassification",
+    TOKEN_CLASSIFICATION: "pipeline.tasks.token_classification:TokenClassification",
+}
 
 
-def get(task: str) -> ModuleType:
-    """The module that implements `task` (only text classification so far)."""
-    if task == "text-classification":
-        from pipeline.tasks import text_classification
+def get(name: str) -> Task:
+    """The task implementation for `name` (a `base.task` value)."""
+    if name not in REGISTRY:
+        raise ValueError(f"base.task: {name!r} has no implementation; use one of {list(TASKS)}")
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
 
-        return text_classification
-    raise ValueError(f"base.task: {task!r} has no implementation; use text-classification")
+
+__all__ = ["REGISTRY", "Task", "get"]

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from pandera.errors import SchemaErrors
+
+from bertrt.contract import TEXT_CLASSIFICATION
+from pipeline.params import Params
+from pipeline.tables import SPLITS, TableError, read_table, table_format, text_key
+from pipeline.tasks.base import Task
+from pipeline.tasks.confusion import confusion_png
+from pipeline.text_schema import as_label, failures_from, has_kind, label_kind, schema
 
 TEXT = "text"
 LABEL = "label"
-# Set up front: the model would set it on its first forward pass, so a run resumed after the
-# last step would otherwise save a different config.json.
-MODEL_KWARGS = {"problem_type": "single_label_classification"}
-
-
-def model_class() -> Any:
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification
-
-
-def tokenize_batch(
-    tokenizer: Any, batch: dict[str, list], max_length: int, label2id: dict[str, int]
-) -> dict[str, list]:
-    """Token ids without padding (the collator pads per batch) and integer labels."""
-    encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_length)
-    encoded["labels"] = [label2id[label] for label in batch[LABEL]]
-    return encoded
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -58,3 +50,249 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int)
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(ece)
+
+
+def metrics(probs: np.ndarray, truth: np.ndarray, labels: list[str], bins: int) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    predicted = probs.argmax(axis=-1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=list(range(len(labels))), zero_division=0
+    )
+    return {
+        "overall": {
+            "accuracy": float(accuracy_score(truth, predicted)),
+            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(truth, predicted, average="weighted", zero_division=0)),
+            "ece": expected_calibration_error(probs, truth, bins),
+            "rows": len(truth),
+        },
+        "per_class": {
+            label: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, label in enumerate(labels)
+        },
+    }
+
+
+class TextClassification(Task):
+    name = TEXT_CLASSIFICATION
+    columns = (TEXT, LABEL)
+    selection_metric = "macro_f1"
+
+    def accepts(self, path: Path) -> bool:
+        return table_format(path) is not None
+
+    def read(self, path: Path, p: Params) -> pd.DataFrame:
+        df = read_table(path)
+        keys = {"base.text_column": p.base.text_column, "base.label_column": p.base.label_column}
+        for key, column in keys.items():
+            if column not in df.columns:
+                raise TableError(
+                    f"{path}: no column {column!r} (set by {key}); the file has "
+                    f"{list(df.columns)}; fix {key} in params.yaml"
+                )
+        return df
+
+    def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
+        cfg, text, label = p.ingest, p.base.text_column, p.base.label_column
+        dropped: dict[str, int] = {}
+        if cfg.drop_labels:
+            mask = df[label].astype("string").isin(cfg.drop_labels)
+            dropped["label_in_drop_labels"] = int(mask.sum())
+            df = df[~mask.fillna(False)]
+        if cfg.drop_empty_text:
+            empty = df[text].isna() | (df[text].astype("string").str.strip() == "")
+            dropped["empty_text"] = int(empty.sum())
+            df = df[~empty]
+        if cfg.deduplicate:
+            key = text_key(df[text])
+            conflicting = key.map(df.groupby(key)[label].nunique()) > 1
+            dropped["conflicting_labels"] = int(conflicting.sum())
+            df, key = df[~conflicting], key[~conflicting]
+            duplicate = key.duplicated(keep="first")
+            dropped["duplicate_text"] = int(duplicate.sum())
+            df = df[~duplicate]
+        return df.reset_index(drop=True), dropped
+
+    def stratify(self, df: pd.DataFrame, p: Params) -> pd.Series:
+        return df[p.base.label_column].astype(str)
+
+    def label_counts(self, df: pd.DataFrame, p: Params) -> dict[str, int]:
+        return {str(k): int(v) for k, v in df[p.base.label_column].value_counts().items()}
+
+    def check(
+        self, frames: dict[str, pd.DataFrame], files: dict[str, Path], p: Params
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        text, label = p.base.text_column, p.base.label_column
+        frames = {s: df.astype(object).replace({np.nan: None}) for s, df in frames.items()}
+        train = frames["train"]
+        kind = "str" if p.validate.labels else label_kind(train.get(label, pd.Series()))
+        labels = list(p.validate.labels) or sorted(
+            {as_label(v) for v in train.get(label, []) if v is not None and has_kind(v, kind)}
+        )
+        found: list[dict[str, Any]] = []
+        seen: dict[str, set[str]] = {}
+        for split in SPLITS:
+            df = frames[split]
+            try:
+                schema(split, text, label, labels, kind, seen).validate(df, lazy=True)
+            except SchemaErrors as err:
+                found += failures_from(err, files[split], text, p.validate.max_duplicate_report)
+            if text in df:
+                seen[split] = set(text_key(df[text]).dropna())
+        return labels, found
+
+    def validated(self, df: pd.DataFrame, p: Params) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                TEXT: df[p.base.text_column].astype(str),
+                LABEL: df[p.base.label_column].map(as_label),
+            }
+        )
+
+    def split_stats(self, df: pd.DataFrame, tokenizer: Any, p: Params) -> dict[str, Any]:
+        tokens = lengths(tokenizer, df[TEXT].tolist())
+        return {
+            "rows": len(df),
+            "class_balance": {
+                k: round(v, 4) for k, v in df[LABEL].value_counts(normalize=True).items()
+            },
+            "class_counts": {k: int(v) for k, v in df[LABEL].value_counts().items()},
+            "chars": percentiles(df[TEXT].str.len()),
+            "words": percentiles(df[TEXT].str.split().str.len()),
+            "tokens": percentiles(tokens),
+            "over_max_length": int((tokens > p.base.max_length).sum()),
+        }
+
+    def tokenize(
+        self, dataset: Any, tokenizer: Any, labels: list[str], p: Params, fingerprint: str
+    ) -> tuple[Any, dict[str, Any]]:
+        label2id = {label: i for i, label in enumerate(labels)}
+        max_length = p.base.max_length
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_length)
+            encoded["labels"] = [label2id[label] for label in batch[LABEL]]
+            return encoded
+
+        tokens = lengths(tokenizer, dataset[TEXT])
+        out = dataset.map(
+            encode,
+            batched=True,
+            batch_size=p.tokenize.batch_size,
+            remove_columns=dataset.column_names,
+            new_fingerprint=fingerprint,
+            desc="tokenizing",
+        )
+        truncated = float((tokens > max_length).mean()) if len(tokens) else 0.0
+        return out, {
+            "rows": len(dataset),
+            "truncation_rate": round(truncated, 6),
+            "token_length": percentiles(tokens),
+        }
+
+    def model_class(self) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
+        return {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+            # Set up front: the model would set it on its first forward pass, so a run resumed
+            # after the last step would otherwise save a different config.json.
+            "problem_type": "single_label_classification",
+        }
+
+    def collator(self, tokenizer: Any) -> Any:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def compute_metrics(self, labels: list[str]) -> Any:
+        return compute_metrics
+
+    def training_summary(self, dataset: Any) -> pd.DataFrame:
+        return dataset.to_pandas()[["labels"]].assign(
+            n_tokens=[len(x) for x in dataset["input_ids"]]
+        )
+
+    def evaluate(
+        self,
+        predictions: np.ndarray,
+        dataset: Any,
+        test: pd.DataFrame,
+        labels: list[str],
+        p: Params,
+        plots_dir: Path,
+    ) -> dict[str, Any]:
+        truth = np.asarray(dataset["labels"])
+        if len(test) != len(truth):
+            raise ValueError(f"{len(test)} test rows but the tokenized test has {len(truth)}")
+        probs = softmax(np.asarray(predictions, dtype=np.float64))
+        result = metrics(probs, truth, labels, p.evaluate.ece_bins)
+        predicted = probs.argmax(axis=-1)
+        rows = pd.DataFrame(
+            {"actual": [labels[i] for i in truth], "predicted": [labels[i] for i in predicted]}
+        )
+        rows.to_csv(plots_dir / "confusion.csv", index=False)
+        wrong = np.flatnonzero(predicted != truth)
+        order = np.argsort(-probs[wrong].max(axis=-1), kind="stable")
+        worst = wrong[order][: p.evaluate.top_mistakes]
+        pd.DataFrame(
+            {
+                "row": worst + 1,
+                "text": test[TEXT].iloc[worst].to_numpy(),
+                "actual": [labels[i] for i in truth[worst]],
+                "predicted": [labels[i] for i in predicted[worst]],
+                "confidence": probs[worst].max(axis=-1).round(4),
+            }
+        ).to_csv(plots_dir / "mistakes.csv", index=False)
+        confusion_png(
+            rows["actual"].tolist(),
+            rows["predicted"].tolist(),
+            labels,
+            plots_dir / "confusion.png",
+        )
+        return result
+
+    def texts(self, test: pd.DataFrame) -> list[str]:
+        return test[TEXT].tolist()
+
+    def score(
+        self,
+        windows: list[list[Any]],
+        outputs: np.ndarray,
+        test: pd.DataFrame,
+        labels: list[str],
+        stride: int,
+    ) -> float:
+        truth = truth_ids(test, labels)
+        return float((outputs.argmax(-1) == truth).mean()) if len(truth) else 0.0
+
+
+def truth_ids(test: pd.DataFrame, labels: list[str]) -> np.ndarray:
+    """Class ids of the test rows; a label the model does not know names itself."""
+    unknown = sorted(set(test[LABEL]) - set(labels))
+    if unknown:
+        raise ValueError(f"test labels {unknown} are not among the model's {labels}")
+    return np.asarray([labels.index(label) for label in test[LABEL]])
+
+
+def lengths(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    """Token count of each text without truncation."""
+    return np.array([len(ids) for ids in tokenizer(list(texts))["input_ids"]], dtype=np.int64)
+
+
+def percentiles(values: Any) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return (
+        {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 95, 99, 100)} if len(arr) else {}
+    )

@@ -1,0 +1,219 @@
+"""The task-independent core: model folder, session, encoding and length-sorted batching."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from bertrt import manifest as manifest_io
+from bertrt.contract import BASE_VARIANT, INPUT_NAMES, LABELS_FILE, TOKENIZER_FILE
+from bertrt.manifest import Manifest
+from bertrt.session import CPU, DeviceError, run, start_session
+
+log = logging.getLogger(__name__)
+
+# Texts are tokenised and run this many at a time, so a list of millions never sits in memory
+# as token ids all at once.
+CHUNK = 4096
+# A token is rarely longer than this many characters; cutting a huge string first keeps the
+# tokenizer from spending seconds on text that truncation throws away.
+CHARS_PER_TOKEN_CAP = 32
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be served."""
+
+
+@dataclass
+class Engine:
+    """One ONNX Runtime session over a model folder, with its tokenizer and manifest."""
+
+    folder: Path
+    manifest: Manifest
+    variant: str
+    session: Any
+    provider: str
+    tokenizer: Tokenizer
+    input_names: tuple[str, ...] = field(init=False)
+    output_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        declared = {i.name for i in self.session.get_inputs()}
+        self.input_names = tuple(name for name in INPUT_NAMES if name in declared)
+        self.output_name = self.manifest.outputs[0]
+        self.max_length = int(self.manifest.max_length)
+        self.stride = int(self.manifest.window_stride)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_length, stride=self.stride)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+    def encode(self, texts: Sequence[str]) -> list[list[Encoding]]:
+        """Per text, its windows: one when texts are cut at max_length, else all of them."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
+        cap = self.max_length * CHARS_PER_TOKEN_CAP
+        cut = [text if self.stride else text[:cap] for text in texts]
+        try:
+            encodings = self.tokenizer.encode_batch(cut)
+        except (TypeError, ValueError) as exc:
+            bad = next((i for i, t in enumerate(cut) if not _encodable(t)), None)
+            where = f"text {bad}" if bad is not None else "a text"
+            raise ValueError(
+                f"{where} cannot be tokenised ({exc}); send valid Unicode (no lone surrogates)"
+            ) from None
+        if not self.stride:
+            return [[e] for e in encodings]
+        return [[e, *e.overflowing] for e in encodings]
+
+    def feeds(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
+        """The graph's inputs for one batch, padded to its longest encoding."""
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self.manifest.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            n = len(enc.ids)
+            ids[row, :n] = enc.ids
+            mask[row, :n] = 1
+            types[row, :n] = enc.type_ids
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: arrays[name] for name in self.input_names}
+
+    def batches(self, encodings: Sequence[Encoding], batch_size: int) -> list[np.ndarray]:
+        """Index batches of `encodings`, sorted by length so padding stays short."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        order = np.argsort([len(e.ids) for e in encodings], kind="stable")
+        return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+
+    def infer(
+        self, encodings: Sequence[Encoding], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs, mask) in the caller's order, padded to the longest encoding.
+
+        Per-text outputs are (n, labels); per-token outputs are (n, width, labels) and valid only
+        where mask (n, width) is 1.
+        """
+        width = max((len(e.ids) for e in encodings), default=0)
+        mask = np.zeros((len(encodings), width), dtype=bool)
+        for row, enc in enumerate(encodings):
+            mask[row, : len(enc.ids)] = True
+        out: np.ndarray | None = None
+        for idx in self.batches(encodings, batch_size):
+            got = run(
+                self.session,
+                self.feeds([encodings[i] for i in idx]),
+                self.output_name,
+                self.provider,
+            )
+            if out is None:
+                shape = (
+                    (len(encodings), width, *got.shape[2:])
+                    if got.ndim == 3
+                    else (len(encodings), *got.shape[1:])
+                )
+                out = np.zeros(shape, dtype=np.float32)
+            if got.ndim == 3:
+                out[idx, : got.shape[1]] = got
+            else:
+                out[idx] = got
+        if out is None:
+            out = np.zeros((0, len(self.labels)), dtype=np.float32)
+        return out, mask
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "task": self.manifest.task,
+            "labels": self.labels,
+            "variant": self.variant,
+            "provider": self.provider,
+            "max_length": self.max_length,
+            "window_stride": self.stride,
+            "metrics": self.manifest.metrics,
+            "base_model": self.manifest.provenance.get("base_model", {}),
+        }
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def choose_variant(manifest: Manifest, provider: str, variant: str | None) -> str:
+    """The asked-for variant, else the best shipped one for the provider."""
+    shipped = manifest.variants
+    if variant is not None:
+        if variant not in shipped:
+            raise ModelFolderError(
+                f"variant {variant!r} is not shipped in this folder; shipped: {sorted(shipped)}"
+            )
+        return variant
+    preference = ["fp32-optimized"] if provider == CPU else ["fp16", "fp32-optimized"]
+    for name in [*preference, BASE_VARIANT]:
+        if name in shipped:
+            return name
+    raise ModelFolderError(f"manifest lists no variant; shipped: {sorted(shipped)}")
+
+
+def open_engine(
+    model_dir: str | Path,
+    device: str = "auto",
+    variant: str | None = None,
+    threads: int = 0,
+    tensorrt: bool = False,
+    verify: bool = True,
+) -> Engine:
+    """Read and check the folder, then start a session on `device` ("auto", "cuda" or "cpu")."""
+    folder = Path(model_dir)
+    manifest = manifest_io.read(folder)
+    if verify:
+        # Every listed file, and the files this runtime reads even if the manifest omits them.
+        used = {TOKENIZER_FILE, LABELS_FILE} | {e["file"] for e in manifest.variants.values()}
+        manifest_io.verify(folder, manifest, sorted(used | set(manifest.files)))
+    # Start on the file the device would prefer; re-open if the provider changes the choice.
+    wanted = choose_variant(manifest, CPU if device == "cpu" else "cuda", variant)
+    try:
+        session, provider = start_session(
+            _path(folder, manifest, wanted), device, threads, tensorrt
+        )
+    except DeviceError:
+        raise
+    except Exception:
+        if device != "auto":
+            raise
+        # A GPU-only variant (fp16) may not load on the CPU fallback; pick again for the CPU.
+        session, provider = None, CPU
+    chosen = choose_variant(manifest, provider, variant)
+    if session is None or chosen != wanted:
+        session, provider = start_session(
+            _path(folder, manifest, chosen),
+            "cpu" if provider == CPU else device,
+            threads,
+            tensorrt,
+        )
+    path = folder / TOKENIZER_FILE
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        raise ModelFolderError(f"{path}: not a readable tokenizer ({exc}); re-export") from None
+    log.info("loaded %s variant %s on %s", folder, chosen, provider)
+    return Engine(folder, manifest, chosen, session, provider, tokenizer)
+
+
+def _path(folder: Path, manifest: Manifest, variant: str) -> Path:
+    return folder / manifest.variants[variant]["file"]

@@ -1,0 +1,133 @@
+"""The `Task` interface: everything a stage needs to know about what the model predicts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.params import Params
+
+
+class Task(ABC):
+    """One task (text classification, token classification, ...) behind every stage.
+
+    Stages call these hooks and never branch on the task name. Data travels between stages as
+    Parquet tables whose columns the task defines (`columns`).
+    """
+
+    name: str
+    # Columns of the validated tables: the model input and its label(s).
+    columns: tuple[str, str]
+    # The Trainer's model-selection metric (a key of `compute_metrics`) and its direction.
+    selection_metric: str
+    greater_is_better: bool = True
+    # What happens to an input over base.max_length tokens, for the validate stage's warning.
+    long_inputs: str = "truncated"
+
+    # ingest ---------------------------------------------------------------------------------
+    @abstractmethod
+    def accepts(self, path: Path) -> bool:
+        """Whether `path` is an input file this task reads (by its suffixes)."""
+
+    @abstractmethod
+    def read(self, path: Path, p: Params) -> pd.DataFrame:
+        """One source file as rows with the configured columns; errors name the file and fix."""
+
+    @abstractmethod
+    def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
+        """Rows that are not part of the task dropped; the counts dropped, by reason."""
+
+    def stratify(self, df: pd.DataFrame, p: Params) -> pd.Series | None:
+        """Labels to stratify a seeded split by, or None for a plain seeded split."""
+        return None
+
+    @abstractmethod
+    def label_counts(self, df: pd.DataFrame, p: Params) -> dict[str, int]:
+        """What a split holds, for reports and logs (classes, or entity types)."""
+
+    # validate -------------------------------------------------------------------------------
+    @abstractmethod
+    def check(
+        self, frames: dict[str, pd.DataFrame], files: dict[str, Path], p: Params
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """(label list, failures): every failure has file, row, column, reason and value."""
+
+    @abstractmethod
+    def validated(self, df: pd.DataFrame, p: Params) -> pd.DataFrame:
+        """The validated table of one split, in `columns` (tags normalised, labels as text)."""
+
+    @abstractmethod
+    def split_stats(self, df: pd.DataFrame, tokenizer: Any, p: Params) -> dict[str, Any]:
+        """Sizes, balance and token lengths of one validated split (warns about long inputs)."""
+
+    # tokenize -------------------------------------------------------------------------------
+    @abstractmethod
+    def tokenize(
+        self, dataset: Any, tokenizer: Any, labels: list[str], p: Params, fingerprint: str
+    ) -> tuple[Any, dict[str, Any]]:
+        """(model-ready dataset with `labels`, stats) for one split; no padding.
+
+        `fingerprint` becomes the saved dataset's fingerprint, so the output is a function of
+        the inputs alone (datasets' own fingerprint changes with the environment)."""
+
+    def window_stride(self, p: Params) -> int:
+        """Tokens shared by consecutive windows of a long input; 0 cuts inputs at max_length."""
+        return 0
+
+    # finetune -------------------------------------------------------------------------------
+    @abstractmethod
+    def model_class(self) -> Any:
+        """The transformers Auto class of the model with this task's head."""
+
+    @abstractmethod
+    def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
+        """from_pretrained arguments for the head: label count, id2label, label2id."""
+
+    @abstractmethod
+    def collator(self, tokenizer: Any) -> Any:
+        """The data collator that pads a batch (and its labels)."""
+
+    @abstractmethod
+    def compute_metrics(self, labels: list[str]) -> Any:
+        """The Trainer's `compute_metrics` (it must return `selection_metric`)."""
+
+    @abstractmethod
+    def training_summary(self, dataset: Any) -> pd.DataFrame:
+        """A small table describing the training rows, logged as the MLflow dataset."""
+
+    # evaluate -------------------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(
+        self,
+        predictions: np.ndarray,
+        dataset: Any,
+        test: pd.DataFrame,
+        labels: list[str],
+        p: Params,
+        plots_dir: Path,
+    ) -> dict[str, Any]:
+        """Test metrics ({"overall": ..., ...}) from the model's outputs on the tokenized test
+        split; writes confusion.csv, confusion.png and mistakes.csv into `plots_dir`."""
+
+    # export ---------------------------------------------------------------------------------
+    @abstractmethod
+    def texts(self, test: pd.DataFrame) -> list[str]:
+        """The test rows as the raw strings the runtime receives."""
+
+    @abstractmethod
+    def score(
+        self,
+        windows: list[list[Any]],
+        outputs: np.ndarray,
+        test: pd.DataFrame,
+        labels: list[str],
+        stride: int,
+    ) -> float:
+        """The task metric of runtime outputs (one row per window, `stride` tokens shared by
+        consecutive windows) on the test rows, for the variant gates: accuracy, or entity F1."""
+
+    gate_metric: str = "accuracy"

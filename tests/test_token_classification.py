@@ -1,0 +1,383 @@
+"""Token classification: input formats, tag schemes, alignment, windows, metrics and spans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import synthetic_sentences, write_params, write_splits
+
+from bertrt.token_classifier import Token, group, word_ids
+from pipeline import ingest, validate
+from pipeline.tables import TableError
+from pipeline.tasks import tagging
+from pipeline.tasks.token_classification import (
+    merge_word_predictions,
+    seqeval_scores,
+    spans,
+)
+
+NER = {
+    "base.task": "token-classification",
+    "base.text_column": "tokens",
+    "base.label_column": "tags",
+    "ingest.group_column": "",
+    "ingest.drop_labels": [],
+}
+
+
+# --- tag schemes ---------------------------------------------------------------------------
+
+SCHEMES = [
+    ("iob2", ["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "I-PER", "O", "B-LOC"]),
+    ("iob1", ["I-PER", "I-PER", "O", "I-LOC"], ["B-PER", "I-PER", "O", "B-LOC"]),
+    ("iob1", ["I-PER", "B-PER", "I-LOC"], ["B-PER", "B-PER", "B-LOC"]),
+    (
+        "bioes",
+        ["B-PER", "I-PER", "E-PER", "S-LOC", "O"],
+        ["B-PER", "I-PER", "I-PER", "B-LOC", "O"],
+    ),
+    ("bioes", ["B-ORG", "M-ORG", "E-ORG", "S-ORG"], ["B-ORG", "I-ORG", "I-ORG", "B-ORG"]),
+]
+
+
+@pytest.mark.parametrize(("scheme", "tags", "iob2"), SCHEMES)
+def test_schemes_are_read_into_iob2(scheme: str, tags: list[str], iob2: list[str]) -> None:
+    assert tagging.problems(tags, scheme) == []
+    assert tagging.to_iob2(tags, scheme) == iob2
+
+
+BROKEN = [
+    ("iob2", ["O", "I-PER"], "I-PER after O: under IOB2 an entity starts with B-PER"),
+    ("iob2", ["B-LOC", "I-PER"], "I-PER after B-LOC"),
+    ("iob2", ["B-PER", "PER"], "tag 'PER' is not O or B/I-TYPE (iob2)"),
+    ("iob2", ["S-PER"], "tag 'S-PER' is not O or B/I-TYPE"),
+    ("bioes", ["O", "E-PER"], "E-PER after O: under BIOES an entity starts with B-/S-"),
+    ("bioes", ["S-PER", "M-PER"], "M-PER after O"),
+]
+
+
+@pytest.mark.parametrize(("scheme", "tags", "reason"), BROKEN)
+def test_broken_sequences_are_named(scheme: str, tags: list[str], reason: str) -> None:
+    found = tagging.problems(tags, scheme)
+    assert found and reason in found[0][1]
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def test_conll_reader_skips_docstart_extra_columns_and_blank_runs(tmp_path: Path) -> None:
+    path = tmp_path / "train.conll"
+    path.write_text(
+        "-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\n"
+        "Peter\tB-PER\r\nBlackburn\tI-PER\r\n \t\n",
+        encoding="utf-8",
+    )
+    df = tagging.read_conll(path)
+    assert df["tokens"].tolist() == [["EU", "rejects"], ["Peter", "Blackburn"]]
+    assert df["tags"].tolist() == [["B-ORG", "O"], ["B-PER", "I-PER"]]
+    assert df["line"].tolist() == [3, 7]
+
+
+def _conll(text: str, name: str = "data.conll"):
+    def make(folder: Path) -> Path:
+        path = folder / name
+        path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+        return path
+
+    return make
+
+
+BAD_SOURCES = [
+    (_conll("EU B-ORG\nrejects\n"), "data.conll, line 2: 'rejects' has no tag"),
+    (_conll(b"EU B-ORG\n\xff\xfe O\n"), "data.conll, line 2: not UTF-8"),
+    (_conll('{"words": ["a"], "tags": ["O"]}\n', "d.jsonl"), "no column 'tokens'"),
+    (_conll('{"tokens": ["a"], "labels": ["O"]}\n', "d.jsonl"), "no column 'tags'"),
+    (_conll('{"tokens": ["a"], "tags": ["O"]}\n{oops\n', "d.jsonl"), "cannot be read as jsonl"),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), BAD_SOURCES, ids=[m for _, m in BAD_SOURCES])
+def test_bad_token_files_are_refused_at_ingest(tmp_path: Path, make, message: str) -> None:
+    params_path = write_params(tmp_path, {**NER, "ingest.source": str(make(tmp_path))})
+    with pytest.raises(TableError) as caught:
+        ingest.run(params_path, tmp_path / "raw", tmp_path / "ingest.json")
+    assert message in str(caught.value)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_ingest_splits_a_conll_file_and_a_folder_without_validation(tmp_path: Path) -> None:
+    rows = synthetic_sentences(60, seed=2)
+    text = "\n\n".join(
+        "\n".join(f"{w}\t{t}" for w, t in zip(r["tokens"], r["tags"], strict=True)) for r in rows
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "ner.txt").write_text(text + "\n", encoding="utf-8")
+    params_path = write_params(tmp_path, {**NER, "ingest.source": str(tmp_path / "src/ner.txt")})
+    result = ingest.run(params_path, tmp_path / "raw", tmp_path / "ingest.json")
+    assert sum(result["rows"].values()) == 60
+    assert set(result["labels"]["train"]) == {"PER", "LOC"}
+    folder = tmp_path / "msra"
+    folder.mkdir()
+    (folder / "msra_train.txt").write_text(text + "\n", encoding="utf-8")
+    (folder / "msra_test.txt").write_text(text.split("\n\n")[0] + "\n", encoding="utf-8")
+    (folder / "msra.txt").write_text("ignored\tO\n", encoding="utf-8")
+    params_path = write_params(tmp_path, {**NER, "ingest.source": str(folder)})
+    result = ingest.run(params_path, tmp_path / "raw2", tmp_path / "ingest2.json")
+    assert result["rows"]["test"] == 1
+    assert result["rows"]["train"] + result["rows"]["validation"] == 60
+
+
+# --- validate ------------------------------------------------------------------------------
+
+
+def _splits() -> dict[str, list[dict]]:
+    rows = synthetic_sentences(40, seed=3)
+    for i, row in enumerate(rows):
+        row["line"] = 10 * i + 1
+    return {"train": rows[:24], "validation": rows[24:32], "test": rows[32:]}
+
+
+def _change(split: str, row: int, tokens: object, tags: object):
+    def apply(splits: dict) -> None:
+        splits[split][row].update(tokens=tokens, tags=tags)
+
+    return apply
+
+
+def _leak(splits: dict) -> None:
+    splits["test"][0] = {**splits["train"][0], "line": 999}
+
+
+def _no_loc(splits: dict) -> None:
+    for row in splits["validation"]:
+        row["tags"] = ["O"] * len(row["tags"])
+
+
+TWO = ["the", "film"]
+BAD_DATA = [
+    (_change("train", 0, TWO, ["O"]), "line 1 column tags", "2 tokens but 1 tags"),
+    (_change("train", 1, [], []), "line 11 column tokens", "empty sentence"),
+    (_change("train", 2, ["the", ""], ["O", "O"]), "line 21 column tokens", "token 2 is empty"),
+    (_change("train", 2, ["a b", "x"], ["O", "O"]), "line 21", "token 1 contains whitespace"),
+    (_change("validation", 0, TWO, ["O", "I-PER"]), "line 241", "I-PER after O"),
+    (_change("test", 1, TWO, ["O", "B-XYZ"]), "(whole split)", "entity types ['XYZ']"),
+    (_change("test", 1, TWO, ["O", "PERSON"]), "line 331", "tag 'PERSON' is not O"),
+    (_change("train", 3, None, ["O"]), "line 31", "tokens must be a list"),
+    (_change("train", 3, TWO, None), "line 31", "tags must be a list"),
+    (_leak, "line 999 column tokens", "leakage: the same sentence is also in split 'train'"),
+    (_no_loc, "(whole split)", "split 'validation' has no ['LOC', 'PER']"),
+]
+
+
+@pytest.mark.parametrize(("damage", "where", "reason"), BAD_DATA, ids=[b[2] for b in BAD_DATA])
+def test_bad_token_data_is_refused_with_file_line_and_reason(
+    tmp_path: Path, tiny_model_dir: Path, damage, where: str, reason: str
+) -> None:
+    splits = _splits()
+    damage(splits)
+    raw = write_splits(tmp_path / "raw", {k: pd.DataFrame(v) for k, v in splits.items()})
+    params_path = write_params(tmp_path, {**NER, "base.model": str(tiny_model_dir)})
+    with pytest.raises(validate.ValidationFailed) as caught:
+        validate.run(raw, params_path, tmp_path / "out", tmp_path / "v.json", tmp_path / "f.json")
+    message = str(caught.value)
+    assert reason in message and where in message, message
+    assert not (tmp_path / "out").exists()
+    listed = json.loads((tmp_path / "f.json").read_text())["failures"]
+    assert any(reason in f["reason"] for f in listed)
+
+
+def test_bmes_input_is_validated_and_written_as_iob2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    splits = _splits()
+    for rows in splits.values():
+        for row in rows:
+            row["tags"] = [
+                {"B": "B", "I": "M"}.get(t[0], t[0]) + t[1:] if t != "O" else t
+                for t in row["tags"]
+            ]
+            # A one-word entity is S- in BMES, a multi-word one ends with E-.
+            fixed = []
+            for i, tag in enumerate(row["tags"]):
+                nxt = row["tags"][i + 1] if i + 1 < len(row["tags"]) else "O"
+                ends = tag != "O" and not nxt.startswith("M-")
+                fixed.append(("S" if tag[0] == "B" else "E") + tag[1:] if ends else tag)
+            row["tags"] = fixed
+    raw = write_splits(tmp_path / "raw", splits)
+    params_path = write_params(
+        tmp_path, {**NER, "base.model": str(tiny_model_dir), "validate.tag_scheme": "bioes"}
+    )
+    validate.run(raw, params_path, tmp_path / "out", tmp_path / "v.json", tmp_path / "f.json")
+    out = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    expected = [r["tags"] for r in synthetic_sentences(40, seed=3)[:24]]
+    assert [list(t) for t in out["tags"]] == expected
+    assert json.loads((tmp_path / "out" / "labels.json").read_text()) == [
+        "O",
+        "B-LOC",
+        "I-LOC",
+        "B-PER",
+        "I-PER",
+    ]
+
+
+# --- alignment, windows and metrics ----------------------------------------------------------
+
+
+def test_first_subword_carries_the_label_and_windows_cover_every_word(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline import params, tasks
+
+    task = tasks.get("token-classification")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    labels = ["O", "B-PER", "I-PER"]
+    rows = {"tokens": [["the", "zork", "film", "xq"]], "tags": [["O", "B-PER", "I-PER", "O"]]}
+    for all_subwords, expected in (
+        # [CLS] the z ##o ##r ##k film x ##q [SEP]
+        (False, [-100, 0, 1, -100, -100, -100, 2, 0, -100, -100]),
+        (True, [-100, 0, 1, 2, 2, 2, 2, 0, 0, -100]),
+    ):
+        path = write_params(
+            tmp_path, {**NER, "base.max_length": 64, "tokenize.label_all_subwords": all_subwords}
+        )
+        p = params.load(path, "base", "tokenize")
+        from datasets import Dataset
+
+        out, _ = task.tokenize(Dataset.from_dict(rows), tokenizer, labels, p, "fp")
+        assert out["labels"][0] == expected
+    # max_length 8: 6 content tokens per window, 2 shared: every word is in some window.
+    path = write_params(tmp_path, {**NER, "base.max_length": 8, "tokenize.stride": 2})
+    p = params.load(path, "base", "tokenize")
+    out, stats = task.tokenize(Dataset.from_dict(rows), tokenizer, labels, p, "fp")
+    assert stats["windows"] == len(out) > 1 and stats["rows_split_into_windows"] == 1
+    assert set(out["example_id"]) == {0}
+    seen = {w for words in out["word_ids"] for w in words if w >= 0}
+    assert seen == {0, 1, 2, 3}
+
+
+def test_window_merge_takes_each_word_from_its_most_central_window() -> None:
+    # Two windows over words 0..3: window 0 sees 0,1,2 ; window 1 sees 1,2,3.
+    word_ids = [[-1, 0, 1, 2, -1], [-1, 1, 2, 3, -1]]
+    predictions = np.zeros((2, 5, 3))
+    predictions[0, 1:4, 1] = 1  # window 0 says label 1 for words 0, 1, 2
+    predictions[1, 1:4, 2] = 1  # window 1 says label 2 for words 1, 2, 3
+    (merged,) = merge_word_predictions(predictions, word_ids, [0, 0], 1)
+    # Word 1 is central in window 0 (context 1 vs 0); word 2 is central in window 1.
+    assert merged == {0: 1, 1: 1, 2: 2, 3: 2}
+
+
+def test_seqeval_scores_on_a_known_case() -> None:
+    truth = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "O"]]
+    guess = [["B-PER", "I-PER", "O", "O"], ["B-PER", "O"]]
+    scores = seqeval_scores(truth, guess)
+    # 3 true entities, 2 predicted, 1 right: P 1/2, R 1/3, F1 0.4.
+    assert scores["precision"] == pytest.approx(0.5)
+    assert scores["recall"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(0.4)
+    assert scores["per_type"]["PER"]["f1"] == pytest.approx(2 / 3)
+    assert scores["per_type"]["LOC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert spans(["O", "I-PER", "I-PER", "B-PER"]) == {(1, 3, "PER"), (3, 4, "PER")}
+
+
+# --- runtime spans -------------------------------------------------------------------------
+
+
+def test_words_split_on_whitespace_and_every_cjk_character() -> None:
+    assert word_ids("ab  c").tolist() == [0, 0, -1, -1, 1]
+    assert word_ids("诸葛亮x 北").tolist() == [0, 1, 2, 3, -1, 4]
+
+
+def test_grouping_follows_iob2() -> None:
+    text = "Bob Stone met Ann in Rome"
+    units = [
+        Token("Bob", "B-PER", 0.9, 0, 3),
+        Token("Stone", "I-PER", 0.7, 4, 9),
+        Token("met", "O", 0.9, 10, 13),
+        Token("Ann", "B-PER", 0.8, 14, 17),
+        Token("in", "O", 0.9, 18, 20),
+        Token("Rome", "I-LOC", 0.6, 21, 25),  # I- with no B-: still an entity, as seqeval reads
+    ]
+    entities = group(units, text)
+    assert [(e.type, e.text, e.start, e.end) for e in entities] == [
+        ("PER", "Bob Stone", 0, 9),
+        ("PER", "Ann", 14, 17),
+        ("LOC", "Rome", 21, 25),
+    ]
+    assert entities[0].score == pytest.approx(0.8)
+
+
+@pytest.fixture(scope="module")
+def ner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny encoder with a token-classification head, exported with windows of 8 tokens."""
+    import torch
+    from transformers import AutoTokenizer, BertForTokenClassification
+
+    from pipeline.export_onnx import build_model_folder
+
+    root = tmp_path_factory.mktemp("ner")
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    torch.manual_seed(0)
+    model = BertForTokenClassification.from_pretrained(
+        tiny_model_dir,
+        num_labels=5,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+    with torch.no_grad():  # a head that tags every character-piece as B-PER, others as O
+        model.classifier.weight.normal_(0, 0.5)
+    model.save_pretrained(root / "ft")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
+    texts = [" ".join(r["tokens"]) for r in synthetic_sentences(24, seed=9)]
+    build_model_folder(
+        root / "ft", root / "onnx", texts, 8, 17, task="token-classification", window_stride=2
+    )
+    return root / "onnx"
+
+
+SPAN_TEXTS = [
+    "alice  went\tto   paris",
+    "诸葛亮 在 成都",
+    "bob 🙂 stone 🚀🚀 oslo",
+    "the film the film the film the film the film alice the film paris",
+    "",
+    "   ",
+]
+
+
+def test_runtime_offsets_point_into_the_original_strings(ner_dir: Path) -> None:
+    import bertrt
+
+    model = bertrt.load(ner_dir, device="cpu")
+    assert model.task == "token-classification"
+    for aggregation in ("simple", "first", "max", "average"):
+        results = model.predict(SPAN_TEXTS, aggregation=aggregation, tokens=True)
+        for text, result in zip(SPAN_TEXTS, results, strict=True):
+            for token in result.tokens:
+                assert text[token.start : token.end] == token.text and token.text.strip()
+            for entity in result.entities:
+                assert text[entity.start : entity.end] == entity.text
+                assert 0.0 < entity.score <= 1.0
+                assert entity.type in {"PER", "LOC"}
+    # A text longer than the 8-token window: every word is still tagged once, in order.
+    long = SPAN_TEXTS[3]
+    (result,) = model.predict([long], tokens=True)
+    starts = [t.start for t in result.tokens]
+    assert starts == sorted(set(starts))
+    assert "".join(t.text for t in result.tokens) == long.replace(" ", "")
+
+
+def test_runtime_reads_each_token_once_across_windows(ner_dir: Path) -> None:
+    """A text of 20 words over windows of 6 content tokens sharing 2: each word once, in order."""
+    import bertrt
+
+    model = bertrt.load(ner_dir, device="cpu")
+    text = "the film story plot"  # whole words of the tiny vocabulary, one window
+    (short,) = model.predict([text], tokens=True)
+    assert [t.text for t in short.tokens] == ["the", "film", "story", "plot"]
+    (long,) = model.predict([" ".join([text] * 5)], tokens=True)
+    assert [t.text for t in long.tokens] == text.split() * 5
