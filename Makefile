@@ -13,7 +13,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv run repro test test-fast lint format bench bench-gpu package mlflow-ui metrics serve clean
+CONFIG ?= configs/ner-en.yaml
+
+.PHONY: help venv run repro exp test test-fast lint format bench bench-gpu package mlflow-ui metrics serve clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +35,9 @@ run: $(STAMP) ## run the whole pipeline on the embedded default model and data
 
 repro: $(STAMP) ## dvc repro (what changed only), without the summary
 	dvc repro
+
+exp: $(STAMP) ## run a config file as a DVC experiment: make exp CONFIG=configs/ner-zh.yaml
+	$(BIN)/python -m pipeline.experiment $(CONFIG)
 
 test: $(STAMP) ## run the test suite (offline, CPU)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q

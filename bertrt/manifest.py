@@ -60,6 +60,27 @@ class Manifest:
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
+    def problems(self) -> list[str]:
+        """What makes the values unusable, beyond their JSON types."""
+        found = []
+        if not self.labels or not all(isinstance(x, str) for x in self.labels):
+            found.append("labels must be a non-empty list of strings")
+        if not self.outputs or not all(isinstance(x, str) for x in self.outputs):
+            found.append("outputs must name at least one graph output")
+        if not self.inputs or not all(isinstance(x, str) for x in self.inputs):
+            found.append("inputs must name the graph's inputs")
+        if self.max_length < 4:
+            found.append(f"max_length {self.max_length} must be at least 4")
+        if not 0 <= self.window_stride < self.max_length // 2:
+            found.append(f"window_stride {self.window_stride} must be in [0, max_length / 2)")
+        for name, entry in self.variants.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                found.append(f"variants[{name!r}] needs a file name")
+        for name, entry in self.files.items():
+            if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
+                found.append(f"files[{name!r}] needs sha256 and bytes")
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -94,17 +115,14 @@ class Manifest:
                 )
             values[item.name] = value
         manifest = cls(**values)
+        problems = manifest.problems()
+        if problems:
+            raise IntegrityError(f"{where}: {'; '.join(problems)}; re-run the export stage")
         if manifest.task not in TASKS:
             raise IntegrityError(
                 f"{where}: task {manifest.task!r} is not one this runtime serves ({list(TASKS)}); "
                 "install a newer runtime"
             )
-        for name, entry in {**manifest.files}.items():
-            if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
-                raise IntegrityError(f"{where}: files[{name!r}] needs sha256 and bytes")
-        for name, entry in manifest.variants.items():
-            if not isinstance(entry, dict) or "file" not in entry:
-                raise IntegrityError(f"{where}: variants[{name!r}] has no file")
         return manifest
 
 

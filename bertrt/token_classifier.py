@@ -19,38 +19,6 @@ from bertrt.predictor import EngineBacked, softmax
 AGGREGATIONS = ("simple", "first", "max", "average")
 
 
-def is_cjk(char: str) -> bool:
-    """CJK ideographs: each is a word of its own, as BERT's tokenizer treats them."""
-    cp = ord(char)
-    return (
-        0x4E00 <= cp <= 0x9FFF
-        or 0x3400 <= cp <= 0x4DBF
-        or 0x20000 <= cp <= 0x2A6DF
-        or 0x2A700 <= cp <= 0x2CEAF
-        or 0xF900 <= cp <= 0xFAFF
-        or 0x2F800 <= cp <= 0x2FA1F
-    )
-
-
-def word_ids(text: str) -> np.ndarray:
-    """Per character, the index of its word (-1 for whitespace).
-
-    A word is a run of characters without whitespace, and every CJK character is a word: the
-    unit a CoNLL token or an MSRA character is, so the model is read the way it was trained.
-    """
-    ids = np.full(len(text), -1, dtype=np.int64)
-    word, inside = -1, False
-    for i, char in enumerate(text):
-        if char.isspace():
-            inside = False
-            continue
-        if is_cjk(char) or not inside:
-            word += 1
-        ids[i] = word
-        inside = not is_cjk(char)
-    return ids
-
-
 @dataclass(frozen=True)
 class Token:
     """One model token: the text it covers, its tag and the tag's probability."""
@@ -93,14 +61,14 @@ class Tagging:
 
 def merge_windows(
     windows: list[Encoding], outputs: list[np.ndarray], stride: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets (k, 2), scores (k, labels)) over a text's tokens, each read once.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets (k, 2), scores (k, labels), word ids (k,)) over a text's tokens, each read once.
 
     Each window repeats the last `stride` content tokens of the one before. A token in two
     windows is taken from the one where it has the most context on both sides (the rule of
     `run_qa`'s max-context windows).
     """
-    best: dict[int, tuple[int, tuple[int, int], np.ndarray]] = {}
+    best: dict[int, tuple[int, tuple[int, int], np.ndarray, int]] = {}
     position = 0
     for enc, out in zip(windows, outputs, strict=True):
         content = [j for j, special in enumerate(enc.special_tokens_mask) if not special]
@@ -108,12 +76,14 @@ def merge_windows(
             context = min(rank, len(content) - 1 - rank)
             key = position + rank
             if key not in best or context > best[key][0]:
-                best[key] = (context, enc.offsets[j], out[j])
+                word = enc.word_ids[j]
+                best[key] = (context, enc.offsets[j], out[j], -1 if word is None else word)
         position += len(content) - stride
     keys = sorted(best)
     offsets = np.array([best[k][1] for k in keys], dtype=np.int64).reshape(-1, 2)
     scores = np.stack([best[k][2] for k in keys]) if keys else np.zeros((0, 0), np.float32)
-    return offsets, scores
+    words = np.array([best[k][3] for k in keys], dtype=np.int64)
+    return offsets, scores, words
 
 
 @dataclass
@@ -126,12 +96,13 @@ class TokenClassifier(EngineBacked):
 
     def token_scores(
         self, texts: Sequence[str], batch_size: int = 32
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per text, (character offsets (k, 2), tag probabilities (k, labels)) of its tokens."""
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per text, (character offsets (k, 2), tag probabilities (k, labels), word ids (k,)) of
+        its tokens; words are what the tokenizer's pre-tokenizer splits."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         texts = list(texts)
-        result: list[tuple[np.ndarray, np.ndarray]] = []
+        result: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for start in range(0, len(texts), CHUNK):
             per_text = self.engine.encode(texts[start : start + CHUNK])
             flat = [w for windows in per_text for w in windows]
@@ -140,10 +111,10 @@ class TokenClassifier(EngineBacked):
             for windows in per_text:
                 outs = [logits[at + i, : len(w.ids)] for i, w in enumerate(windows)]
                 at += len(windows)
-                offsets, scores = merge_windows(windows, outs, self.engine.stride)
+                offsets, scores, words = merge_windows(windows, outs, self.engine.stride)
                 if len(scores):
                     scores = softmax(scores.astype(np.float64))
-                result.append((offsets, scores))
+                result.append((offsets, scores, words))
         return result
 
     def predict(
@@ -160,46 +131,47 @@ class TokenClassifier(EngineBacked):
                 f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}"
             )
         out = []
-        for text, (offsets, scores) in zip(
-            texts, self.token_scores(texts, batch_size), strict=True
-        ):
+        scored = self.token_scores(texts, batch_size)
+        for text, (offsets, scores, words) in zip(texts, scored, strict=True):
             raw = [
                 Token(text[s:e], self.labels[int(p.argmax())], float(p.max()), int(s), int(e))
                 for (s, e), p in zip(offsets, scores, strict=True)
             ]
-            units = (
-                raw if aggregation == "simple" else self._words(text, offsets, scores, aggregation)
-            )
+            units = raw
+            if aggregation != "simple":
+                units = word_units(text, offsets, scores, words, self.labels, aggregation)
             out.append(Tagging(group(units, text), raw if tokens else None))
         return out
 
-    def _words(
-        self, text: str, offsets: np.ndarray, scores: np.ndarray, aggregation: str
-    ) -> list[Token]:
-        """One tagged unit per word, by the aggregation's rule."""
-        if not len(offsets):
-            return []
-        ids = word_ids(text)
-        # A token that starts on whitespace (rare, e.g. a byte-level space) joins the next word.
-        owner = [int(ids[min(max(s, 0), len(text) - 1)]) if len(text) else 0 for s, _ in offsets]
-        units = []
-        start = 0
-        while start < len(offsets):
-            end = start + 1
-            while end < len(offsets) and owner[end] == owner[start]:
-                end += 1
-            group_scores = scores[start:end]
-            if aggregation == "first":
-                probs = group_scores[0]
-            elif aggregation == "max":
-                probs = group_scores[int(group_scores.max(axis=1).argmax())]
-            else:
-                probs = group_scores.mean(axis=0)
-            s, e = int(offsets[start][0]), int(offsets[end - 1][1])
-            tag = int(probs.argmax())
-            units.append(Token(text[s:e], self.labels[tag], float(probs[tag]), s, e))
-            start = end
-        return units
+
+def word_units(
+    text: str,
+    offsets: np.ndarray,
+    scores: np.ndarray,
+    words: np.ndarray,
+    labels: list[str],
+    aggregation: str,
+) -> list[Token]:
+    """One tagged unit per word (consecutive tokens with one word id), by the aggregation's
+    rule: the first token's tag, the most confident token's, or the argmax of their mean."""
+    units = []
+    start = 0
+    while start < len(offsets):
+        end = start + 1
+        while end < len(offsets) and words[end] == words[start] and words[start] >= 0:
+            end += 1
+        group_scores = scores[start:end]
+        if aggregation == "first":
+            probs = group_scores[0]
+        elif aggregation == "max":
+            probs = group_scores[int(group_scores.max(axis=1).argmax())]
+        else:
+            probs = group_scores.mean(axis=0)
+        s, e = int(offsets[start][0]), int(offsets[end - 1][1])
+        tag = int(probs.argmax())
+        units.append(Token(text[s:e], labels[tag], float(probs[tag]), s, e))
+        start = end
+    return units
 
 
 def split_tag(tag: str) -> tuple[str, str]:

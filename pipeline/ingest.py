@@ -15,6 +15,7 @@ from pipeline.sources import resolve_path
 from pipeline.tables import SPLITS, TableError, find_split_files
 
 log = logging.getLogger(__name__)
+MIN_ROWS = 3  # one for each split
 SOURCE_FILE = "source_file"  # which input file a row came from, for validation messages
 
 
@@ -47,6 +48,26 @@ def split(df: pd.DataFrame, p: params.Params, task: tasks.Task) -> dict[str, pd.
     return {"train": train, "validation": validation, "test": test}
 
 
+def drop_shared(
+    frames: dict[str, pd.DataFrame],
+    dropped: dict[str, dict[str, int]],
+    task: tasks.Task,
+    p: params.Params,
+) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, int]]]:
+    """Rows of train (and validation) whose input is also in a later split are dropped there, so
+    given split files never leak into each other (the test file stays whole)."""
+    later: set[str] = set()
+    for name in ("test", "validation", "train"):
+        if name not in frames:
+            continue
+        keys = task.key(frames[name], p)
+        shared = keys.isin(later)
+        dropped[name]["also_in_a_later_split"] = int(shared.sum())
+        frames[name] = frames[name][~shared.to_numpy()].reset_index(drop=True)
+        later |= set(keys[~shared])
+    return frames, dropped
+
+
 def sample(df: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
     if rows and len(df) > rows:
         log.info("kept a seeded sample of %d of %d rows (ingest.max_rows)", rows, len(df))
@@ -70,6 +91,8 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
             rows_in[name] = len(df)
             frames[name], dropped[name] = task.clean(df, p)
             frames[name] = sample(frames[name], cfg.max_rows, p.base.seed)
+        if cfg.deduplicate:
+            frames, dropped = drop_shared(frames, dropped, task, p)
         if "validation" not in frames:
             log.info("%s has no validation file: cutting it from train", source)
             fraction = cfg.validation_fraction
@@ -81,6 +104,12 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
         df = read(task, source, p)
         rows_in = {"all": len(df)}
         df, dropped["all"] = task.clean(df, p)
+        if len(df) < MIN_ROWS:
+            raise TableError(
+                f"{source}: {len(df)} rows left after cleaning (read {rows_in['all']}, dropped "
+                f"{dropped['all'] or 'none'}); a seeded split needs at least {MIN_ROWS}: check "
+                "the file and the base.*_column and ingest.* params"
+            )
         frames = split(sample(df, cfg.max_rows, p.base.seed), p, task)
     for reasons in dropped.values():
         for reason, count in reasons.items():

@@ -16,6 +16,7 @@ import yaml
 from bertrt.contract import OPTIONAL_VARIANTS, TASKS
 
 TAG_SCHEMES = ("iob1", "iob2", "bioes")
+BROKEN_TAGS = ("refuse", "repair")
 
 
 class ParamsError(ValueError):
@@ -75,11 +76,16 @@ class Validate:
     labels: list[str]
     max_duplicate_report: int
     tag_scheme: str  # token classification: the scheme of the input tags, read into IOB2
+    broken_tags: str  # token classification: "refuse" broken sequences, or "repair" them
 
     def check(self) -> list[str]:
         errors = []
         if len(set(self.labels)) != len(self.labels):
             errors.append(f"validate.labels: {self.labels} lists a label twice")
+        if self.broken_tags not in BROKEN_TAGS:
+            errors.append(
+                f"validate.broken_tags: {self.broken_tags!r} is not one of {list(BROKEN_TAGS)}"
+            )
         if self.tag_scheme not in TAG_SCHEMES:
             errors.append(
                 f"validate.tag_scheme: {self.tag_scheme!r} is not one of {list(TAG_SCHEMES)} "

@@ -21,11 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     export = read(args.reports / "export.json")
     print("\nPipeline finished.")
     if evaluation:
-        print(
-            f"  test accuracy {evaluation['accuracy']:.4f}, "
-            f"macro-F1 {evaluation['macro_f1']:.4f}, "
-            f"ECE {evaluation['ece']:.4f} on {evaluation['rows']} rows"
-        )
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items() if isinstance(v, float))
+        print(f"  test {shown} on {evaluation.get('rows')} rows")
     if export:
         parity = export.get("parity", {})
         print(f"  ONNX parity: max |dlogit| {parity.get('max_abs_logit_diff', float('nan')):.2e}")

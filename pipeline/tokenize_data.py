@@ -44,11 +44,18 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
         )
     else:
         stats["vocabulary"] = {"unk_rate": round(vocabulary.unk_rate(tokenizer, train_texts), 6)}
+    # What else decides the output: the tokenizer itself, the labels and the tokenising code.
+    code = [Path(tasks.__file__).parent.glob("*.py"), [Path(__file__)]]
+    recipe = hashlib.sha256(
+        tokenizer.backend_tokenizer.to_str().encode()
+        + json.dumps(labels).encode()
+        + b"".join(f.read_bytes() for group in code for f in sorted(group))
+    ).hexdigest()
     splits = {}
     for split in SPLITS:
         path = validated_dir / f"{split}.parquet"
         # The saved fingerprint is a function of the inputs only, not of the environment.
-        key = f"{lineage.file_digest(path)}|{p.digest()}|{len(tokenizer)}|{split}"
+        key = f"{lineage.file_digest(path)}|{p.digest()}|{recipe}|{split}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         dataset = Dataset.from_parquet(str(path))
         splits[split], stats["splits"][split] = task.tokenize(

@@ -223,3 +223,32 @@ TASK_DATA = {
         },
     ),
 }
+
+
+@pytest.fixture(scope="session")
+def ner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny encoder with a token-classification head, exported with windows of 8 tokens."""
+    import torch
+    from transformers import AutoTokenizer, BertForTokenClassification
+
+    from pipeline.export_onnx import build_model_folder
+
+    root = tmp_path_factory.mktemp("ner")
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    torch.manual_seed(0)
+    model = BertForTokenClassification.from_pretrained(
+        tiny_model_dir,
+        num_labels=5,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+    with torch.no_grad():  # random head weights large enough to tag some tokens as entities
+        model.classifier.weight.normal_(0, 0.5)
+    model.save_pretrained(root / "ft")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
+    texts = [" ".join(r["tokens"]) for r in synthetic_sentences(24, seed=9)]
+    build_model_folder(
+        root / "ft", root / "onnx", texts, 8, 17, task="token-classification", window_stride=2
+    )
+    return root / "onnx"

@@ -215,3 +215,28 @@ def test_disabled_progress_writes_nothing() -> None:
     bar.update(10, 3)
     bar.close()
     assert stream.getvalue() == ""
+
+
+def test_token_classification_model_prints_entities(
+    ner_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = "bob 🙂 stone went to oslo"
+    assert (
+        main(["predict", "--model", str(ner_dir), "--tokens", "--aggregation", "max", text]) == 0
+    )
+    (line,) = capsys.readouterr().out.splitlines()
+    result = json.loads(line)
+    assert set(result) == {"entities", "tokens"}
+    for item in result["entities"] + result["tokens"]:
+        assert text[item["start"] : item["end"]] == item["text"]
+
+
+def test_an_option_of_another_task_is_refused(
+    onnx_model_dir: Path, ner_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", "--model", str(onnx_model_dir), "--aggregation", "max", "good"]) == 1
+    assert "--aggregation does not apply to this text-classification model" in (
+        capsys.readouterr().err
+    )
+    assert main(["predict", "--model", str(ner_dir), "--top-k", "2", "alice"]) == 1
+    assert "--top-k does not apply to this token-classification model" in capsys.readouterr().err

@@ -254,3 +254,26 @@ def test_serve_command_logs_provider_and_answers(onnx_model_dir: Path, tmp_path:
         process.terminate()
         process.wait(timeout=20)
     assert "on CPUExecutionProvider, max body 1048576 bytes, max batch 3" in log.read_text()
+
+
+def test_token_classification_server_returns_entities_and_says_so(ner_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from bertrt.predictor import load
+    from bertrt.server import create_app
+
+    app = create_app(load(ner_dir, device="cpu"))
+    with TestClient(app) as client:
+        text = "诸葛亮 在 成都 met bob"
+        response = client.post("/predict", json={"texts": [text], "tokens": True})
+        assert response.status_code == 200, response.text
+        (prediction,) = response.json()["predictions"]
+        for item in prediction["entities"] + prediction["tokens"]:
+            assert text[item["start"] : item["end"]] == item["text"]
+        bad = client.post("/predict", json={"texts": ["a"], "aggregation": "longest"})
+        assert bad.status_code == 422 and "aggregation" in bad.text
+        refused = client.post("/predict", json={"texts": ["a"], "top_k": 2})
+        assert refused.status_code == 422
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+        assert {"TagRequest", "TagResponse", "EntityOut"} <= set(schema)
+        assert "PredictRequest" not in schema

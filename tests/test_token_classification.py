@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import synthetic_sentences, write_params, write_splits
 
-from bertrt.token_classifier import Token, group, word_ids
+from bertrt.token_classifier import Token, group, word_units
 from pipeline import ingest, validate
 from pipeline.tables import TableError
 from pipeline.tasks import tagging
@@ -91,12 +91,41 @@ def _conll(text: str, name: str = "data.conll"):
     return make
 
 
+def _folder(files: dict[str, str]):
+    def make(folder: Path) -> Path:
+        (folder / "splits").mkdir()
+        for name, text in files.items():
+            (folder / "splits" / name).write_text(text, encoding="utf-8")
+        return folder / "splits"
+
+    return make
+
+
+def _gz(text: str):
+    def make(folder: Path) -> Path:
+        import gzip
+
+        path = folder / "data.conll.gz"
+        path.write_bytes(gzip.compress(text.encode("utf-8")))
+        return path
+
+    return make
+
+
+GOOD = "EU\tB-ORG\nrejects\tO\n\nPeter\tB-PER\n"
 BAD_SOURCES = [
     (_conll("EU B-ORG\nrejects\n"), "data.conll, line 2: 'rejects' has no tag"),
+    (_conll("EU B-ORG\n\nB-PER\n"), "data.conll, line 3: 'B-PER' has no tag"),
     (_conll(b"EU B-ORG\n\xff\xfe O\n"), "data.conll, line 2: not UTF-8"),
+    (_conll(b"\xef\xbb\xbf\xc3\x28 O\n"), "data.conll, line 1: not UTF-8"),
+    (_gz("EU B-ORG\nrejects\n"), "data.conll.gz, line 2: 'rejects' has no tag"),
+    (_conll(""), "data.conll: 0 rows left after cleaning (read 0"),
+    (_conll("-DOCSTART- -X- O O\n\n"), "data.conll: 0 rows left after cleaning"),
     (_conll('{"words": ["a"], "tags": ["O"]}\n', "d.jsonl"), "no column 'tokens'"),
     (_conll('{"tokens": ["a"], "labels": ["O"]}\n', "d.jsonl"), "no column 'tags'"),
     (_conll('{"tokens": ["a"], "tags": ["O"]}\n{oops\n', "d.jsonl"), "cannot be read as jsonl"),
+    (_folder({"train.txt": GOOD, "dev.txt": GOOD}), "no file for split(s) ['test']"),
+    (_folder({"train.txt": GOOD, "a_train.txt": GOOD, "test.txt": GOOD}), "two files for split"),
 ]
 
 
@@ -128,7 +157,9 @@ def test_ingest_splits_a_conll_file_and_a_folder_without_validation(tmp_path: Pa
     params_path = write_params(tmp_path, {**NER, "ingest.source": str(folder)})
     result = ingest.run(params_path, tmp_path / "raw2", tmp_path / "ingest2.json")
     assert result["rows"]["test"] == 1
-    assert result["rows"]["train"] + result["rows"]["validation"] == 60
+    # The test sentence is also in the train file: train loses it, the test file stays whole.
+    assert result["dropped"]["train"]["also_in_a_later_split"] == 1
+    assert result["rows"]["train"] + result["rows"]["validation"] == 59
 
 
 # --- validate ------------------------------------------------------------------------------
@@ -280,15 +311,27 @@ def test_seqeval_scores_on_a_known_case() -> None:
     assert scores["f1"] == pytest.approx(0.4)
     assert scores["per_type"]["PER"]["f1"] == pytest.approx(2 / 3)
     assert scores["per_type"]["LOC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
-    assert spans(["O", "I-PER", "I-PER", "B-PER"]) == {(1, 3, "PER"), (3, 4, "PER")}
+    # Strict IOB2, as seqeval counts: a stray I- opens no entity.
+    assert spans(["O", "I-PER", "I-PER", "B-PER"]) == {(3, 4, "PER")}
 
 
 # --- runtime spans -------------------------------------------------------------------------
 
 
-def test_words_split_on_whitespace_and_every_cjk_character() -> None:
-    assert word_ids("ab  c").tolist() == [0, 0, -1, -1, 1]
-    assert word_ids("诸葛亮x 北").tolist() == [0, 1, 2, 3, -1, 4]
+def test_word_aggregations_on_subwords_and_punctuation() -> None:
+    text = "Paris."
+    offsets = np.array([[0, 3], [3, 5], [5, 6]])  # Par ##is .
+    words = np.array([0, 0, 1])
+    labels = ["O", "B-LOC", "I-LOC"]
+    scores = np.array([[0.1, 0.6, 0.3], [0.9, 0.05, 0.05], [0.8, 0.1, 0.1]])
+    first = word_units(text, offsets, scores, words, labels, "first")
+    assert [(u.text, u.tag) for u in first] == [("Paris", "B-LOC"), (".", "O")]
+    assert first[0].score == pytest.approx(0.6)
+    most = word_units(text, offsets, scores, words, labels, "max")  # ##is is most confident
+    assert (most[0].text, most[0].tag, most[0].score) == ("Paris", "O", pytest.approx(0.9))
+    mean = word_units(text, offsets, scores, words, labels, "average")
+    assert mean[0].tag == "O" and mean[0].score == pytest.approx(0.5)
+    assert [e.text for e in group(first, text)] == ["Paris"]
 
 
 def test_grouping_follows_iob2() -> None:
@@ -308,35 +351,6 @@ def test_grouping_follows_iob2() -> None:
         ("LOC", "Rome", 21, 25),
     ]
     assert entities[0].score == pytest.approx(0.8)
-
-
-@pytest.fixture(scope="module")
-def ner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny encoder with a token-classification head, exported with windows of 8 tokens."""
-    import torch
-    from transformers import AutoTokenizer, BertForTokenClassification
-
-    from pipeline.export_onnx import build_model_folder
-
-    root = tmp_path_factory.mktemp("ner")
-    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-    torch.manual_seed(0)
-    model = BertForTokenClassification.from_pretrained(
-        tiny_model_dir,
-        num_labels=5,
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        ignore_mismatched_sizes=True,
-    )
-    with torch.no_grad():  # a head that tags every character-piece as B-PER, others as O
-        model.classifier.weight.normal_(0, 0.5)
-    model.save_pretrained(root / "ft")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
-    texts = [" ".join(r["tokens"]) for r in synthetic_sentences(24, seed=9)]
-    build_model_folder(
-        root / "ft", root / "onnx", texts, 8, 17, task="token-classification", window_stride=2
-    )
-    return root / "onnx"
 
 
 SPAN_TEXTS = [

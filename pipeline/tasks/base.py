@@ -41,6 +41,10 @@ class Task(ABC):
     def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
         """Rows that are not part of the task dropped; the counts dropped, by reason."""
 
+    @abstractmethod
+    def key(self, df: pd.DataFrame, p: Params) -> pd.Series:
+        """Per row, the case- and space-insensitive key of its input: equal keys are duplicates."""
+
     def stratify(self, df: pd.DataFrame, p: Params) -> pd.Series | None:
         """Labels to stratify a seeded split by, or None for a plain seeded split."""
         return None

@@ -10,7 +10,14 @@ import pandas as pd
 
 from pipeline.params import Params
 from pipeline.tables import SPLITS
-from pipeline.tasks.tagging import entity_types, labels_for, problems, split_tag, to_iob2
+from pipeline.tasks.tagging import (
+    entity_types,
+    is_sequence_problem,
+    labels_for,
+    problems,
+    split_tag,
+    to_iob2,
+)
 
 
 def _failure(file: Path, line: Any, column: str, reason: str, value: Any = None) -> dict:
@@ -28,8 +35,10 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray))
 
 
-def sentence_problems(tokens: Any, tags: Any, scheme: str, names: tuple[str, str]) -> list:
-    """(column, reason, value) for one sentence."""
+def sentence_problems(
+    tokens: Any, tags: Any, scheme: str, names: tuple[str, str], repair: bool = False
+) -> list:
+    """(column, reason, value) for one sentence; `repair` lets broken sequences through."""
     tok_col, tag_col = names
     if not _is_list(tokens):
         return [(tok_col, "tokens must be a list of strings", tokens)]
@@ -47,6 +56,8 @@ def sentence_problems(tokens: Any, tags: Any, scheme: str, names: tuple[str, str
             found.append((tok_col, f"token {i + 1} contains whitespace", token))
     texts = [str(t) for t in tags]
     for i, reason in problems(texts, scheme):
+        if repair and is_sequence_problem(reason):
+            continue
         found.append((tag_col, f"token {i + 1} ({tokens[i]!r}): {reason}", texts[i]))
     return found
 
@@ -82,7 +93,8 @@ def check_splits(
         types: set[str] = set()
         rows = zip(df[tok_col], df[tag_col], lines, sources, strict=True)
         for tokens, tags, line, source in rows:
-            found = sentence_problems(tokens, tags, scheme, (tok_col, tag_col))
+            repairs = p.validate.broken_tags == "repair"
+            found = sentence_problems(tokens, tags, scheme, (tok_col, tag_col), repairs)
             failures += [_failure(source, line, c, r, v) for c, r, v in found]
             if found:
                 continue

@@ -87,10 +87,34 @@ def problems(tags: list[str], scheme: str) -> list[tuple[int, str]]:
         if scheme == "bioes" and inside and not continues:
             where = "O" if previous[0] == "O" else f"{previous[0]}-{previous[1]}"
             found.append((i, f"{tag} after {where}: under BIOES an entity starts with B-/S-"))
+        if scheme == "bioes" and previous[0] in ("B", "I", "M"):
+            closes = prefix in "IME" and kind == previous[1]
+            if not closes:
+                found.append((i - 1, f"{tags[i - 1]} is not closed: BIOES ends it with E-"))
         previous = (prefix, kind)
         if scheme == "bioes" and prefix in "ES":
             previous = ("O", "")
+    if scheme == "bioes" and previous[0] in ("B", "I", "M"):
+        found.append((len(tags) - 1, f"{tags[-1]} is not closed: BIOES ends it with E-"))
     return found
+
+
+def repair(tags: list[str]) -> list[str]:
+    """IOB2 tags with every I- that continues nothing turned into B- (how seqeval's default,
+    lenient mode reads them)."""
+    out, previous = [], ("O", "")
+    for tag in tags:
+        prefix, kind = split_tag(tag)
+        if prefix == "I" and (previous[0] not in ("B", "I") or previous[1] != kind):
+            tag = f"B-{kind}"
+        out.append(tag)
+        previous = (prefix, kind)
+    return out
+
+
+def is_sequence_problem(reason: str) -> bool:
+    """Whether a `problems` reason is about order (repairable), not an unknown tag."""
+    return "is not O or" not in reason
 
 
 def to_iob2(tags: list[str], scheme: str) -> list[str]:
@@ -110,6 +134,19 @@ def to_iob2(tags: list[str], scheme: str) -> list[str]:
         previous = (prefix, kind)
         if scheme == "bioes" and prefix in "ES":
             previous = ("O", "")
+    return out
+
+
+def entity_starts(tags: list[str]) -> list[str]:
+    """The type of each entity, in any scheme: B-/S- open one, and so does I-/M-/E- after O or
+    after another type (IOB1)."""
+    out, previous = [], ("O", "")
+    for tag in tags:
+        prefix, kind = split_tag(tag)
+        continues = previous[0] in ("B", "I", "M") and previous[1] == kind
+        if prefix in ("B", "S") or (prefix in ("I", "M", "E") and not continues):
+            out.append(kind)
+        previous = (prefix, kind)
     return out
 
 

@@ -119,6 +119,9 @@ class TextClassification(Task):
             df = df[~duplicate]
         return df.reset_index(drop=True), dropped
 
+    def key(self, df: pd.DataFrame, p: Params) -> pd.Series:
+        return text_key(df[p.base.text_column])
+
     def stratify(self, df: pd.DataFrame, p: Params) -> pd.Series:
         return df[p.base.label_column].astype(str)
 

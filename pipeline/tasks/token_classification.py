@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,23 @@ from pipeline.tables import SPLITS, TableError, read_table, table_format
 from pipeline.tasks.base import Task
 from pipeline.tasks.confusion import confusion_png
 from pipeline.tasks.tagging import (
+    entity_starts,
     entity_types,
     labels_for,
     problems,
     read_conll,
+    repair,
     split_tag,
     to_iob2,
 )
 from pipeline.tasks.text_classification import percentiles
 
+log = logging.getLogger(__name__)
 TOKENS = "tokens"
 TAGS = "tags"
 IGNORE = -100  # the label id the loss and the metrics skip
 TABLES = ("jsonl", "parquet")
+MIN_STRATUM = 5
 
 
 def seqeval_scores(truth: list[list[str]], predicted: list[list[str]]) -> dict[str, Any]:
@@ -59,14 +64,15 @@ def seqeval_scores(truth: list[list[str]], predicted: list[list[str]]) -> dict[s
 
 
 def spans(tags: list[str]) -> set[tuple[int, int, str]]:
-    """(first word, last word + 1, type) of each IOB2 entity."""
+    """(first word, last word + 1, type) of each IOB2 entity, read strictly as seqeval's strict
+    mode does: only B- opens an entity, so a stray I- is no entity."""
     out, start, kind = set(), None, ""
     for i, tag in enumerate([*tags, "O"]):
         prefix, this = split_tag(tag)
         if start is not None and (prefix != "I" or this != kind):
             out.add((start, i, kind))
             start = None
-        if prefix == "B" or (prefix == "I" and start is None):
+        if prefix == "B":
             start, kind = i, this
     return out
 
@@ -114,6 +120,8 @@ class TokenClassification(Task):
     def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
         tokens, tags = p.base.text_column, p.base.label_column
         dropped: dict[str, int] = {}
+        if df.empty:
+            return df.reset_index(drop=True), dropped
         if p.ingest.drop_empty_text:
             empty = df[tokens].map(lambda t: isinstance(t, (list, np.ndarray)) and len(t) == 0)
             dropped["empty_sentence"] = int(empty.sum())
@@ -129,11 +137,26 @@ class TokenClassification(Task):
             df = df[~duplicate]
         return df.reset_index(drop=True), dropped
 
+    def key(self, df: pd.DataFrame, p: Params) -> pd.Series:
+        return df[p.base.text_column].map(_key)
+
+    def stratify(self, df: pd.DataFrame, p: Params) -> pd.Series:
+        """Each sentence by its rarest entity type, so every split gets every type."""
+        types = [
+            sorted({split_tag(str(t))[1] for t in tags if split_tag(str(t))[0] not in "O?"})
+            for tags in df[p.base.label_column]
+        ]
+        counts = Counter(t for row in types for t in row)
+        rarest = [min(row, key=lambda t: (counts[t], t)) if row else "O" for row in types]
+        # A stratum too small to reach every split joins the sentences without entities.
+        sizes = Counter(rarest)
+        return pd.Series([t if sizes[t] >= MIN_STRATUM else "O" for t in rarest], index=df.index)
+
     def label_counts(self, df: pd.DataFrame, p: Params) -> dict[str, int]:
         counts: Counter[str] = Counter()
         for tags in df[p.base.label_column]:
             if isinstance(tags, (list, np.ndarray)):
-                counts.update(split_tag(str(t))[1] for t in tags if split_tag(str(t))[0] in "BS")
+                counts.update(entity_starts([str(t) for t in tags]))
         return dict(sorted(counts.items()))
 
     def check(
@@ -145,10 +168,19 @@ class TokenClassification(Task):
 
     def validated(self, df: pd.DataFrame, p: Params) -> pd.DataFrame:
         scheme = p.validate.tag_scheme
+        tags = [to_iob2(list(map(str, t)), scheme) for t in df[p.base.label_column]]
+        if p.validate.broken_tags == "repair":
+            fixed = [repair(t) for t in tags]
+            changed = sum(a != b for a, b in zip(tags, fixed, strict=True))
+            if changed:
+                log.warning(
+                    "repaired the tags of %d broken sentences (validate.broken_tags)", changed
+                )
+            tags = fixed
         return pd.DataFrame(
             {
                 TOKENS: [list(map(str, t)) for t in df[p.base.text_column]],
-                TAGS: [to_iob2(list(map(str, t)), scheme) for t in df[p.base.label_column]],
+                TAGS: tags,
                 "line": df["line"].astype("int64") if "line" in df else np.arange(1, len(df) + 1),
             }
         )
@@ -186,16 +218,22 @@ class TokenClassification(Task):
                 truncation=True,
                 max_length=p.base.max_length,
                 stride=p.tokenize.stride,
-                return_overflowing_tokens=True,
+                # stride 0 cuts at max_length, as the runtime then does.
+                return_overflowing_tokens=bool(p.tokenize.stride),
+                return_offsets_mapping=True,
             )
-            out: dict[str, list] = {k: enc[k] for k in enc if k != "overflow_to_sample_mapping"}
+            samples = enc.get("overflow_to_sample_mapping", list(range(len(enc["input_ids"]))))
+            drop = ("overflow_to_sample_mapping", "offset_mapping")
+            out: dict[str, list] = {k: enc[k] for k in enc if k not in drop}
             out["labels"], out["word_ids"], out["example_id"] = [], [], []
-            for w, sample in enumerate(enc["overflow_to_sample_mapping"]):
+            for w, sample in enumerate(samples):
                 tags = [label2id[t] for t in batch[TAGS][sample]]
                 words = [-1 if i is None else i for i in enc.word_ids(w)]
                 ids, previous = [], -1
-                for word in words:
-                    first = word != previous
+                for word, (start, _) in zip(words, enc["offset_mapping"][w], strict=True):
+                    # Offsets count from the start of each word: a window that opens inside a
+                    # word does not make its continuation piece a first subword.
+                    first = word != previous and start == 0
                     previous = word
                     if word < 0 or not (first or all_subwords):
                         ids.append(IGNORE)
@@ -321,7 +359,7 @@ class TokenClassification(Task):
         for per_text, tokens in zip(windows, test[TOKENS], strict=True):
             outs = [outputs[at + i, : len(w.ids)] for i, w in enumerate(per_text)]
             at += len(per_text)
-            offsets, scores = merge_windows(per_text, outs, stride)
+            offsets, scores, _ = merge_windows(per_text, outs, stride)
             starts = np.cumsum([0, *[len(t) + 1 for t in tokens[:-1]]])
             first = {}
             for (start, _), row in zip(offsets, scores, strict=True):

@@ -1,0 +1,70 @@
+"""Run the pipeline with a config file's values as a DVC experiment, leaving params.yaml as it is.
+
+`python -m pipeline.experiment configs/ner-en.yaml` runs `dvc exp run --temp` with one `-S` per
+key of the file: the experiment runs in a temporary copy, logs into the repo's MLflow store, and
+its params, metrics and outputs are kept by DVC (`dvc exp show`, `dvc exp apply NAME`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import params
+
+
+def overrides(config: Path) -> list[str]:
+    """`section.key=value` for every value of `config`, checked against params.yaml's keys."""
+    try:
+        raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise params.ParamsError(f"{config}: cannot be read ({exc})") from None
+    if not isinstance(raw, dict):
+        raise params.ParamsError(f"{config}: must be a mapping of params.yaml sections")
+    out = []
+    for section, values in raw.items():
+        if section not in params.SECTIONS or not isinstance(values, dict):
+            sections = ", ".join(params.SECTIONS)
+            raise params.ParamsError(f"{config}: {section!r} is not a section ({sections})")
+        known = params.SECTIONS[section].__dataclass_fields__
+        for key, value in values.items():
+            if key not in known:
+                raise params.ParamsError(
+                    f"{config}: unknown key {section}.{key}; {section!r} takes {', '.join(known)}"
+                )
+            out.append(f"{section}.{key}={_value(value)}")
+    return out
+
+
+def _value(value: Any) -> str:
+    """The value as DVC's -S reads it (YAML): JSON keeps lists, strings and booleans typed."""
+    return json.dumps(value) if isinstance(value, (list, dict, str, bool)) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", type=Path, help="a YAML file with params.yaml's layout")
+    parser.add_argument("--name", help="experiment name (default: the file's stem)")
+    parser.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
+    args = parser.parse_args(argv)
+    try:
+        sets = overrides(args.config)
+    except params.ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    cmd = ["dvc", "exp", "run", "--queue" if args.queue else "--temp"]
+    cmd += ["-n", args.name or args.config.stem]
+    for item in sets:
+        cmd += ["-S", item]
+    print(" ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=False).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

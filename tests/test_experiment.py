@@ -1,0 +1,44 @@
+"""The config runner: a config file becomes `dvc exp run -S` overrides, checked against params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from pipeline import params
+from pipeline.experiment import overrides
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid_params(config: Path, tmp_path: Path) -> None:
+    import yaml
+
+    sets = overrides(config)
+    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for item in sets:
+        dotted, _, value = item.partition("=")
+        section, key = dotted.split(".")
+        data[section][key] = yaml.safe_load(value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    loaded = params.load(path)
+    assert loaded.base.task == "token-classification"
+    assert loaded.ingest.drop_labels == [] and loaded.ingest.group_column == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("finetune:\n  epoch: 3\n", "unknown key finetune.epoch"),
+        ("train:\n  epochs: 3\n", "'train' is not a section"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("base: [1\n", "cannot be read"),
+    ],
+)
+def test_bad_configs_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(params.ParamsError, match=message):
+        overrides(path)
