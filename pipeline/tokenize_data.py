@@ -61,6 +61,8 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
         splits[split], stats["splits"][split] = task.tokenize(
             dataset, tokenizer, labels, p, fingerprint
         )
+        texts = task.texts(pd.read_parquet(path))
+        stats["splits"][split]["unk_rate"] = round(vocabulary.unk_rate(tokenizer, texts), 6)
         log.info("%s: %s", split, stats["splits"][split])
     with atomic_dir(out_dir) as tmp:
         DatasetDict(splits).save_to_disk(str(tmp))

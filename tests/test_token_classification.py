@@ -395,3 +395,71 @@ def test_runtime_reads_each_token_once_across_windows(ner_dir: Path) -> None:
     assert [t.text for t in short.tokens] == ["the", "film", "story", "plot"]
     (long,) = model.predict([" ".join([text] * 5)], tokens=True)
     assert [t.text for t in long.tokens] == text.split() * 5
+
+
+# --- vocabulary extension ------------------------------------------------------------------
+
+CHINESE = ["王", "小", "明", "在", "北", "京", "上", "海", "工", "作", "住"]
+
+
+def chinese_sentences(n: int, seed: int = 0) -> list[dict]:
+    """Character-level sentences: a PER name, then a LOC, in characters the tiny vocab lacks."""
+    import random
+
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        name = ["王", *rng.sample(["小", "明", "海"], rng.randint(1, 2))]
+        place = rng.choice([["北", "京"], ["上", "海"]])
+        verb = rng.choice([["在"], ["住", "在"]])
+        tokens = name + verb + place + rng.sample(["工", "作", "the", "film"], 2)
+        tags = ["B-PER"] + ["I-PER"] * (len(name) - 1) + ["O"] * len(verb)
+        tags += ["B-LOC", "I-LOC", "O", "O"]
+        if "".join(tokens) not in seen:
+            seen.add("".join(tokens))
+            rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def test_unknown_characters_join_the_vocabulary_and_the_model(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from transformers import AutoConfig
+
+    from pipeline import finetune, tokenize_data
+
+    rows = chinese_sentences(40, seed=1)
+    raw = write_splits(
+        tmp_path / "raw", {"train": rows[:24], "validation": rows[24:32], "test": rows[32:]}
+    )
+    params_path = write_params(
+        tmp_path,
+        {
+            **NER,
+            "base.model": str(tiny_model_dir),
+            "tokenize.vocab_extension_min_count": 2,
+            "finetune.epochs": 1,
+            "finetune.batch_size": 8,
+            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment": "vocab",
+        },
+    )
+    validate.run(raw, params_path, tmp_path / "val", tmp_path / "v.json", tmp_path / "f.json")
+    stats = tokenize_data.run(tmp_path / "val", params_path, tmp_path / "tok", tmp_path / "t.json")
+    vocab = stats["vocabulary"]
+    # Every Chinese character of train occurs at least twice; none is in the tiny vocabulary.
+    assert vocab["unk_rate_before"] > 0.5 and vocab["unk_rate_after"] == 0.0
+    assert vocab["added_tokens"] == len({c for r in rows[:24] for c in r["tokens"]} & set(CHINESE))
+    assert stats["splits"]["test"]["unk_rate"] == 0.0
+    summary = finetune.run(
+        tmp_path / "tok",
+        tmp_path / "val",
+        params_path,
+        tmp_path / "ft",
+        tmp_path / "ck",
+        tmp_path / "train.json",
+        tmp_path / "curves",
+    )
+    config = AutoConfig.from_pretrained(tmp_path / "ft")
+    assert summary["added_tokens"] == vocab["added_tokens"]
+    assert config.vocab_size == summary["vocab_size"] == vocab["vocab_size"]
