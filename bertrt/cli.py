@@ -117,6 +117,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise InputError(
             "give texts to classify or --input FILE.jsonl (- for stdin): one of the two"
         )
+    same = args.input not in (None, "-") and args.output != "-"
+    if same and Path(args.input).resolve() == Path(args.output).resolve():
+        raise InputError(
+            f"--output {args.output} is the --input file: it would be replaced by the "
+            "predictions; write them to another file"
+        )
     model = open_model(args)
     options = predict_options(args, model)
     with open_output(args.output) as out:

@@ -240,3 +240,23 @@ def test_an_option_of_another_task_is_refused(
     )
     assert main(["predict", "--model", str(ner_dir), "--top-k", "2", "alice"]) == 1
     assert "--top-k does not apply to this token-classification model" in capsys.readouterr().err
+
+
+def test_output_onto_the_input_is_refused_and_the_input_kept(
+    onnx_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "good"}\n', encoding="utf-8")
+    argv = ["predict", "--model", str(onnx_model_dir), "--input", str(path)]
+    assert main([*argv, "--output", str(tmp_path / "." / "a.jsonl")]) == 1
+    assert "is the --input file" in capsys.readouterr().err
+    assert path.read_text(encoding="utf-8") == '{"text": "good"}\n'
+
+
+def test_a_lone_surrogate_is_a_clear_error(
+    onnx_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", "--model", str(onnx_model_dir), "ok", "bad \ud800 text"]) == 1
+    err = capsys.readouterr().err
+    assert "text 1 cannot be tokenised" in err and "lone surrogates" in err
+    assert "Traceback" not in err

@@ -261,3 +261,45 @@ def test_metadata(model: TextClassifier, onnx_model_dir: Path) -> None:
     assert meta["task"] == "text-classification"
     assert (meta["provider"], meta["max_length"]) == (CPU, 64)
     assert model.folder == onnx_model_dir
+
+
+def _edit_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    change(manifest)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+MANIFEST_DAMAGE = [
+    (lambda m: m.pop("outputs"), "key 'outputs' is missing"),
+    (
+        lambda m: m["files"]["model.onnx"].pop("bytes"),
+        "files['model.onnx'] needs sha256 and bytes",
+    ),
+    (lambda m: m.update(outputs=[]), "outputs must name at least one graph output"),
+    (lambda m: m.update(labels=[1, 2]), "labels must be a non-empty list of strings"),
+    (lambda m: m.update(max_length="64"), "key 'max_length' must be a JSON number"),
+    (lambda m: m.update(window_stride=-1), "window_stride -1 must be in [0, max_length / 2)"),
+    (lambda m: m["variants"]["fp32"].update(file=5), "variants['fp32'] needs a file name"),
+    (lambda m: m.update(task="summarization"), "task 'summarization' is not one this runtime"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"), MANIFEST_DAMAGE, ids=[m for _, m in MANIFEST_DAMAGE]
+)
+def test_a_broken_manifest_is_an_integrity_error_naming_the_key(
+    model_copy: Path, change, message: str
+) -> None:
+    _edit_manifest(model_copy, change)
+    with pytest.raises(IntegrityError) as caught:
+        bertrt.load(model_copy, device="cpu", verify=False)
+    assert message in str(caught.value) and "manifest.json" in str(caught.value)
+
+
+def test_an_unreadable_tokenizer_without_verification_names_the_file(model_copy: Path) -> None:
+    from bertrt.engine import ModelFolderError
+
+    path = model_copy / TOKENIZER_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelFolderError, match=r"tokenizer\.json: not a readable tokenizer"):
+        bertrt.load(model_copy, device="cpu", verify=False)

@@ -94,6 +94,13 @@ def test_metadata_carries_labels_and_manifest_metrics(
     assert meta["shipped_variants"] == sorted(model.manifest.variants)
 
 
+def test_a_lone_surrogate_gets_422_naming_the_text(client: httpx.Client) -> None:
+    body = '{"texts": ["fine", "\\ud800"]}'
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert "text 1 cannot be tokenised" in response.json()["detail"]
+
+
 def test_predict_object_body(client: httpx.Client, model: TextClassifier) -> None:
     texts = ["a brilliant charming film", "", "tedious and clumsy " * 20]
     response = client.post("/predict", json={"texts": texts})
