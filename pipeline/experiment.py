@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,12 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     except params.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    cmd = ["dvc", "exp", "run", "--queue" if args.queue else "--temp"]
+    # The dvc of this environment, also when its bin folder is not on PATH.
+    beside = Path(sys.executable).parent / "dvc"
+    dvc = str(beside) if beside.is_file() else shutil.which("dvc")
+    if dvc is None:
+        print("error: dvc is not installed here; run `make venv` first", file=sys.stderr)
+        return 1
+    cmd = [dvc, "exp", "run", "--queue" if args.queue else "--temp"]
     cmd += ["-n", args.name or args.config.stem]
     for item in sets:
         cmd += ["-S", item]
     print(" ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=False).returncode
+    # Stages run `python -m pipeline.<stage>`: this environment's python, whatever PATH says.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run(cmd, check=False, env={**os.environ, "PATH": path}).returncode
 
 
 if __name__ == "__main__":
