@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,26 +106,32 @@ class Engine:
         Per-text outputs are (n, labels); per-token outputs are (n, width, labels) and valid only
         where mask (n, width) is 1.
         """
+        return self.collect(
+            encodings,
+            batch_size,
+            lambda feeds: run(self.session, feeds, self.output_name, self.provider),
+        )
+
+    def collect(
+        self,
+        encodings: Sequence[Encoding],
+        batch_size: int,
+        forward: Callable[[dict[str, np.ndarray]], np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`forward` over the length-sorted batches, gathered as `infer` returns them (the
+        export's parity check passes the PyTorch model here)."""
         width = max((len(e.ids) for e in encodings), default=0)
         mask = np.zeros((len(encodings), width), dtype=bool)
         for row, enc in enumerate(encodings):
             mask[row, : len(enc.ids)] = True
         out: np.ndarray | None = None
         for idx in self.batches(encodings, batch_size):
-            got = run(
-                self.session,
-                self.feeds([encodings[i] for i in idx]),
-                self.output_name,
-                self.provider,
-            )
+            got = forward(self.feeds([encodings[i] for i in idx]))
+            per_token = got.ndim == 3
             if out is None:
-                shape = (
-                    (len(encodings), width, *got.shape[2:])
-                    if got.ndim == 3
-                    else (len(encodings), *got.shape[1:])
-                )
+                shape = (len(encodings), *((width,) if per_token else ()), *got.shape[-1:])
                 out = np.zeros(shape, dtype=np.float32)
-            if got.ndim == 3:
+            if per_token:
                 out[idx, : got.shape[1]] = got
             else:
                 out[idx] = got

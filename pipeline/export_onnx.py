@@ -65,23 +65,12 @@ def torch_outputs(model: Any, engine: Engine, encodings: list[Any], batch_size: 
     """The PyTorch model's outputs on exactly the runtime's batches, shaped as `engine.infer`."""
     import torch
 
-    width = max((len(e.ids) for e in encodings), default=0)
-    out: np.ndarray | None = None
-    with torch.no_grad():
-        for idx in engine.batches(encodings, batch_size):
-            feeds = engine.feeds([encodings[i] for i in idx])
-            got = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits
-            got = got.float().numpy()
-            if out is None:
-                rest = got.shape[2:] if got.ndim == 3 else got.shape[1:]
-                out = np.zeros(
-                    (len(encodings), *((width,) if got.ndim == 3 else ()), *rest), dtype=np.float32
-                )
-            if got.ndim == 3:
-                out[idx, : got.shape[1]] = got
-            else:
-                out[idx] = got
-    return out if out is not None else np.zeros((0, model.config.num_labels), np.float32)
+    def forward(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+            return model(**tensors).logits.float().numpy()
+
+    return engine.collect(encodings, batch_size, forward)[0]
 
 
 def compare(got: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> tuple[float, int, int]:
