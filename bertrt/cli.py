@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
 from bertrt.bundle import ONNXRUNTIMES, BundleError, build_wheel, resolve_model
+from bertrt.fill_mask import STRATEGIES
 from bertrt.manifest import IntegrityError
 from bertrt.predictor import Predictor, load
 from bertrt.progress import Progress
@@ -24,7 +25,13 @@ log = logging.getLogger(__name__)
 # Lines read, predicted and written at a time, so a file of any size streams through.
 CHUNK = 2048
 # predict() keyword -> the flag that sets it.
-OPTION_FLAGS = {"top_k": "--top-k", "aggregation": "--aggregation", "tokens": "--tokens"}
+OPTION_FLAGS = {
+    "top_k": "--top-k",
+    "aggregation": "--aggregation",
+    "tokens": "--tokens",
+    "strategy": "--strategy",
+    "beam_size": "--beam-size",
+}
 JSON_TYPES = {dict: "object", list: "array", int: "number", float: "number", bool: "boolean"}
 
 
@@ -115,7 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Predict the texts on the command line, or stream a JSONL file or stdin."""
     if bool(args.texts) == bool(args.input):
         raise InputError(
-            "give texts to classify or --input FILE.jsonl (- for stdin): one of the two"
+            "give texts to predict or --input FILE.jsonl (- for stdin): one of the two"
         )
     same = args.input not in (None, "-") and args.output != "-"
     if same and Path(args.input).resolve() == Path(args.output).resolve():
@@ -202,13 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    predict = commands.add_parser("predict", help="classify texts; JSON lines out")
+    predict = commands.add_parser("predict", help="classify, tag or fill texts; JSON lines out")
     _model_options(predict)
-    predict.add_argument("texts", nargs="*", help="texts to classify")
+    predict.add_argument("texts", nargs="*", help="texts to predict")
     predict.add_argument("--input", help='JSONL file ("text" objects or strings), - for stdin')
     predict.add_argument("--output", default="-", help="JSONL file to write, - for stdout")
     predict.add_argument(
-        "--top-k", type=int, help="text classification: add the k best labels with their scores"
+        "--top-k",
+        type=int,
+        help="text classification: add the k best labels with their scores; fill-mask: the k "
+        "best tokens per mask and fills per run of masks (default 5)",
     )
     predict.add_argument(
         "--aggregation",
@@ -220,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         help="token classification: add every token's own tag",
+    )
+    predict.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="fill-mask: joint fills of consecutive masks by beam search or greedy (default beam)",
+    )
+    predict.add_argument(
+        "--beam-size", type=int, help="fill-mask: partial fills kept per step (default 4)"
     )
     predict.add_argument(
         "--progress",

@@ -20,15 +20,20 @@ INPUT_AXES: dict[int, str] = {0: "batch", 1: "sequence"}
 
 TEXT_CLASSIFICATION = "text-classification"
 TOKEN_CLASSIFICATION = "token-classification"
+FILL_MASK = "fill-mask"
 
 # Task -> output name -> its dynamic axes. A per-text output has only a batch axis; a per-token
 # output also has the sequence axis, and the runtime reads it only where the attention mask is 1.
 OUTPUTS: dict[str, dict[str, dict[int, str]]] = {
     TEXT_CLASSIFICATION: {"logits": {0: "batch"}},
     TOKEN_CLASSIFICATION: {"logits": {0: "batch", 1: "sequence"}},
+    # One row of vocabulary scores per token; the runtime reads the rows at mask tokens.
+    FILL_MASK: {"logits": {0: "batch", 1: "sequence"}},
 }
 
 TASKS: tuple[str, ...] = tuple(OUTPUTS)
+# Tasks whose outputs are scores over labels.json (fill-mask scores the tokenizer's vocabulary).
+LABELLED_TASKS: tuple[str, ...] = (TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION)
 
 # Variant name -> file name in the model folder. "fp32" is the plain export and always ships.
 VARIANT_FILES: dict[str, str] = {

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertrt.contract import MANIFEST_FILE, SCHEMA_VERSION, TASKS
+from bertrt.contract import LABELLED_TASKS, MANIFEST_FILE, SCHEMA_VERSION, TASKS
 
 
 class IntegrityError(RuntimeError):
@@ -63,8 +63,10 @@ class Manifest:
     def problems(self) -> list[str]:
         """What makes the values unusable, beyond their JSON types."""
         found = []
-        if not self.labels or not all(isinstance(x, str) for x in self.labels):
-            found.append("labels must be a non-empty list of strings")
+        if not all(isinstance(x, str) for x in self.labels):
+            found.append("labels must be a list of strings")
+        elif self.task in LABELLED_TASKS and not self.labels:
+            found.append(f"labels must not be empty for task {self.task!r}")
         if not self.outputs or not all(isinstance(x, str) for x in self.outputs):
             found.append("outputs must name at least one graph output")
         if not self.inputs or not all(isinstance(x, str) for x in self.inputs):

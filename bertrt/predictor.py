@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bertrt.contract import TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, VARIANT_FILES
+from bertrt.contract import FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, VARIANT_FILES
 from bertrt.engine import CHUNK, Engine, ModelFolderError, open_engine
 from bertrt.manifest import Manifest
 
@@ -119,9 +119,14 @@ class TextClassifier(EngineBacked):
 
 
 def _predictors() -> dict[str, type]:
+    from bertrt.fill_mask import FillMask
     from bertrt.token_classifier import TokenClassifier
 
-    return {TEXT_CLASSIFICATION: TextClassifier, TOKEN_CLASSIFICATION: TokenClassifier}
+    return {
+        TEXT_CLASSIFICATION: TextClassifier,
+        TOKEN_CLASSIFICATION: TokenClassifier,
+        FILL_MASK: FillMask,
+    }
 
 
 def load(

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bertrt import __version__
-from bertrt.contract import TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from bertrt.contract import FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from bertrt.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,53 @@ class TagRequest(BaseModel):
         return _bare_list(data)
 
 
+class FillRequest(BaseModel):
+    """Texts with mask tokens: `{"texts": [...], "top_k": 5, "strategy": "beam"}` or a list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(description="texts with one mask token per token to fill")
+    top_k: int = Field(
+        default=5, ge=1, le=100, strict=True, description="best tokens per mask and fills per run"
+    )
+    strategy: Literal["beam", "greedy"] = Field(
+        default="beam",
+        description="joint fills of consecutive masks: beam search, or greedy left to right",
+    )
+    beam_size: int = Field(
+        default=4, ge=1, le=32, strict=True, description="partial fills kept at each step"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def bare_list(cls, data: Any) -> Any:
+        return _bare_list(data)
+
+
+class TokenScore(BaseModel):
+    token: str
+    score: float = Field(description="probability")
+
+
+class FillOut(BaseModel):
+    start: int = Field(description="offset of the run's first mask in the text (code points)")
+    end: int = Field(description="offset just past its last mask")
+    masks: int = Field(description="consecutive masks in the run")
+    candidates: list[TokenScore] = Field(description="joint fills, best first")
+
+
+class FillingOut(BaseModel):
+    sequence: str = Field(description="the text with each run's best fill put in")
+    masks: list[list[TokenScore]] = Field(description="per mask, its best tokens on their own")
+    fills: list[FillOut]
+
+
+class FillResponse(BaseModel):
+    predictions: list[FillingOut]
+    variant: str
+    provider: str
+
+
 class LabelScore(BaseModel):
     label: str
     score: float
@@ -117,6 +164,7 @@ class TagResponse(BaseModel):
 SCHEMAS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     TEXT_CLASSIFICATION: (PredictRequest, PredictResponse),
     TOKEN_CLASSIFICATION: (TagRequest, TagResponse),
+    FILL_MASK: (FillRequest, FillResponse),
 }
 
 
@@ -229,7 +277,7 @@ def create_app(
     request_model, response_model = SCHEMAS[predictor.task]
 
     async def predict(request: BaseModel) -> dict[str, Any]:
-        """The model's prediction per text (a label, or entities), in the order sent."""
+        """The model's prediction per text (a label, entities, or fills), in the order sent."""
         if len(request.texts) > max_batch:
             raise HTTPException(
                 413,

@@ -1,37 +1,19 @@
-"""Stage evaluate: the task's test metrics, confusion matrix and worst mistakes, into MLflow."""
+"""Stage evaluate: the task's test metrics, tables and plots, into MLflow."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline import entry, lineage, params, tasks, tracking
 from pipeline.atomic import write_json
 
 log = logging.getLogger(__name__)
-
-
-def predict(model_dir: Path, dataset: Any, batch_size: int, task: tasks.Task) -> np.ndarray:
-    """The model's outputs on `dataset`, through the Trainer's prediction loop."""
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = task.model_class().from_pretrained(model_dir)
-    args = TrainingArguments(
-        output_dir=str(Path(model_dir) / ".predict"),  # nothing is written there
-        per_device_eval_batch_size=batch_size,
-        report_to=[],
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model, args=args, processing_class=tokenizer, data_collator=task.collator(tokenizer)
-    )
-    return np.asarray(trainer.predict(dataset).predictions, dtype=np.float64)
 
 
 def run(
@@ -52,9 +34,12 @@ def run(
     config = AutoConfig.from_pretrained(model_dir)
     labels = [config.id2label[i] for i in range(config.num_labels)]
     dataset = load_from_disk(str(tokenized_dir))["test"]
-    outputs = predict(model_dir, dataset, p.evaluate.batch_size, task)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    result = task.evaluate(outputs, dataset, pd.read_parquet(test_path), labels, p, plots_dir)
+    test = pd.read_parquet(test_path)
+    outputs = task.predict(model_dir, dataset, test, p)
+    if plots_dir.exists():  # files of an earlier run (perhaps of another task) would be logged
+        shutil.rmtree(plots_dir)
+    plots_dir.mkdir(parents=True)
+    result = task.evaluate(outputs, dataset, test, labels, p, plots_dir)
     write_json(metrics_path, result)
 
     with tracking.run_for_model(p.tracking, lineage.model_digest(model_dir)):
@@ -63,8 +48,8 @@ def run(
         for group in (v for k, v in result.items() if k != "overall"):
             for name, values in group.items():
                 mlflow.log_metrics({f"test_{name}_{k}": v for k, v in values.items()})
-        for name in ("confusion.png", "mistakes.csv"):
-            mlflow.log_artifact(str(plots_dir / name), artifact_path="evaluation")
+        for path in sorted(plots_dir.iterdir()):
+            mlflow.log_artifact(str(path), artifact_path="evaluation")
         mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
     log.info("test: %s", {k: round(v, 4) for k, v in result["overall"].items()})
     return result

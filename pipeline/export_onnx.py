@@ -113,7 +113,7 @@ def build_model_folder(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = tasks.get(task).model_class().from_pretrained(model_dir, attn_implementation="eager")
-    label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    label_names = tasks.get(task).output_labels(model.config)
     with atomic_dir(out) as tmp:
         inputs = export_graph(model, tokenizer, tmp / VARIANT_FILES[BASE_VARIANT], opset, task)
         shutil.copy(Path(model_dir) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
@@ -204,13 +204,14 @@ def run(
     report: Path,
 ) -> dict[str, Any]:
     """Export the fine-tuned model to `out_dir` and record the result in `report` and MLflow."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     p = params.load(params_path, "base", "tokenize", "export", "tracking")
     task = tasks.get(p.base.task)
     test = pd.read_parquet(test_path)
     config = AutoConfig.from_pretrained(model_dir)
-    labels = [config.id2label[i] for i in range(config.num_labels)]
+    labels = task.output_labels(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stride = task.window_stride(p)
     model_hash = lineage.model_digest(model_dir)
     metrics = json.loads(Path(eval_report).read_text(encoding="utf-8"))
@@ -229,13 +230,15 @@ def run(
         parity = build_model_folder(
             model_dir,
             out_dir,
-            task.texts(test),
+            task.export_texts(test),
             p.base.max_length,
             p.export.opset,
             p.export.parity_atol,
             p.export.batch_size,
             provenance,
-            score=lambda windows, outputs: task.score(windows, outputs, test, labels, stride),
+            score=lambda windows, outputs: task.score(
+                windows, outputs, test, labels, stride, tokenizer
+            ),
             variants=tuple(p.export.variants),
             min_agreement=p.export.min_agreement,
             max_metric_drop=p.export.max_metric_drop,

@@ -109,6 +109,7 @@ def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) ->
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
         train_sampling_strategy="group_by_length",
+        remove_unused_columns=task.remove_unused_columns,
         seed=p.base.seed,
         data_seed=p.base.seed,
         bf16=bf16,
@@ -135,7 +136,7 @@ def run(
     from datasets import load_from_disk
     from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
 
-    p = params.load(params_path, "base", "finetune", "tracking")
+    p = params.load(params_path, "base", "masking", "finetune", "tracking")
     uri = tracking.connect(p.tracking)  # an unreachable store stops us before any training
     if p.finetune.threads:
         torch.set_num_threads(p.finetune.threads)
@@ -175,8 +176,9 @@ def run(
         train_dataset=train,
         eval_dataset=data["validation"],
         processing_class=tokenizer,
-        data_collator=task.collator(tokenizer),
+        data_collator=task.collator(tokenizer, p),
         compute_metrics=task.compute_metrics(labels),
+        preprocess_logits_for_metrics=task.reduce_logits(),
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)
         ],

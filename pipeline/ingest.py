@@ -12,7 +12,7 @@ import pandas as pd
 from pipeline import entry, lineage, params, tasks
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.sources import resolve_path
-from pipeline.tables import SPLITS, TableError, find_split_files
+from pipeline.tables import SPLITS, TableError, find_split_files, has_split_files
 
 log = logging.getLogger(__name__)
 MIN_ROWS = 3  # one for each split
@@ -83,7 +83,7 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
     source = resolve_path(cfg.source, "ingest.source")
     dropped: dict[str, dict[str, int]] = {}
     rows_in: dict[str, int] = {}
-    if source.is_dir():
+    if source.is_dir() and not (task.reads_folders and not has_split_files(source)):
         files = find_split_files(source, task.accepts)
         frames = {}
         for name, path in files.items():
@@ -110,7 +110,24 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
                 f"{dropped['all'] or 'none'}); a seeded split needs at least {MIN_ROWS}: check "
                 "the file and the base.*_column and ingest.* params"
             )
-        frames = split(sample(df, cfg.max_rows, p.base.seed), p, task)
+        df = sample(df, cfg.max_rows, p.base.seed)
+        if cfg.heldout:  # the test split comes from its own file: cut validation only
+            frames = {}
+            frames["train"], frames["validation"] = cut(
+                df,
+                cfg.validation_fraction,
+                p.base.seed + 1,
+                task.stratify(df, p),
+                cfg.group_column,
+            )
+        else:
+            frames = split(df, p, task)
+    if cfg.heldout:
+        heldout = resolve_path(cfg.heldout, "ingest.heldout")
+        test = read(task, heldout, p)
+        rows_in["heldout"] = len(test)
+        frames["test"], dropped["heldout"] = task.clean(test, p)
+    frames = task.finish_splits(frames, p)
     for reasons in dropped.values():
         for reason, count in reasons.items():
             log.info("dropped %d rows: %s", count, reason)
@@ -123,6 +140,7 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
         log.info("sample row: %s", frames["train"].iloc[0].to_dict())
     result = {
         "source": cfg.source,
+        "heldout": cfg.heldout or None,
         "source_sha256": lineage.file_digest(source),
         "rows_in": rows_in,
         "dropped": dropped,

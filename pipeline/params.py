@@ -17,6 +17,7 @@ from bertrt.contract import OPTIONAL_VARIANTS, TASKS
 
 TAG_SCHEMES = ("iob1", "iob2", "bioes")
 BROKEN_TAGS = ("refuse", "repair")
+TEXT_FORMATS = ("plain", "word_pos")
 
 
 class ParamsError(ValueError):
@@ -57,9 +58,16 @@ class Ingest:
     validation_fraction: float
     test_fraction: float
     max_rows: int
+    heldout: str  # fill-mask: a separate held-out file becomes the test split ("" for a cut)
+    probes: str  # fill-mask: JSONL of texts with [MASK] and their expected fills ("" for none)
+    text_format: str  # fill-mask .txt lines: "plain", or "word_pos" (word/TAG tokens, joined)
 
     def check(self) -> list[str]:
         errors = []
+        if self.text_format not in TEXT_FORMATS:
+            errors.append(
+                f"ingest.text_format: {self.text_format!r} is not one of {list(TEXT_FORMATS)}"
+            )
         for key in ("validation_fraction", "test_fraction"):
             value = getattr(self, key)
             if not 0.0 < value < 0.5:
@@ -77,9 +85,12 @@ class Validate:
     max_duplicate_report: int
     tag_scheme: str  # token classification: the scheme of the input tags, read into IOB2
     broken_tags: str  # token classification: "refuse" broken sequences, or "repair" them
+    max_line_chars: int  # fill-mask: longer lines are split into pieces of at most this many
 
     def check(self) -> list[str]:
         errors = []
+        if self.max_line_chars < 16:
+            errors.append(f"validate.max_line_chars: {self.max_line_chars} must be >= 16")
         if len(set(self.labels)) != len(self.labels):
             errors.append(f"validate.labels: {self.labels} lists a label twice")
         if self.broken_tags not in BROKEN_TAGS:
@@ -100,6 +111,7 @@ class Tokenize:
     stride: int  # token classification: tokens shared by the windows of a long sentence
     label_all_subwords: bool  # token classification: label every subword, not only the first
     vocab_extension_min_count: int  # add characters seen this often as [UNK]; 0: never
+    group_texts: bool  # fill-mask: concatenate lines into blocks of max_length (else per line)
 
     def check(self) -> list[str]:
         errors = [] if self.batch_size > 0 else ["tokenize.batch_size must be > 0"]
@@ -110,6 +122,41 @@ class Tokenize:
                 f"tokenize.vocab_extension_min_count: {self.vocab_extension_min_count} must be "
                 ">= 0 (0 keeps the vocabulary as it is)"
             )
+        return errors
+
+
+SEGMENTERS = ("", "jieba")
+
+
+@dataclass(frozen=True)
+class Masking:
+    """Fill-mask: how tokens are masked, in training (dynamic) and held-out data (seeded once)."""
+
+    probability: float
+    mask_replace_prob: float  # of the chosen tokens, this share becomes the mask token
+    random_replace_prob: float  # this share a random token; the rest stay as they are
+    whole_word: bool  # mask every token of a chosen word
+    segmenter: str  # "" (words from the text's gaps) or "jieba" (Chinese words)
+
+    def check(self) -> list[str]:
+        errors = []
+        if not 0.0 < self.probability < 1.0:
+            errors.append(f"masking.probability: {self.probability} must be in (0, 1)")
+        for key in ("mask_replace_prob", "random_replace_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                errors.append(f"masking.{key}: {getattr(self, key)} must be in [0, 1]")
+        if self.mask_replace_prob + self.random_replace_prob > 1.0:
+            errors.append("masking.mask_replace_prob + masking.random_replace_prob must be <= 1")
+        if self.whole_word and self.mask_replace_prob != 1.0:
+            # The library's whole-word masking replaces every chosen token with the mask token.
+            errors.append(
+                "masking.whole_word: true masks chosen words with the mask token only; set "
+                "masking.mask_replace_prob: 1.0 and masking.random_replace_prob: 0.0"
+            )
+        if self.segmenter not in SEGMENTERS:
+            errors.append(f"masking.segmenter: {self.segmenter!r} is not one of {SEGMENTERS}")
+        if self.segmenter and not self.whole_word:
+            errors.append("masking.segmenter is only read with masking.whole_word: true")
         return errors
 
 
@@ -195,6 +242,7 @@ SECTIONS: dict[str, type] = {
     "ingest": Ingest,
     "validate": Validate,
     "tokenize": Tokenize,
+    "masking": Masking,
     "finetune": Finetune,
     "evaluate": Evaluate,
     "export": Export,

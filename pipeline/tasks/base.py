@@ -27,6 +27,8 @@ class Task(ABC):
     greater_is_better: bool = True
     # What happens to an input over base.max_length tokens, for the validate stage's warning.
     long_inputs: str = "truncated"
+    # Whether ingest reads a folder without train/validation/test files as one input.
+    reads_folders: bool = False
 
     # ingest ---------------------------------------------------------------------------------
     @abstractmethod
@@ -44,6 +46,10 @@ class Task(ABC):
     @abstractmethod
     def key(self, df: pd.DataFrame, p: Params) -> pd.Series:
         """Per row, the case- and space-insensitive key of its input: equal keys are duplicates."""
+
+    def finish_splits(self, frames: dict[str, pd.DataFrame], p: Params) -> dict[str, pd.DataFrame]:
+        """The splits as written, after any rows the task adds (e.g. probes to the test split)."""
+        return frames
 
     def stratify(self, df: pd.DataFrame, p: Params) -> pd.Series | None:
         """Labels to stratify a seeded split by, or None for a plain seeded split."""
@@ -71,9 +77,16 @@ class Task(ABC):
     # tokenize -------------------------------------------------------------------------------
     @abstractmethod
     def tokenize(
-        self, dataset: Any, tokenizer: Any, labels: list[str], p: Params, fingerprint: str
+        self,
+        dataset: Any,
+        tokenizer: Any,
+        labels: list[str],
+        p: Params,
+        fingerprint: str,
+        split: str = "train",
     ) -> tuple[Any, dict[str, Any]]:
-        """(model-ready dataset with `labels`, stats) for one split; no padding.
+        """(model-ready dataset with `labels`, stats) for one split (`split` names it); no
+        padding.
 
         `fingerprint` becomes the saved dataset's fingerprint, so the output is a function of
         the inputs alone (datasets' own fingerprint changes with the environment)."""
@@ -91,9 +104,17 @@ class Task(ABC):
     def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
         """from_pretrained arguments for the head: label count, id2label, label2id."""
 
+    # Whether the Trainer drops dataset columns the model's forward() does not take; a task
+    # whose collator reads extra columns (and whose datasets hold nothing else) sets False.
+    remove_unused_columns: bool = True
+
     @abstractmethod
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, p: Params) -> Any:
         """The data collator that pads a batch (and its labels)."""
+
+    def reduce_logits(self) -> Any:
+        """The Trainer's `preprocess_logits_for_metrics`, or None to keep the logits whole."""
+        return None
 
     @abstractmethod
     def compute_metrics(self, labels: list[str]) -> Any:
@@ -104,6 +125,26 @@ class Task(ABC):
         """A small table describing the training rows, logged as the MLflow dataset."""
 
     # evaluate -------------------------------------------------------------------------------
+    def predict(self, model_dir: Path, dataset: Any, test: pd.DataFrame, p: Params) -> Any:
+        """The model's outputs on the tokenized test split, as `evaluate` reads them."""
+        from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = self.model_class().from_pretrained(model_dir)
+        args = TrainingArguments(
+            output_dir=str(Path(model_dir) / ".predict"),  # nothing is written there
+            per_device_eval_batch_size=p.evaluate.batch_size,
+            report_to=[],
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            data_collator=self.collator(tokenizer, p),
+        )
+        return np.asarray(trainer.predict(dataset).predictions, dtype=np.float64)
+
     @abstractmethod
     def evaluate(
         self,
@@ -114,13 +155,21 @@ class Task(ABC):
         p: Params,
         plots_dir: Path,
     ) -> dict[str, Any]:
-        """Test metrics ({"overall": ..., ...}) from the model's outputs on the tokenized test
-        split; writes confusion.csv, confusion.png and mistakes.csv into `plots_dir`."""
+        """Test metrics ({"overall": ..., ...}) from `predict`'s outputs on the tokenized test
+        split; writes its tables and plots (every file is logged to MLflow) into `plots_dir`."""
 
     # export ---------------------------------------------------------------------------------
+    def output_labels(self, config: Any) -> list[str]:
+        """What the graph's output columns mean, for labels.json and the manifest."""
+        return [config.id2label[i] for i in range(config.num_labels)]
+
     @abstractmethod
     def texts(self, test: pd.DataFrame) -> list[str]:
-        """The test rows as the raw strings the runtime receives."""
+        """The rows as the raw strings the runtime receives."""
+
+    def export_texts(self, test: pd.DataFrame) -> list[str]:
+        """The strings export checks parity and gates on (`score` gets their outputs)."""
+        return self.texts(test)
 
     @abstractmethod
     def score(
@@ -130,8 +179,10 @@ class Task(ABC):
         test: pd.DataFrame,
         labels: list[str],
         stride: int,
+        tokenizer: Any,
     ) -> float:
         """The task metric of runtime outputs (one row per window, `stride` tokens shared by
-        consecutive windows) on the test rows, for the variant gates: accuracy, or entity F1."""
+        consecutive windows) on the test rows, for the variant gates: accuracy, or entity F1.
+        `tokenizer` is the exported model's."""
 
     gate_metric: str = "accuracy"

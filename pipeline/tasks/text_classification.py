@@ -173,7 +173,13 @@ class TextClassification(Task):
         }
 
     def tokenize(
-        self, dataset: Any, tokenizer: Any, labels: list[str], p: Params, fingerprint: str
+        self,
+        dataset: Any,
+        tokenizer: Any,
+        labels: list[str],
+        p: Params,
+        fingerprint: str,
+        split: str = "train",
     ) -> tuple[Any, dict[str, Any]]:
         label2id = {label: i for i, label in enumerate(labels)}
         max_length = p.base.max_length
@@ -214,7 +220,7 @@ class TextClassification(Task):
             "problem_type": "single_label_classification",
         }
 
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, p: Params) -> Any:
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer)
@@ -276,6 +282,7 @@ class TextClassification(Task):
         test: pd.DataFrame,
         labels: list[str],
         stride: int,
+        tokenizer: Any = None,
     ) -> float:
         truth = truth_ids(test, labels)
         return float((outputs.argmax(-1) == truth).mean()) if len(truth) else 0.0

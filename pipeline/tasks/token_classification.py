@@ -204,7 +204,13 @@ class TokenClassification(Task):
         return p.tokenize.stride
 
     def tokenize(
-        self, dataset: Any, tokenizer: Any, labels: list[str], p: Params, fingerprint: str
+        self,
+        dataset: Any,
+        tokenizer: Any,
+        labels: list[str],
+        p: Params,
+        fingerprint: str,
+        split: str = "train",
     ) -> tuple[Any, dict[str, Any]]:
         label2id = {label: i for i, label in enumerate(labels)}
         # With every subword labelled, a word's later subwords continue its entity (B- -> I-).
@@ -274,7 +280,7 @@ class TokenClassification(Task):
             "label2id": {label: i for i, label in enumerate(labels)},
         }
 
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, p: Params) -> Any:
         from transformers import DataCollatorForTokenClassification
 
         return DataCollatorForTokenClassification(tokenizer)
@@ -354,6 +360,7 @@ class TokenClassification(Task):
         test: pd.DataFrame,
         labels: list[str],
         stride: int,
+        tokenizer: Any = None,
     ) -> float:
         guess, at = [], 0
         for per_text, tokens in zip(windows, test[TOKENS], strict=True):
