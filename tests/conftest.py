@@ -32,6 +32,7 @@ def _own_mlflow_store() -> object:
         else:
             os.environ[key] = value
 
+
 POSITIVE = [
     "good",
     "great",
