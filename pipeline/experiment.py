@@ -3,6 +3,8 @@
 `python -m pipeline.experiment configs/ner-en.yaml` runs `dvc exp run --temp` with one `-S` per
 key of the file: the experiment runs in a temporary copy, logs into the repo's MLflow store, and
 its params, metrics and outputs are kept by DVC (`dvc exp show`, `dvc exp apply NAME`).
+`--save-model DIR` then copies the experiment's fine-tuned model to DIR, where a later config's
+`base.model` can start from it (pretrain or adapt, then fine-tune).
 """
 
 from __future__ import annotations
@@ -54,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="a YAML file with params.yaml's layout")
     parser.add_argument("--name", help="experiment name (default: the file's stem)")
     parser.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
+    parser.add_argument(
+        "--save-model", type=Path, help="copy the experiment's models/finetuned to this folder"
+    )
     args = parser.parse_args(argv)
+    if args.save_model and args.queue:
+        print("error: --save-model needs the run itself, not --queue", file=sys.stderr)
+        return 1
     try:
         sets = overrides(args.config)
     except params.ParamsError as exc:
@@ -66,14 +74,54 @@ def main(argv: list[str] | None = None) -> int:
     if dvc is None:
         print("error: dvc is not installed here; run `make venv` first", file=sys.stderr)
         return 1
-    cmd = [dvc, "exp", "run", "--queue" if args.queue else "--temp"]
-    cmd += ["-n", args.name or args.config.stem]
+    name = args.name or args.config.stem
+    cmd = [dvc, "exp", "run", "--queue" if args.queue else "--temp", "-n", name]
     for item in sets:
         cmd += ["-S", item]
     print(" ".join(cmd), flush=True)
     # Stages run `python -m pipeline.<stage>`: this environment's python, whatever PATH says.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return subprocess.run(cmd, check=False, env={**os.environ, "PATH": path}).returncode
+    env = {**os.environ, "PATH": path}
+    code = subprocess.run(cmd, check=False, env=env).returncode
+    if code or not args.save_model:
+        return code
+    return save_model(dvc, name, args.save_model, env)
+
+
+def experiment_commit(name: str) -> str | None:
+    """The commit of the newest experiment called `name` (DVC keeps it under refs/exps)."""
+    out = subprocess.run(
+        ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname) %(objectname)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        ref, sha = line.split()
+        if ref.startswith("refs/exps/") and ref.rsplit("/", 1)[-1] == name:
+            return sha
+    return None
+
+
+def save_model(dvc: str, name: str, target: Path, env: dict[str, str]) -> int:
+    """Copy experiment `name`'s models/finetuned to `target` (replacing what was there)."""
+    sha = experiment_commit(name)
+    if sha is None:
+        print(f"error: no experiment named {name!r} in refs/exps", file=sys.stderr)
+        return 1
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [dvc, "get", ".", "models/finetuned", "--rev", sha, "-o", str(tmp)]
+    print(" ".join(cmd), flush=True)
+    code = subprocess.run(cmd, check=False, env=env).returncode
+    if code:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return code
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(target)
+    print(f"saved the model of experiment {name} ({sha[:10]}) to {target}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
         heldout = resolve_path(cfg.heldout, "ingest.heldout")
         test = read(task, heldout, p)
         rows_in["heldout"] = len(test)
-        frames["test"], dropped["heldout"] = task.clean(test, p)
+        test, dropped["heldout"] = task.clean(test, p)
+        frames["test"] = sample(test, cfg.max_rows, p.base.seed)
     frames = task.finish_splits(frames, p)
     for reasons in dropped.values():
         for reason, count in reasons.items():
