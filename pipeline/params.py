@@ -137,6 +137,7 @@ class Masking:
     random_replace_prob: float  # this share a random token; the rest stay as they are
     whole_word: bool  # mask every token of a chosen word
     segmenter: str  # "" (words from the text's gaps) or "jieba" (Chinese words)
+    user_words: str  # jieba: a file of extra words, one a line (new names), or ""
 
     def check(self) -> list[str]:
         errors = []
@@ -155,6 +156,8 @@ class Masking:
             )
         if self.segmenter not in SEGMENTERS:
             errors.append(f"masking.segmenter: {self.segmenter!r} is not one of {SEGMENTERS}")
+        if self.user_words and self.segmenter != "jieba":
+            errors.append("masking.user_words is only read with masking.segmenter: jieba")
         if self.segmenter and not self.whole_word:
             errors.append("masking.segmenter is only read with masking.whole_word: true")
         return errors

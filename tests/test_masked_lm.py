@@ -196,6 +196,7 @@ def masking(**kw: object) -> params.Masking:
         "random_replace_prob": 0.1,
         "whole_word": False,
         "segmenter": "",
+        "user_words": "",
     }
     return params.Masking(**{**values, **kw})
 
@@ -234,6 +235,18 @@ def test_whole_word_masking_with_jieba_masks_chinese_words_together() -> None:
     starts = [0] + [i for i in range(1, len(moved)) if moved[i][0] != moved[i - 1][1]]
     words = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
     assert "".join(words) == text and "北京" in words and len(words) < len(text)
+
+
+def test_user_words_keep_a_new_name_whole(tmp_path: Path) -> None:
+    pytest.importorskip("jieba")
+    text = "名将诸葛涛擅长用兵"
+    offsets = [(i, i + 1) for i in range(len(text))]
+    plain = cloze.word_offsets(text, offsets, "jieba")
+    assert plain[4][0] != plain[3][1]  # jieba alone splits 诸葛 | 涛
+    (tmp_path / "words.txt").write_text("诸葛涛\n", encoding="utf-8")
+    moved = cloze.word_offsets(text, offsets, "jieba", str(tmp_path / "words.txt"))
+    assert moved[3][0] == moved[2][1] and moved[4][0] == moved[3][1]  # 诸葛涛 is one word
+    assert moved[2][0] != moved[1][1] and moved[5][0] != moved[4][1]
 
 
 def test_whole_word_needs_mask_only_replacement(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.sources import resolve_path
 from pipeline.tables import TableError, read_table, table_format
 
 TEXT_SUFFIXES = (".txt",)
@@ -105,16 +107,28 @@ def split_long(text: str, limit: int) -> list[str]:
     return [*pieces, text] if text else pieces
 
 
-def word_offsets(text: str, offsets: list[tuple[int, int]], segmenter: str) -> list[list[int]]:
+@functools.cache
+def jieba_tokenizer(user_words: str) -> Any:
+    """A jieba segmenter of its own (the module-level one is shared state), with `user_words`
+    (a file of words, one a line) added to its dictionary."""
+    import jieba
+
+    segmenter = jieba.Tokenizer()
+    if user_words:
+        segmenter.load_userdict(str(resolve_path(user_words, "masking.user_words")))
+    return segmenter
+
+
+def word_offsets(
+    text: str, offsets: list[tuple[int, int]], segmenter: str, user_words: str = ""
+) -> list[list[int]]:
     """Token offsets moved apart between the words of `segmenter`, so that whole-word masking
     (which starts a word wherever a token does not touch the previous one) sees those words."""
     if not segmenter:
         return [list(o) for o in offsets]
-    import jieba
-
     word_of = np.zeros(len(text) + 1, dtype=np.int64)
     start = 0
-    for index, word in enumerate(jieba.cut(text, HMM=False)):
+    for index, word in enumerate(jieba_tokenizer(user_words).cut(text, HMM=False)):
         word_of[start : start + len(word)] = index
         start += len(word)
     word_of[len(text)] = word_of[len(text) - 1] if text else 0
@@ -122,7 +136,12 @@ def word_offsets(text: str, offsets: list[tuple[int, int]], segmenter: str) -> l
 
 
 def blocks(
-    encoded: dict[str, list], texts: list[str], tokenizer: Any, width: int, group: bool, seg: str
+    encoded: dict[str, list],
+    texts: list[str],
+    tokenizer: Any,
+    width: int,
+    group: bool,
+    masking: Any,
 ) -> dict[str, list]:
     """Token blocks of at most `width` tokens with special tokens: the lines concatenated and cut
     (group) or one per line, truncated. Offsets keep a gap between lines for whole-word masking."""
@@ -135,7 +154,8 @@ def blocks(
     for ids, offsets, text in zip(
         encoded["input_ids"], encoded["offset_mapping"], texts, strict=True
     ):
-        moved = [[s + base, e + base] for s, e in word_offsets(text, offsets, seg)]
+        words = word_offsets(text, offsets, masking.segmenter, masking.user_words)
+        moved = [[s + base, e + base] for s, e in words]
         base = (moved[-1][1] if moved else base) + 2
         if not group:
             chunks.append((ids[:inner], moved[:inner]))

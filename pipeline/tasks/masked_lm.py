@@ -162,7 +162,7 @@ class MaskedLM(Task):
                 tokenizer,
                 p.base.max_length,
                 p.tokenize.group_texts,
-                p.masking.segmenter,
+                p.masking,
             )
             if split != "train":
                 return cloze.mask_once(rows, tokenizer, p.masking, seed)
@@ -342,4 +342,4 @@ def masking_default() -> Any:
     """Held-out blocks carry their masks; the collator only pads them, so these are unused."""
     from pipeline.params import Masking
 
-    return Masking(0.15, 0.8, 0.1, False, "")
+    return Masking(0.15, 0.8, 0.1, False, "", "")
