@@ -42,6 +42,10 @@ def overrides(config: Path) -> list[str]:
                 raise params.ParamsError(
                     f"{config}: unknown key {section}.{key}; {section!r} takes {', '.join(known)}"
                 )
+            if (section, key) == ("base", "model") and Path(str(value)).is_dir():
+                # A model saved here (--save-model) is git-ignored, so not in the experiment's
+                # temporary copy of the repo: it is read from here.
+                value = str(Path(str(value)).resolve())
             out.append(f"{section}.{key}={_value(value)}")
     return out
 
