@@ -128,6 +128,12 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
         rows_in["heldout"] = len(test)
         test, dropped["heldout"] = task.clean(test, p)
         frames["test"] = sample(test, cfg.max_rows, p.base.seed)
+    if cfg.rehearsal:  # old text trained on beside the new, so that it is not forgotten
+        extra = read(task, resolve_path(cfg.rehearsal, "ingest.rehearsal"), p)
+        rows_in["rehearsal"] = len(extra)
+        extra, dropped["rehearsal"] = task.clean(extra, p)
+        extra = sample(extra, cfg.rehearsal_rows, p.base.seed + 2)
+        frames["train"] = pd.concat([frames["train"], extra], ignore_index=True)
     frames = task.finish_splits(frames, p)
     for reasons in dropped.values():
         for reason, count in reasons.items():
@@ -142,6 +148,7 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
     result = {
         "source": cfg.source,
         "heldout": cfg.heldout or None,
+        "rehearsal": cfg.rehearsal or None,
         "source_sha256": lineage.file_digest(source),
         "rows_in": rows_in,
         "dropped": dropped,

@@ -61,6 +61,8 @@ class Ingest:
     heldout: str  # fill-mask: a separate held-out file becomes the test split ("" for a cut)
     probes: str  # fill-mask: JSONL of texts with [MASK] and their expected fills ("" for none)
     text_format: str  # fill-mask .txt lines: "plain", or "word_pos" (word/TAG tokens, joined)
+    rehearsal: str  # rows of another source added to train only (against forgetting), or ""
+    rehearsal_rows: int  # a seeded sample of that many rehearsal rows; 0 takes all
 
     def check(self) -> list[str]:
         errors = []
@@ -72,6 +74,8 @@ class Ingest:
             value = getattr(self, key)
             if not 0.0 < value < 0.5:
                 errors.append(f"ingest.{key}: {value} must be in (0, 0.5)")
+        if self.rehearsal_rows < 0:
+            errors.append(f"ingest.rehearsal_rows: {self.rehearsal_rows} must be >= 0")
         if self.max_rows < 0:
             errors.append(f"ingest.max_rows: {self.max_rows} must be >= 0 (0 keeps every row)")
         if not self.source.strip():
