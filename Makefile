@@ -36,8 +36,8 @@ run: $(STAMP) ## run the whole pipeline on the embedded default model and data
 repro: $(STAMP) ## dvc repro (what changed only), without the summary
 	dvc repro
 
-exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=configs/ner-zh.yaml [SAVE=dir]
-	$(BIN)/python -m pipeline.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE))
+exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v]
+	$(BIN)/python -m pipeline.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(foreach s,$(SET),--set $(s))
 
 test: $(STAMP) ## run the test suite (offline, CPU)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--strategy",
         choices=STRATEGIES,
-        help="fill-mask: joint fills of consecutive masks by beam search or greedy (default beam)",
+        help="fill-mask: joint fills of consecutive masks: beam search or greedy left to right, "
+        "or independent (one pass; for whole-word-masking models) (default beam)",
     )
     predict.add_argument(
         "--beam-size", type=int, help="fill-mask: partial fills kept per step (default 4)"

@@ -5,6 +5,9 @@ name of three characters, a word of two pieces) is also filled jointly, left to 
 takes the best token at the leftmost open mask, puts it in and runs the model again for the next;
 beam search keeps the `beam_size` best partial fills at each step instead of one. A joint fill's
 score is the product of its tokens' probabilities, each given the tokens put in before it.
+`independent` reads every mask from the one pass (no token is put in) and ranks the fills by the
+product of those probabilities: the strategy for a model trained with whole-word masking, which
+saw a word's pieces hidden together, never one shown and the next hidden.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from bertrt.predictor import EngineBacked
 from bertrt.session import run
 
 MASK_TOKENS = ("[MASK]", "<mask>")
-STRATEGIES = ("beam", "greedy")
+STRATEGIES = ("beam", "greedy", "independent")
 MAX_TOP_K = 100
 MAX_BEAM = 32
 _CJK = (
@@ -134,6 +137,7 @@ class FillMask(EngineBacked):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         width = 1 if strategy == "greedy" else beam_size
+        rerun = strategy != "independent"
         texts = list(texts) if not isinstance(texts, str) else texts
         out: list[Filling] = []
         for start in range(0, len(texts), CHUNK):
@@ -148,7 +152,7 @@ class FillMask(EngineBacked):
                     )
             first = self._mask_scores(encodings, batch_size)
             for text, enc, scores in zip(chunk, encodings, first, strict=True):
-                out.append(self._fill(text, enc, scores, top_k, width, batch_size))
+                out.append(self._fill(text, enc, scores, top_k, width, batch_size, rerun))
         return out
 
     def _mask_scores(self, encodings: list[Encoding], batch_size: int) -> list[np.ndarray]:
@@ -167,7 +171,14 @@ class FillMask(EngineBacked):
         return run(engine.session, feeds, engine.output_name, engine.provider)
 
     def _fill(
-        self, text: str, enc: Encoding, scores: np.ndarray, top_k: int, width: int, batch: int
+        self,
+        text: str,
+        enc: Encoding,
+        scores: np.ndarray,
+        top_k: int,
+        width: int,
+        batch: int,
+        rerun: bool,
     ) -> Filling:
         positions = [j for j, t in enumerate(enc.ids) if t == self.mask_id]
         row_of = {p: r for r, p in enumerate(positions)}
@@ -178,7 +189,8 @@ class FillMask(EngineBacked):
                 best = masks[row_of[group[0]]]
                 joint = [(c.token, c.score) for c in best]
             else:
-                joint = self._joint(enc, group, scores[row_of[group[0]]], width, top_k, batch)
+                rows = scores[[row_of[p] for p in group]]
+                joint = self._joint(enc, group, rows, width, top_k, batch, rerun)
             start, end = enc.offsets[group[0]][0], enc.offsets[group[-1]][1]
             candidates = [Candidate(token, score) for token, score in joint]
             fills.append(Fill(start, end, len(group), candidates))
@@ -201,13 +213,15 @@ class FillMask(EngineBacked):
         width: int,
         top_k: int,
         batch: int,
+        rerun: bool,
     ) -> list[tuple[str, float]]:
-        """Left-to-right beam search (width 1: greedy) over one run of masks."""
+        """Left-to-right beam search (width 1: greedy) over one run of masks; `first` holds the
+        one pass's scores of the run's masks, and without `rerun` they are all it reads."""
         beams: list[tuple[list[int], float]] = [([], 0.0)]
         base = np.asarray(enc.ids, dtype=np.int64)
         for step, position in enumerate(group):
-            if step == 0:
-                rows = first[None, :]
+            if step == 0 or not rerun:
+                rows = np.repeat(first[step][None, :], len(beams), axis=0)
             else:
                 filled = []
                 for tokens, _ in beams:

@@ -78,9 +78,10 @@ class FillRequest(BaseModel):
     top_k: int = Field(
         default=5, ge=1, le=100, strict=True, description="best tokens per mask and fills per run"
     )
-    strategy: Literal["beam", "greedy"] = Field(
+    strategy: Literal["beam", "greedy", "independent"] = Field(
         default="beam",
-        description="joint fills of consecutive masks: beam search, or greedy left to right",
+        description="joint fills of consecutive masks: beam search or greedy left to right, or "
+        "independent (each mask from one pass; for whole-word-masking models)",
     )
     beam_size: int = Field(
         default=4, ge=1, le=32, strict=True, description="partial fills kept at each step"

@@ -23,12 +23,21 @@ import yaml
 from pipeline import params
 
 
-def overrides(config: Path) -> list[str]:
-    """`section.key=value` for every value of `config`, checked against params.yaml's keys."""
+def overrides(config: Path, extra: list[str] | None = None) -> list[str]:
+    """`section.key=value` for every value of `config`, then of `extra` (`section.key=value`
+    strings, YAML values), checked against params.yaml's keys."""
     try:
         raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise params.ParamsError(f"{config}: cannot be read ({exc})") from None
+    for item in extra or []:
+        dotted, sep, value = item.partition("=")
+        section, dot, key = dotted.partition(".")
+        if not (sep and dot) or not isinstance(raw, dict):
+            raise params.ParamsError(f"--set {item!r}: write section.key=value")
+        raw.setdefault(section, {})
+        if isinstance(raw[section], dict):
+            raw[section][key] = yaml.safe_load(value)
     if not isinstance(raw, dict):
         raise params.ParamsError(f"{config}: must be a mapping of params.yaml sections")
     out = []
@@ -63,12 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--save-model", type=Path, help="copy the experiment's models/finetuned to this folder"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value of the config (repeatable), e.g. base.model=models/base/x",
+    )
     args = parser.parse_args(argv)
     if args.save_model and args.queue:
         print("error: --save-model needs the run itself, not --queue", file=sys.stderr)
         return 1
     try:
-        sets = overrides(args.config)
+        sets = overrides(args.config, args.set)
     except params.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -25,7 +25,9 @@ def test_shipped_configs_are_valid_params(config: Path, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     loaded = params.load(path)
     assert loaded.base.task in ("token-classification", "fill-mask")
-    assert loaded.base.task != "fill-mask" or loaded.ingest.probes
+    files = [loaded.ingest.source, loaded.ingest.probes, loaded.masking.user_words]
+    for value in files:  # the repo's own corpora, probes and word lists are where configs say
+        assert not value or value.startswith("package:") or (REPO / value).is_file(), value
     assert loaded.ingest.drop_labels == [] and loaded.ingest.group_column == ""
 
 
@@ -43,3 +45,14 @@ def test_bad_configs_are_refused(tmp_path: Path, text: str, message: str) -> Non
     path.write_text(text, encoding="utf-8")
     with pytest.raises(params.ParamsError, match=message):
         overrides(path)
+
+
+def test_set_overrides_a_config_value_and_is_checked(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("base:\n  task: fill-mask\n", encoding="utf-8")
+    sets = overrides(config, ["finetune.epochs=2", "base.task=token-classification"])
+    assert "finetune.epochs=2" in sets and 'base.task="token-classification"' in sets
+    with pytest.raises(params.ParamsError, match="unknown key finetune.epoch"):
+        overrides(config, ["finetune.epoch=2"])
+    with pytest.raises(params.ParamsError, match="write section.key=value"):
+        overrides(config, ["epochs"])

@@ -128,3 +128,16 @@ def test_server_fills_and_documents_its_schema(fill_dir: Path, model: FillMask) 
         assert bad.status_code == 422
         schema = client.get("/openapi.json").json()["components"]["schemas"]
         assert {"FillRequest", "FillResponse", "FillOut"} <= set(schema)
+
+
+def test_independent_fills_rank_products_of_one_pass(model: FillMask) -> None:
+    text = "the [MASK] [MASK] was good"
+    (result,) = model.predict([text], strategy="independent", beam_size=8, top_k=3)
+    enc = model.engine.encode([text])[0][0]
+    ids = list(enc.ids)
+    first, second = [i for i, t in enumerate(ids) if t == model.mask_id]
+    a, b = scores_at(model, ids, first), scores_at(model, ids, second)
+    joint = np.add.outer(a, b)
+    best = np.sort(joint.ravel())[::-1][:3]
+    (fill,) = result.fills
+    assert [c.score for c in fill.candidates] == pytest.approx(np.exp(best).tolist())

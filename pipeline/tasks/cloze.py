@@ -267,9 +267,13 @@ def perplexity(scores: dict[str, float]) -> float:
 
 
 def probe_fills(model: Any, tokenizer: Any, probes: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per probe: the top-5 tokens at each mask, the top-1 fill, and whether it is right (every
-    mask's best token is the answer's token at that place) and whether every answer token is in
-    its mask's top 5."""
+    """Per probe: its top-1 fill from one pass (each mask's best token, as the runtime's
+    `independent` strategy), right only when every mask is; the same filled greedily left to
+    right (each best token put in before the next mask is read, the runtime's `greedy`); and the
+    top 5 tokens of each mask, right when each answer token is in its mask's top 5.
+
+    A model trained with whole-word masking has seen a word's pieces masked together, never one
+    shown and the next hidden, so its one-pass fills are the ones to read."""
     import torch
 
     model.eval()
@@ -277,14 +281,26 @@ def probe_fills(model: Any, tokenizer: Any, probes: pd.DataFrame) -> list[dict[s
     with torch.no_grad():
         for text, answer in zip(probes["text"], probes["answer"], strict=True):
             enc = tokenizer(text, return_tensors="pt", truncation=True)
-            where = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten()
+            ids = enc["input_ids"]
+            where = (ids[0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
             logits = model(**enc).logits[0, where].float()
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.tolist()
-            truth = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            greedy: list[int] = []
+            for step, position in enumerate(where):
+                if step:
+                    ids = ids.clone()
+                    ids[0, where[step - 1]] = greedy[-1]
+                    row = model(**{**enc, "input_ids": ids}).logits[0, position]
+                else:
+                    row = logits[0]
+                greedy.append(int(row.argmax()))
             best = [t[0] for t in top]
+            truth = tokenizer(answer, add_special_tokens=False)["input_ids"]
             out.append(
                 {
                     "fill": fill_text(tokenizer, best),
+                    "greedy": fill_text(tokenizer, greedy),
+                    "greedy_ok": greedy == truth,
                     "top5": [fill_text(tokenizer, t) for t in top],
                     "top1_ok": best == truth,
                     "top5_ok": len(top) == len(truth)
