@@ -50,6 +50,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "data" / "sources", root / "data" / "sources")
     (root / "sources").mkdir()
     pd.DataFrame(synthetic_reviews(240, seed=5)).to_csv(
         root / "sources" / "reviews.csv", index=False
