@@ -73,14 +73,25 @@ def torch_outputs(model: Any, engine: Engine, encodings: list[Any], batch_size: 
     return engine.collect(encodings, batch_size, forward)[0]
 
 
-def compare(got: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> tuple[float, int, int]:
-    """(max |difference|, positions whose argmax differs, positions compared), where valid."""
+def compare(
+    got: np.ndarray, reference: np.ndarray, mask: np.ndarray, atol: float = 0.0
+) -> tuple[float, int, int, int]:
+    """(max |difference|, positions whose argmax differs, positions compared, near ties), where
+    valid. A flip between two scores closer than 2 * atol in the reference is a near tie, not a
+    mismatch: any difference within atol may reorder them (one in millions of positions of a
+    30,000-token vocabulary)."""
     if got.ndim == 3:
         got, reference = got[mask], reference[mask]
     if not len(got):
-        return 0.0, 0, 0
+        return 0.0, 0, 0, 0
     diff = float(np.abs(got - reference).max())
-    return diff, int((got.argmax(-1) != reference.argmax(-1)).sum()), len(got)
+    flipped = got.argmax(-1) != reference.argmax(-1)
+    if reference.shape[-1] > 1:
+        top2 = np.partition(reference, -2, axis=-1)
+        tied = flipped & (top2[..., -1] - top2[..., -2] <= 2 * atol)
+    else:
+        tied = np.zeros_like(flipped)
+    return diff, int((flipped & ~tied).sum()), len(got), int(tied.sum())
 
 
 def build_model_folder(
@@ -171,12 +182,13 @@ def check_parity(
     got: np.ndarray, reference: np.ndarray, mask: np.ndarray, texts: int, atol: float
 ) -> dict[str, Any]:
     """The exported graph (through the runtime, on CPU) against PyTorch, on valid positions."""
-    max_diff, mismatched, positions = compare(got, reference, mask)
+    max_diff, mismatched, positions, ties = compare(got, reference, mask, atol)
     result = {
         "texts": texts,
         "positions": positions,
         "max_abs_logit_diff": max_diff,
         "label_mismatches": mismatched,
+        "near_tie_flips": ties,
         "atol": atol,
         "passed": max_diff <= atol and mismatched == 0,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import synthetic_reviews
@@ -40,3 +41,12 @@ def test_failed_parity_ships_nothing_and_keeps_the_previous_folder(
         build_model_folder(tiny_model_dir, out, texts, max_length=64, opset=17, parity_atol=1e-30)
     assert (out / MANIFEST_FILE).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"], "no temporary folder left behind"
+
+
+def test_a_flip_between_near_tied_scores_is_not_a_mismatch() -> None:
+    from pipeline.export_onnx import compare
+
+    reference = np.array([[1.0, 1.00005, 0.0], [3.0, 1.0, 0.0]])
+    got = np.array([[1.00004, 1.00001, 0.0], [1.0, 3.0, 0.0]])
+    assert compare(got, reference, np.ones(2, bool), atol=1e-4)[1:] == (1, 2, 1)
+    assert compare(got, reference, np.ones(2, bool), atol=0.0)[1:] == (2, 2, 0)
