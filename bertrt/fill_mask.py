@@ -32,12 +32,13 @@ MAX_BEAM = 32
 _CJK = (
     "\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
 )
-_CJK_GAP = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
+_CJK_GAP = re.compile(f"(?<=[{_CJK}])\\s+(?=[{_CJK}])")
 
 
 def join_cjk(text: str) -> str:
-    """Decoded text without the spaces a WordPiece decoder puts between CJK characters."""
-    return _CJK_GAP.sub("", text)
+    """Decoded text without the spaces a WordPiece decoder puts between CJK characters (and
+    around tokens added to its vocabulary), and without spaces at its ends."""
+    return _CJK_GAP.sub("", " ".join(text.split()))
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ def test_bad_requests_are_value_errors(model: FillMask) -> None:
 def test_helpers() -> None:
     assert runs([3, 4, 5, 9, 11, 12]) == [[3, 4, 5], [9], [11, 12]]
     assert join_cjk("诸 葛 涛 and 诸 葛") == "诸葛涛 and 诸葛"
+    assert join_cjk(" 诸   葛   涛 ") == "诸葛涛"
 
 
 def test_cli_prints_fills_and_refuses_other_tasks_options(

@@ -48,6 +48,8 @@ def read_lines(path: Path, column: str, text_format: str = "plain") -> pd.DataFr
             raise TableError(
                 f"{file}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8"
             ) from None
+        if text_format == "word_pos":
+            lines = [strip_tags(line) for line in lines]
         frames.append(
             pd.DataFrame({column: lines, "line": np.arange(1, len(lines) + 1), "file": file.name})
         )
