@@ -123,16 +123,13 @@ def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
         else:
             frames = split(df, p, task)
     if cfg.heldout:
-        heldout = resolve_path(cfg.heldout, "ingest.heldout")
-        test = read(task, heldout, p)
-        rows_in["heldout"] = len(test)
-        test, dropped["heldout"] = task.clean(test, p)
-        frames["test"] = sample(test, cfg.max_rows, p.base.seed)
+        frames["test"] = read_extra(
+            task, "heldout", cfg.max_rows, p.base.seed, rows_in, dropped, p
+        )
     if cfg.rehearsal:  # old text trained on beside the new, so that it is not forgotten
-        extra = read(task, resolve_path(cfg.rehearsal, "ingest.rehearsal"), p)
-        rows_in["rehearsal"] = len(extra)
-        extra, dropped["rehearsal"] = task.clean(extra, p)
-        extra = sample(extra, cfg.rehearsal_rows, p.base.seed + 2)
+        extra = read_extra(
+            task, "rehearsal", cfg.rehearsal_rows, p.base.seed + 2, rows_in, dropped, p
+        )
         frames["train"] = pd.concat([frames["train"], extra], ignore_index=True)
     frames = task.finish_splits(frames, p)
     for reasons in dropped.values():
@@ -176,6 +173,23 @@ def read(task: tasks.Task, path: Path, p: params.Params) -> pd.DataFrame:
             f'{list(df.columns)}; fix ingest.group_column in params.yaml ("" for none)'
         )
     return df.assign(**{SOURCE_FILE: path.name})
+
+
+def read_extra(
+    task: tasks.Task,
+    key: str,
+    rows: int,
+    seed: int,
+    rows_in: dict[str, int],
+    dropped: dict[str, dict[str, int]],
+    p: params.Params,
+) -> pd.DataFrame:
+    """The file of `ingest.<key>` read, cleaned and sampled to `rows` (0: all); its counts go
+    into `rows_in` and `dropped` under `key`."""
+    df = read(task, resolve_path(getattr(p.ingest, key), f"ingest.{key}"), p)
+    rows_in[key] = len(df)
+    df, dropped[key] = task.clean(df, p)
+    return sample(df, rows, seed)
 
 
 def main(argv: list[str] | None = None) -> int:

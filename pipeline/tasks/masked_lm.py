@@ -222,21 +222,20 @@ class MaskedLM(Task):
     def predict(self, model_dir: Path, dataset: Any, test: pd.DataFrame, p: Params) -> Any:
         """Scores of the fine-tuned model and of base.model (before) on the held-out blocks and
         the probes."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, DataCollatorForTokenClassification
 
-        collator_of = lambda tok: cloze.MaskingCollator(tok, masking_default())  # noqa: E731
         out: dict[str, Any] = {}
         probes = test[is_probe(test)]
-        source = resolve_model(p.base.model)
-        for name, folder in (("after", model_dir), ("before", source)):
+        largest = max((max(ids) for ids in dataset["input_ids"]), default=-1)
+        for name, folder in (("after", model_dir), ("before", resolve_model(p.base.model))):
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = self.model_class().from_pretrained(folder)
-            size = model.get_input_embeddings().num_embeddings
-            fits = all(max(ids) < size for ids in dataset["input_ids"]) if len(dataset) else True
+            # Held-out blocks carry their masks and labels: the collator only pads them. A model
+            # without an embedding for a token the tokenize stage added cannot read them.
+            fits = largest < model.get_input_embeddings().num_embeddings
+            pad = DataCollatorForTokenClassification(tokenizer)
             out[name] = (
-                cloze.heldout_scores(model, dataset, collator_of(tokenizer), p.evaluate.batch_size)
-                if fits
-                else None  # the tokenize stage added tokens this model has no embedding for
+                cloze.heldout_scores(model, dataset, pad, p.evaluate.batch_size) if fits else None
             )
             out[f"probes_{name}"] = cloze.probe_fills(model, tokenizer, probes)
         return out
@@ -339,10 +338,3 @@ def check_answers(probes: pd.DataFrame, tokenizer: Any) -> None:
                 "these characters, or add them with tokenize.vocab_extension_min_count (they "
                 "must occur that often in the training text)"
             )
-
-
-def masking_default() -> Any:
-    """Held-out blocks carry their masks; the collator only pads them, so these are unused."""
-    from pipeline.params import Masking
-
-    return Masking(0.15, 0.8, 0.1, False, "", "")
