@@ -15,19 +15,29 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: help venv run repro exp test test-fast lint format bench bench-gpu package mlflow-ui metrics serve clean
+.PHONY: help venv lock run repro exp test test-fast lint format bench bench-gpu package mlflow-ui push pull release promote reproduce metrics serve clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
+# The environment comes from a lock (locks/README.md): every package pinned with its hash, nothing
+# resolved at install time. VARIANT=gpu installs PyPI's CUDA build of torch instead of the CPU one.
+VARIANT ?= cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+LOCK := locks/$(VARIANT).txt
+
+$(STAMP): $(LOCK) locks/assets.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -r requirements.txt
-	$(BIN)/pip install --no-deps -r requirements-assets.txt
+	$(if $(filter cpu,$(VARIANT)),$(BIN)/pip install --require-hashes --no-deps --extra-index-url $(TORCH_CPU_INDEX) -r locks/cpu-torch.txt)
+	$(BIN)/pip install --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --require-hashes --no-deps -r locks/assets.txt
 	$(BIN)/pip install --no-deps -e .
 	touch $@
 
-venv: $(STAMP) ## create the virtual environment with the pinned stack (CPU torch)
+venv: $(STAMP) ## create the virtual environment from the lock (VARIANT=cpu|gpu)
+
+lock: ## re-pin every package with hashes from requirements*.txt into locks/ (needs uv)
+	locks/compile.sh
 
 run: $(STAMP) ## run the whole pipeline on the embedded default model and data
 	dvc repro
@@ -65,6 +75,21 @@ serve: $(STAMP) ## serve the exported model on http://127.0.0.1:8000
 
 mlflow-ui: $(STAMP) ## browse the runs at http://127.0.0.1:5000
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+push: $(STAMP) ## store data, models and the run cache in the DVC remote (.dvc/config)
+	dvc push --run-cache
+
+pull: $(STAMP) ## fetch the data, models and run cache of this commit from the DVC remote
+	dvc pull --run-cache
+
+release: $(STAMP) ## tag a finished run, push its artifacts, register its model: make release TAG=v1
+	$(BIN)/python -m pipeline.release $(TAG) --params params.yaml --model models/onnx --test data/validated/test.parquet $(if $(MODEL),--name $(MODEL))
+
+promote: $(STAMP) ## point models:/MODEL@production at a version: make promote MODEL=m VERSION=2
+	$(BIN)/python -m pipeline.release --params params.yaml --promote $(MODEL) $(VERSION)
+
+reproduce: $(STAMP) ## restore a tag's artifacts in .reproduce/TAG; RERUN=1 re-runs and compares
+	$(BIN)/python -m pipeline.reproduce $(TAG) $(if $(RERUN),--rerun)
 
 metrics: $(STAMP) ## show the committed metrics of the last run
 	dvc metrics show

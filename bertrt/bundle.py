@@ -75,11 +75,18 @@ def bundled_dir(name: str | None = None) -> Path:
 
 
 def resolve_model(spec: str) -> Path:
-    """A model folder from a path, `bundled` or `bundled:NAME` (write `./bundled` for a folder)."""
+    """A model folder from a path; `bundled`, `bundled:NAME` or the bare NAME of a bundled model
+    (a folder of that name wins; write `./NAME`); or an MLflow URI (`models:/name@production`)."""
+    from bertrt import registry
+
     if spec == BUNDLED:
         return bundled_dir()
     if spec.startswith(BUNDLED + ":"):
         return bundled_dir(spec[len(BUNDLED) + 1 :])
+    if registry.is_uri(spec):
+        return registry.fetch(spec)
+    if not Path(spec).exists() and spec in bundled_models():
+        return bundled_dir(spec)
     return Path(spec)
 
 

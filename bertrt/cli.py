@@ -17,6 +17,7 @@ from bertrt.fill_mask import STRATEGIES
 from bertrt.manifest import IntegrityError
 from bertrt.predictor import Predictor, load
 from bertrt.progress import Progress
+from bertrt.registry import RegistryError
 from bertrt.session import DEVICES, DeviceError
 from bertrt.token_classifier import AGGREGATIONS
 
@@ -276,7 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError, IntegrityError, DeviceError, BundleError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        IntegrityError,
+        DeviceError,
+        BundleError,
+        RegistryError,
+    ) as exc:
         if isinstance(exc, BrokenPipeError):
             # The reader went away (`| head`); stop quietly, as cat does.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -146,7 +146,13 @@ def load(
         threads: intra-op threads on CPU; 0 lets ONNX Runtime decide.
         tensorrt: try TensorRT before CUDA where it loads.
         verify: check every file's sha256 against the manifest first.
+
+    `model_dir` may also be an MLflow registry URI (`models:/name@production`; needs mlflow).
     """
+    from bertrt import registry
+
+    if registry.is_uri(model_dir):
+        model_dir = registry.fetch(str(model_dir))
     engine = open_engine(model_dir, device, variant, threads, tensorrt, verify)
     predictor = _predictors().get(engine.manifest.task)
     if predictor is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,19 @@ def _options(threads: int) -> ort.SessionOptions:
     return options
 
 
+@functools.cache
+def cuda_driver() -> bool:
+    """Whether the NVIDIA driver library is present. Without it no CUDA session can start, so
+    CUDA is not tried (onnxruntime-gpu would print library errors on every load)."""
+    for name in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
 def _start(path: Path, providers: list[Any], threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), sess_options=_options(threads), providers=providers)
 
@@ -40,7 +55,7 @@ def start_session(
     """Start a session on `device` and return it with the provider that actually runs it."""
     if device not in DEVICES:
         raise DeviceError(f"device {device!r} is not one of {list(DEVICES)}")
-    if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
+    if device in ("auto", "cuda") and CUDA in ort.get_available_providers() and cuda_driver():
         providers: list[Any] = [CUDA, CPU]
         if tensorrt and TENSORRT in ort.get_available_providers():
             providers.insert(0, (TENSORRT, {"trt_fp16_enable": True}))

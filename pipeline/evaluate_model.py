@@ -23,6 +23,7 @@ def run(
     params_path: Path,
     metrics_path: Path,
     plots_dir: Path,
+    headline_path: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the fine-tuned model on the test split and log into its MLflow run."""
     import mlflow
@@ -41,6 +42,11 @@ def run(
     plots_dir.mkdir(parents=True)
     result = task.evaluate(outputs, dataset, test, labels, p, plots_dir)
     write_json(metrics_path, result)
+    if headline_path is not None:  # the few numbers `dvc metrics show` puts in one row
+        write_json(
+            headline_path,
+            {k: result["overall"][k] for k in task.headline if k in result["overall"]},
+        )
 
     with tracking.run_for_model(p.tracking, lineage.model_digest(model_dir)):
         tracking.log_params_once(p.flat())
@@ -63,9 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True, help="folder for plot files")
+    parser.add_argument("--headline", type=Path, help="the task's headline metrics (JSON)")
     args = parser.parse_args(argv)
     return entry.guarded(
-        lambda: run(args.model, args.tokenized, args.test, args.params, args.metrics, args.plots)
+        lambda: run(
+            args.model,
+            args.tokenized,
+            args.test,
+            args.params,
+            args.metrics,
+            args.plots,
+            args.headline,
+        )
     )
 
 

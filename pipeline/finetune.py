@@ -115,7 +115,7 @@ def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) ->
         bf16=bf16,
         tf32=cuda and torch.cuda.get_device_capability()[0] >= 8,
         report_to=["mlflow"],
-        run_name="finetune",
+        run_name=None,  # the MLflow run is started (and named) by this stage
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -170,6 +170,7 @@ def run(
     if len(tokenizer) > base_vocab:
         log.info("resizing embeddings %d -> %d for the added tokens", base_vocab, len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
+    task.prepare_training(model)
     trainer = Trainer(
         model=model,
         args=training_arguments(p, checkpoints, task),
@@ -183,7 +184,8 @@ def run(
             EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)
         ],
     )
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "finetune") as active:
+    name = None if run_id else tracking.run_name(p.tracking)
+    with mlflow.start_run(run_id=run_id, run_name=name) as active:
         write_json(
             checkpoints / FINGERPRINT, {"fingerprint": fingerprint, "run_id": active.info.run_id}
         )

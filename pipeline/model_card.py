@@ -33,10 +33,10 @@ def render(manifest: Manifest) -> str:
         f"- fine-tuned weights sha256: `{info.get('finetuned_sha256')}`",
         f"- data sha256: `{info.get('data_sha256')}`; params sha256: "
         f"`{info.get('params_sha256')}`",
-        f"- git commit `{git.get('commit')}`"
-        + (" (uncommitted changes)" if git.get("dirty") else "")
-        + (f", tag `{git['tag']}`" if git.get("tag") else ""),
-        f"- MLflow run `{info.get('mlflow_run_id')}`",
+        f"- git commit `{git.get('source_commit')}`"
+        + (" (uncommitted changes)" if git.get("dirty") else ""),
+        f"- MLflow: the run tagged `model_sha256` = `{info.get('finetuned_sha256')}` in "
+        f"experiment `{info.get('mlflow_experiment')}`",
         "",
         "## Test metrics",
         "",

@@ -87,6 +87,10 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
         )
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
 def connect(cfg: Tracking) -> str:
     """Point MLflow at the store and experiment; return the URI. Checks the store first."""
     import mlflow
@@ -96,10 +100,23 @@ def connect(cfg: Tracking) -> str:
     check_store(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment(cfg.experiment)
+        experiment = mlflow.set_experiment(cfg.experiment)
+        if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+            # The UI then opens the experiment on its training runs, not on (empty) GenAI traces.
+            mlflow.set_experiment_tag(EXPERIMENT_KIND, MODEL_TRAINING)
     except Exception as exc:
         raise TrackingError(f"MLflow store {uri} cannot be used: {exc}") from exc
     return uri
+
+
+def run_name(cfg: Tracking) -> str:
+    """A readable run name: the DVC experiment's under `dvc exp run`, else the experiment and
+    the commit (`text-classification@5afd195`)."""
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        return exp_name
+    commit = lineage.git_info()["commit"]
+    return f"{cfg.experiment}@{commit[:7]}" if commit else cfg.experiment
 
 
 def provenance_tags() -> dict[str, str]:
@@ -112,6 +129,12 @@ def provenance_tags() -> dict[str, str]:
         "git_dirty": str(git["dirty"]).lower(),
         "torch_threads": str(torch.get_num_threads()),
     }
+    env = lineage.environment()
+    tags["env_lock"] = str(env["lock"])
+    tags["env_lock_sha256"] = str(env["lock_sha256"])
+    tags["env_matches_lock"] = str(env["matches_lock"]).lower()
+    tags["cpu_capability"] = str(env["cpu"]["torch_capability"])
+    tags["cpu_flags"] = " ".join(env["cpu"]["flags"]) or "none"
     if git["commit"]:
         tags["mlflow.source.git.commit"] = git["commit"]
     if git["tag"]:
@@ -148,7 +171,8 @@ def run_for_model(cfg: Tracking, model_hash: str) -> Iterator[str]:
     run_id = find_run(cfg, model_hash)
     if run_id is None:
         log.warning("no MLflow run holds model %s; starting one for it", model_hash[:12])
-        with mlflow.start_run(tags={MODEL_TAG: model_hash, **provenance_tags()}) as run:
+        tags = {MODEL_TAG: model_hash, **provenance_tags()}
+        with mlflow.start_run(run_name=run_name(cfg), tags=tags) as run:
             yield run.info.run_id
         return
     with mlflow.start_run(run_id=run_id):

@@ -6,6 +6,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -299,3 +301,61 @@ def fill_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     texts = [r["text"] for r in synthetic_reviews(12, seed=4)] + ["the [MASK] [MASK] was good"]
     build_model_folder(root / "ft", root / "onnx", texts, 32, 17, task="fill-mask")
     return root / "onnx"
+
+
+def sh(cmd: list[str], cwd: Path, **extra: str) -> str:
+    env = {
+        **os.environ,
+        **extra,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(cwd / ".dvc" / "tmp" / "site-cache"),
+        "PIPELINE_LOG_LEVEL": "WARNING",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        )
+    return done.stdout + done.stderr
+
+
+def build_pipeline_repo(root: Path, model: Path) -> Path:
+    """A git + DVC repo at `root` with the project's pipeline, on `model` and 240 synthetic
+    reviews, committed."""
+    import pandas as pd
+
+    for name in ("pipeline", "bertrt", "locks"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "data" / "sources", root / "data" / "sources")
+    (root / "sources").mkdir()
+    pd.DataFrame(synthetic_reviews(240, seed=5)).to_csv(
+        root / "sources" / "reviews.csv", index=False
+    )
+    write_params(
+        root,
+        {
+            "base.model": str(model),
+            "base.max_length": 32,
+            "ingest.source": "sources/reviews.csv",
+            "ingest.drop_labels": [],
+            "finetune.epochs": 2,
+            "finetune.batch_size": 16,
+            "finetune.learning_rate": 1e-3,
+            "finetune.warmup_steps": 0,
+            "finetune.logging_steps": 4,
+            "finetune.max_train_samples": 0,
+            "export.min_agreement": 0.9,
+            "export.max_metric_drop": 0.1,
+        },
+    )
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.email", "ci@example.com"], root)
+    sh(["git", "config", "user.name", "CI"], root)
+    sh(["dvc", "init", "-q"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "pipeline"], root)
+    return root

@@ -73,6 +73,19 @@ def test_auto_device_falls_back_to_cpu_without_a_gpu(onnx_model_dir: Path) -> No
     assert loaded.engine.session.get_providers()[0] == CPU
 
 
+def test_a_host_without_a_cuda_driver_loads_without_cuda_errors(onnx_model_dir: Path) -> None:
+    from bertrt.session import cuda_driver
+
+    if cuda_driver():
+        pytest.skip("this host has an NVIDIA driver")
+    code = f"import bertrt; print(bertrt.load({str(onnx_model_dir)!r}).provider)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == CPU
+    assert "cuda" not in done.stderr.lower(), done.stderr
+
+
 def test_cuda_device_refuses_to_fall_back(onnx_model_dir: Path) -> None:
     if cuda_starts(onnx_model_dir / "model.onnx"):
         pytest.skip("a CUDA device is present")

@@ -70,8 +70,11 @@ def test_task_through_every_stage(tmp_path: Path, tiny_model_dir: Path, task: st
         params_path,
         tmp_path / "eval.json",
         tmp_path / "plots",
+        tmp_path / "metrics.json",
     )
     assert metrics["overall"]["rows"] in (16, stats["splits"]["test"].get("blocks"))
+    headline = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(headline) == set(tasks.get(task).headline)  # every headline key is measured
     assert any((tmp_path / "plots").iterdir())
     result = export_onnx.run(
         model,

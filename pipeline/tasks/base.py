@@ -104,6 +104,10 @@ class Task(ABC):
     def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
         """from_pretrained arguments for the head: label count, id2label, label2id."""
 
+    def prepare_training(self, model: Any) -> None:
+        """Adjust the model for training only (hooks that are not saved with it)."""
+        return None
+
     # Whether the Trainer drops dataset columns the model's forward() does not take; a task
     # whose collator reads extra columns (and whose datasets hold nothing else) sets False.
     remove_unused_columns: bool = True
@@ -186,3 +190,5 @@ class Task(ABC):
         `tokenizer` is the exported model's."""
 
     gate_metric: str = "accuracy"
+    # The few test metrics (keys of `evaluate`'s "overall") in reports/metrics.json.
+    headline: tuple[str, ...] = ("accuracy",)

@@ -34,7 +34,8 @@ def strip_tags(line: str) -> str:
 
 def read_lines(path: Path, column: str, text_format: str = "plain") -> pd.DataFrame:
     """A text file as one row a line (`line` is 1-based); a folder as all its .txt files.
-    `word_pos` lines hold word/TAG tokens and become their words joined."""
+    `word_pos` lines hold word/TAG tokens and become their words joined (lines without any
+    stay as they are, so a plain corpus and a tagged rehearsal file can be read together)."""
     files = sorted(f for f in path.rglob("*") if f.is_file() and is_text_file(f))
     if path.is_dir() and not files:
         raise TableError(
@@ -48,8 +49,8 @@ def read_lines(path: Path, column: str, text_format: str = "plain") -> pd.DataFr
             raise TableError(
                 f"{file}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8"
             ) from None
-        if text_format == "word_pos":
-            lines = [strip_tags(line) for line in lines]
+        if text_format == "word_pos":  # a line without word/TAG tokens is plain text
+            lines = [strip_tags(line) if WORD_POS.search(line) else line for line in lines]
         frames.append(
             pd.DataFrame({column: lines, "line": np.arange(1, len(lines) + 1), "file": file.name})
         )

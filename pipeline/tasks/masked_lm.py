@@ -13,7 +13,7 @@ from bertrt.contract import FILL_MASK
 from pipeline.params import Params
 from pipeline.sources import resolve_model, resolve_path
 from pipeline.tables import SPLITS, text_key
-from pipeline.tasks import cloze
+from pipeline.tasks import cloze, sparse_head
 from pipeline.tasks.base import Task
 from pipeline.tasks.text_classification import percentiles
 
@@ -38,6 +38,7 @@ class MaskedLM(Task):
     selection_metric = "loss"
     greater_is_better = False
     gate_metric = "fill_accuracy"
+    headline = ("perplexity", "perplexity_change", "masked_accuracy", "probe_top1")
     long_inputs = "cut into blocks (tokenize.group_texts) or truncated"
     reads_folders = True
     remove_unused_columns = False
@@ -198,10 +199,11 @@ class MaskedLM(Task):
     def collator(self, tokenizer: Any, p: Params) -> Any:
         return cloze.MaskingCollator(tokenizer, p.masking)
 
+    def prepare_training(self, model: Any) -> None:
+        sparse_head.install(model)  # the vocabulary-wide head runs on masked positions only
+
     def reduce_logits(self) -> Any:
-        return lambda logits, labels: (logits[0] if isinstance(logits, tuple) else logits).argmax(
-            -1
-        )
+        return sparse_head.scatter
 
     def compute_metrics(self, labels: list[str]) -> Any:
         def accuracy(eval_pred: Any) -> dict[str, float]:

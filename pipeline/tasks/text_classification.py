@@ -83,6 +83,7 @@ class TextClassification(Task):
     name = TEXT_CLASSIFICATION
     columns = (TEXT, LABEL)
     selection_metric = "macro_f1"
+    headline = ("accuracy", "macro_f1", "ece")
 
     def accepts(self, path: Path) -> bool:
         return table_format(path) is not None

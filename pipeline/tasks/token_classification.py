@@ -99,6 +99,7 @@ class TokenClassification(Task):
     columns = (TOKENS, TAGS)
     selection_metric = "f1"
     gate_metric = "entity_f1"
+    headline = ("f1", "precision", "recall")
     long_inputs = "read in overlapping windows"
 
     def accepts(self, path: Path) -> bool:

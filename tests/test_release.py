@@ -1,0 +1,148 @@
+"""Release end to end in a temporary git repo with a local DVC remote: refusals, tag, pushed
+artifacts, the registered model and its lineage, loading it back by alias, a second release."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import build_pipeline_repo, sh
+
+import bertrt
+
+pytestmark = pytest.mark.slow
+NAME = "text-classification"
+
+
+def release(repo: Path, *args: str) -> str:
+    return sh([sys.executable, "-m", "pipeline.release", *args], repo)
+
+
+def refused(repo: Path, *args: str) -> str:
+    with pytest.raises(AssertionError) as failed:
+        release(repo, *args)
+    return str(failed.value)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("release")
+    repo = build_pipeline_repo(root / "repo", tiny_model_dir)
+    sh(["dvc", "remote", "add", "-d", "storage", str(root / "remote")], repo)
+    sh(["git", "commit", "-qam", "a local remote"], repo)
+    sh(["dvc", "repro"], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def v1(repo: Path) -> str:
+    # Code or params that differ from the commit are refused...
+    params = repo / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("learning_rate: 0.001", "learning_rate: 0.002"))
+    assert "not committed (params.yaml)" in refused(repo, "v1")
+    params.write_text(original)
+    # ...and so is a dvc.lock that the committed code no longer matches.
+    stage = repo / "pipeline" / "validate.py"
+    stage.write_text(stage.read_text() + "\n# changed\n")
+    sh(["git", "commit", "-qam", "a change to validate"], repo)
+    message = refused(repo, "v1")
+    assert "dvc.lock is stale" in message and "validate" in message
+    sh(["git", "reset", "-q", "--hard", "HEAD~1"], repo)
+    return release(repo, "v1", "--message", "baseline")
+
+
+def client(repo: Path) -> object:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_release_tags_the_run_with_its_lock_and_pushes_the_artifacts(repo: Path, v1: str) -> None:
+    assert "released v1" in v1
+    assert sh(["git", "status", "--porcelain", "--untracked-files=no"], repo).strip() == ""
+    lock = yaml.safe_load(sh(["git", "show", "v1:dvc.lock"], repo))
+    assert set(lock["stages"]) >= {"ingest", "finetune", "export"}
+    assert json.loads(sh(["git", "show", "v1:reports/metrics.json"], repo))["accuracy"] > 0
+    status = sh(["dvc", "status", "--cloud", "--json"], repo)
+    assert json.loads(status or "{}") == {}, "everything of v1 is in the remote"
+    assert any((repo.parent / "remote").rglob("*"))
+
+
+def test_the_registered_version_and_the_package_point_at_each_other(repo: Path, v1: str) -> None:
+    registry = client(repo)
+    version = registry.get_model_version_by_alias(NAME, "candidate")
+    manifest = json.loads((repo / "models" / "onnx" / "manifest.json").read_text())
+    provenance = manifest["provenance"]
+    commit = sh(["git", "rev-parse", "v1^{commit}"], repo).strip()
+    assert str(version.version) == "1" and "Release v1" in version.description
+    assert version.tags["git_tag"] == "v1" and version.tags["git_commit"] == commit
+    assert version.tags["model_sha256"] == provenance["finetuned_sha256"]
+    assert version.tags["mlflow_run_id"] == version.run_id
+    assert (
+        registry.get_run(version.run_id).data.tags["model_sha256"] == version.tags["model_sha256"]
+    )
+    # The package names the commit its code and params come from; v1 adds only the run's outputs.
+    changed = sh(["git", "diff", "--name-only", provenance["git"]["source_commit"], "v1"], repo)
+    own = ("dvc.lock", "reports/", ".gitignore")
+    assert changed and all(f.startswith(own) or f.endswith(own) for f in changed.split())
+    assert version.tags["wheel"].endswith(".whl")
+    run = registry.get_run(version.run_id)
+    assert run.data.tags["git_tag"] == "v1"
+    wheels = registry.list_artifacts(version.run_id, "wheel")
+    assert [w.path for w in wheels] == [version.tags["wheel"].split("/", 2)[-1]]
+
+
+def test_the_registered_model_loads_by_alias(repo: Path, v1: str) -> None:
+    import mlflow
+
+    client(repo)
+    texts = pd.read_parquet(repo / "data" / "validated" / "test.parquet")["text"][:8].tolist()
+    local = [p.label for p in bertrt.load(repo / "models" / "onnx").predict(texts)]
+    registered = bertrt.load(f"models:/{NAME}@candidate", device="cpu")
+    assert [p.label for p in registered.predict(texts)] == local
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
+    out = pyfunc.predict(pd.DataFrame({"text": texts}))
+    assert [json.loads(x)["label"] for x in out["prediction"]] == local
+    with pytest.raises(bertrt.registry.RegistryError, match="cannot be fetched"):
+        bertrt.load(f"models:/{NAME}@nowhere")
+
+
+def test_promote_then_a_second_release(repo: Path, v1: str) -> None:
+    release(repo, "--promote", NAME, "1")
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002"))
+    sh(["git", "commit", "-qam", "learning rate 2e-3"], repo)
+    assert "is stale" in refused(repo, "v2")
+    sh(["dvc", "repro"], repo)
+    assert "exists already" in refused(repo, "v1")
+    release(repo, "v2")
+    registry = client(repo)
+    assert str(registry.get_model_version_by_alias(NAME, "candidate").version) == "2"
+    assert str(registry.get_model_version_by_alias(NAME, "production").version) == "1"
+    assert registry.get_model_version(NAME, "2").tags["git_tag"] == "v2"
+
+
+def test_a_fresh_clone_restores_v1_and_reruns_it_to_the_same_bytes(
+    repo: Path, v1: str, tmp_path: Path
+) -> None:
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    out = sh([sys.executable, "-m", "pipeline.reproduce", "v1"], clone)
+    tagged = json.loads(sh(["git", "show", "v1:reports/metrics.json"], repo))
+    assert f"v1 restored in {Path('.reproduce') / 'v1'}: {json.dumps(tagged)}" in out
+    restored = clone / ".reproduce" / "v1"
+    manifest = json.loads((restored / "models" / "onnx" / "manifest.json").read_text())
+    # Every output of v1 is back, but checkpoints (scratch for resuming; never pushed).
+    status = json.loads(sh(["dvc", "status", "--json"], restored) or "{}")
+    assert status in ({}, {"finetune": [{"changed outs": {"models/checkpoints": "deleted"}}]})
+    v1_version = client(repo).get_model_version(NAME, "1")
+    assert manifest["provenance"]["finetuned_sha256"] == v1_version.tags["model_sha256"]
+    out = sh([sys.executable, "-m", "pipeline.reproduce", "v1", "--rerun"], clone)
+    assert "same machine as v1: True" in out and "v1 reproduced: every output is equal" in out
+    assert "DIFFERS" not in out and out.count(" equal") >= 8
