@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import tempfile
@@ -16,6 +17,9 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED = "bundled"
 ORT_VERSION = "1.31.1"
 ONNXRUNTIMES = ("onnxruntime-gpu", "onnxruntime")
+# ONNX Runtime as an extra (`pip install bertrt-model-x[cpu]` or `[gpu]`): a CPU host does not
+# pull the CUDA build. `onnxruntime=` puts one of them into the plain dependencies instead.
+EXTRAS = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
 REQUIREMENTS = ("tokenizers==0.23.3", "numpy>=1.26")
 SERVE_REQUIREMENTS = ("fastapi>=0.115", "uvicorn>=0.30")
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
@@ -34,6 +38,8 @@ dependencies = {dependencies}
 {readme}
 [project.optional-dependencies]
 serve = {serve}
+cpu = {cpu}
+gpu = {gpu}
 
 [project.scripts]
 bertrt = "bertrt.cli:main"
@@ -106,33 +112,70 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 
 
+def default_variants(manifest: manifest_io.Manifest) -> list[str]:
+    """What the runtime would pick on CPU and on CUDA: the graphs a wheel needs by default."""
+    from bertrt.engine import choose_variant
+    from bertrt.session import CPU, CUDA
+
+    return sorted({choose_variant(manifest, provider, None) for provider in (CPU, CUDA)})
+
+
+def bundled_manifest(
+    manifest: manifest_io.Manifest, variants: list[str] | None
+) -> manifest_io.Manifest:
+    """The manifest of the bundled folder: only the chosen variants and their files."""
+    chosen = default_variants(manifest) if variants is None else list(dict.fromkeys(variants))
+    unknown = [v for v in chosen if v not in manifest.variants]
+    if unknown or not chosen:
+        raise BundleError(
+            f"variants {unknown or chosen} are not shipped in this folder; shipped: "
+            f"{sorted(manifest.variants)}"
+        )
+    graphs = {entry["file"] for entry in manifest.variants.values()}
+    keep = {manifest.variants[v]["file"] for v in chosen}
+    files = {f: e for f, e in manifest.files.items() if f not in graphs or f in keep}
+    kept = {v: e for v, e in manifest.variants.items() if v in chosen}
+    return dataclasses.replace(manifest, variants=kept, files=files)
+
+
 def write_project(
-    model_dir: Path, project: Path, name: str, version: str, onnxruntime: str
+    model_dir: Path,
+    project: Path,
+    name: str,
+    version: str,
+    onnxruntime: str | None,
+    variants: list[str] | None = None,
 ) -> None:
     """Lay out a setuptools project with the runtime's modules and the verified model folder."""
     manifest = manifest_io.read(model_dir)
     manifest_io.verify(model_dir, manifest)
+    bundled = bundled_manifest(manifest, variants)
     package = project / "bertrt"
     package.mkdir(parents=True)
     for module in sorted(Path(__file__).resolve().parent.glob("*.py")):
         shutil.copy2(module, package / module.name)
     target = package / "models" / name
     target.mkdir(parents=True)
-    # Only what the manifest lists (plus the manifest and model card): no stray temporary files.
-    for file in [*manifest.files, MANIFEST_FILE, MODEL_CARD_FILE]:
+    # Only what the manifest lists (plus the model card): no stray temporary files.
+    for file in [*bundled.files, MODEL_CARD_FILE]:
         if (model_dir / file).is_file():
             shutil.copy2(model_dir / file, target / file)
+    manifest_io.write(target, bundled)
+    manifest_io.verify(target, bundled)
     readme = ""
     if (model_dir / MODEL_CARD_FILE).is_file():
         shutil.copy2(model_dir / MODEL_CARD_FILE, project / MODEL_CARD_FILE)
         readme = f'readme = "{MODEL_CARD_FILE}"\n'
+    runtime = [f"{onnxruntime}=={ORT_VERSION}"] if onnxruntime else []
     (project / "pyproject.toml").write_text(
         PYPROJECT.format(
             name=name,
             dist_name=name.replace("_", "-"),
             version=version,
-            dependencies=_toml_list([f"{onnxruntime}=={ORT_VERSION}", *REQUIREMENTS]),
+            dependencies=_toml_list([*runtime, *REQUIREMENTS]),
             serve=_toml_list(list(SERVE_REQUIREMENTS)),
+            cpu=_toml_list([f"{EXTRAS['cpu']}=={ORT_VERSION}"]),
+            gpu=_toml_list([f"{EXTRAS['gpu']}=={ORT_VERSION}"]),
             readme=readme,
         ),
         encoding="utf-8",
@@ -144,14 +187,17 @@ def build_wheel(
     out_dir: str | Path,
     name: str = "default",
     version: str | None = None,
-    onnxruntime: str = "onnxruntime-gpu",
+    onnxruntime: str | None = None,
+    variants: list[str] | None = None,
 ) -> Path:
     """Build `bertrt-model-<name>`: the runtime plus the model folder as `bertrt/models/<name>/`.
 
     Args:
         name: the bundled model's name, a lower-case Python identifier.
         version: the wheel's version; the runtime's own version by default.
-        onnxruntime: "onnxruntime-gpu" (runs on CPU too) or "onnxruntime" (CPU only, smaller).
+        onnxruntime: None leaves ONNX Runtime to the extras `[cpu]` (onnxruntime) and `[gpu]`
+            (onnxruntime-gpu); "onnxruntime" or "onnxruntime-gpu" makes it a plain dependency.
+        variants: the graphs to bundle; by default those the runtime picks on CPU and on CUDA.
     """
     from bertrt import __version__
 
@@ -159,7 +205,7 @@ def build_wheel(
         raise BundleError(
             f"bundle name {name!r}: start with a lower-case letter; then letters, digits or _"
         )
-    if onnxruntime not in ONNXRUNTIMES:
+    if onnxruntime is not None and onnxruntime not in ONNXRUNTIMES:
         raise BundleError(f"onnxruntime {onnxruntime!r} is not one of {list(ONNXRUNTIMES)}")
     try:
         import build
@@ -172,7 +218,9 @@ def build_wheel(
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bertrt-bundle-") as tmp:
         project = Path(tmp) / "project"
-        write_project(Path(model_dir), project, name, version or __version__, onnxruntime)
+        write_project(
+            Path(model_dir), project, name, version or __version__, onnxruntime, variants
+        )
         # No isolation: the installed setuptools builds it, so no index is needed.
         builder = build.ProjectBuilder(project, runner=pyproject_hooks.quiet_subprocess_runner)
         missing = builder.check_dependencies("wheel")

@@ -184,8 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_package(args: argparse.Namespace) -> int:
     """Build a wheel with the runtime and the model folder; print its path."""
+    variants = None if args.variants is None else args.variants.split(",")
+    onnxruntime = None if args.onnxruntime == "extras" else args.onnxruntime
     wheel = build_wheel(
-        resolve_model(args.model), args.out, args.name, args.version, args.onnxruntime
+        resolve_model(args.model), args.out, args.name, args.version, onnxruntime, variants
     )
     print(wheel)
     return 0
@@ -266,7 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument("--out", required=True, help="folder for the wheel")
     package.add_argument("--name", default="default", help="bundled model name")
     package.add_argument("--version", help="wheel version (default: the runtime's)")
-    package.add_argument("--onnxruntime", choices=ONNXRUNTIMES, default=ONNXRUNTIMES[0])
+    package.add_argument(
+        "--onnxruntime",
+        choices=["extras", *ONNXRUNTIMES],
+        default="extras",
+        help="extras: ONNX Runtime comes with pip install NAME[cpu] or NAME[gpu] (default)",
+    )
+    package.add_argument(
+        "--variants",
+        help="comma-separated graphs to bundle (default: the ones picked on CPU and on CUDA)",
+    )
     package.set_defaults(run=cmd_package)
     return parser
 

@@ -147,12 +147,13 @@ def load(
         tensorrt: try TensorRT before CUDA where it loads.
         verify: check every file's sha256 against the manifest first.
 
-    `model_dir` may also be an MLflow registry URI (`models:/name@production`; needs mlflow).
+    `model_dir` may also name a model bundled into this installation (`default`, `bundled`) or
+    an MLflow registry URI (`models:/name@production`; needs mlflow).
     """
-    from bertrt import registry
+    if isinstance(model_dir, str):
+        from bertrt.bundle import resolve_model
 
-    if registry.is_uri(model_dir):
-        model_dir = registry.fetch(str(model_dir))
+        model_dir = resolve_model(model_dir)
     engine = open_engine(model_dir, device, variant, threads, tensorrt, verify)
     predictor = _predictors().get(engine.manifest.task)
     if predictor is None:

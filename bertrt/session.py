@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ModuleNotFoundError:  # a wheel installed without its [cpu] or [gpu] extra
+    raise ModuleNotFoundError(
+        "bertrt needs ONNX Runtime: install the model's wheel with an extra, "
+        "pip install 'bertrt-model-NAME[cpu]' (onnxruntime) or '[gpu]' (onnxruntime-gpu)"
+    ) from None
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,29 @@ def wheel(tmp_path_factory: pytest.TempPathFactory, onnx_model_dir: Path) -> Pat
     return build_wheel(onnx_model_dir, tmp_path_factory.mktemp("dist"), name="tiny")
 
 
+@pytest.fixture(scope="module")
+def variants_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model with its optimised, fp16 and int8 graphs (gates wide open: this is about
+    which files a wheel carries, not about the graphs' quality)."""
+    from conftest import synthetic_reviews
+
+    from pipeline.export_onnx import build_model_folder
+
+    out = tmp_path_factory.mktemp("variants") / "model"
+    texts = [r["text"] for r in synthetic_reviews(16, seed=2)]
+    build_model_folder(
+        tiny_model_dir,
+        out,
+        texts,
+        64,
+        17,
+        variants=("fp32-optimized", "fp16", "int8"),
+        min_agreement=0.0,
+        max_metric_drop=1.0,
+    )
+    return out
+
+
 def wheel_text(wheel: Path, name: str) -> str:
     with zipfile.ZipFile(wheel) as archive:
         return archive.read(name).decode("utf-8")
@@ -36,12 +59,16 @@ def wheel_text(wheel: Path, name: str) -> str:
 
 def test_wheel_holds_the_runtime_and_the_model_folder(wheel: Path, onnx_model_dir: Path) -> None:
     assert wheel.name == f"bertrt_model_tiny-{bertrt.__version__}-py3-none-any.whl"
+    full = json.loads((onnx_model_dir / "manifest.json").read_text())
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         model_files = {n.removeprefix("bertrt/models/tiny/") for n in names if "/models/" in n}
-        shipped = {p.name for p in onnx_model_dir.iterdir()}
-        assert model_files == shipped
-        for file in shipped:
+        bundled = json.loads(archive.read("bertrt/models/tiny/manifest.json"))
+        assert bundled["variants"] == full["variants"]
+        assert model_files == {*bundled["files"], "manifest.json"} | (
+            {"README.md"} if (onnx_model_dir / "README.md").is_file() else set()
+        )
+        for file in model_files - {"manifest.json"}:
             data = archive.read(f"bertrt/models/tiny/{file}")
             assert data == (onnx_model_dir / file).read_bytes(), file
     modules = {n.removeprefix("bertrt/") for n in names if n.count("/") == 1 and "bertrt/" in n}
@@ -54,12 +81,13 @@ def test_wheel_depends_on_the_runtime_stack_only(wheel: Path) -> None:
     requires = [
         line.split(": ", 1)[1] for line in metadata.splitlines() if "Requires-Dist" in line
     ]
-    assert requires == [
-        "onnxruntime-gpu==1.31.1",
+    assert requires == [  # ONNX Runtime through an extra: a CPU host skips the CUDA build
         "tokenizers==0.23.3",
         "numpy>=1.26",
         'fastapi>=0.115; extra == "serve"',
         'uvicorn>=0.30; extra == "serve"',
+        'onnxruntime==1.31.1; extra == "cpu"',
+        'onnxruntime-gpu==1.31.1; extra == "gpu"',
     ]
     entry_points = wheel_text(
         wheel, f"bertrt_model_tiny-{bertrt.__version__}.dist-info/entry_points.txt"
@@ -72,7 +100,36 @@ def test_cpu_only_onnxruntime_and_version(tmp_path: Path, onnx_model_dir: Path) 
     assert built.name == "bertrt_model_reviews_v2-2.0.1-py3-none-any.whl"
     metadata = wheel_text(built, "bertrt_model_reviews_v2-2.0.1.dist-info/METADATA")
     assert "Requires-Dist: onnxruntime==1.31.1\n" in metadata
-    assert "onnxruntime-gpu" not in metadata
+    assert "Requires-Dist: onnxruntime-gpu==1.31.1\n" not in metadata
+
+
+def onnx_files(wheel: Path, name: str) -> tuple[dict, set[str]]:
+    with zipfile.ZipFile(wheel) as archive:
+        bundled = json.loads(archive.read(f"bertrt/models/{name}/manifest.json"))
+        names = {n.rsplit("/", 1)[-1] for n in archive.namelist() if n.endswith(".onnx")}
+    return bundled, names
+
+
+def test_a_wheel_carries_the_graphs_picked_on_cpu_and_cuda(
+    tmp_path: Path, variants_dir: Path
+) -> None:
+    full = json.loads((variants_dir / "manifest.json").read_text())
+    assert {"fp32", "fp32-optimized", "fp16", "int8"} <= set(full["variants"])
+    built = build_wheel(variants_dir, tmp_path, "small")
+    bundled, names = onnx_files(built, "small")
+    assert set(bundled["variants"]) == {"fp32-optimized", "fp16"}
+    with zipfile.ZipFile(built) as archive:  # the bundled folder passes its own integrity check
+        archive.extractall(tmp_path / "unpacked")
+    unpacked = bertrt.load(tmp_path / "unpacked" / "bertrt" / "models" / "small", device="cpu")
+    source = bertrt.load(variants_dir, device="cpu")
+    assert unpacked.engine.variant == source.engine.variant == "fp32-optimized"
+    assert [p.label for p in unpacked.predict(TEXTS)] == [p.label for p in source.predict(TEXTS)]
+    assert names == {"model.optimized.onnx", "model.fp16.onnx"}
+    assert set(bundled["files"]) == set(full["files"]) - {"model.onnx", "model.int8.onnx"}
+    chosen, names = onnx_files(build_wheel(variants_dir, tmp_path, "q", variants=["int8"]), "q")
+    assert list(chosen["variants"]) == ["int8"] and names == {"model.int8.onnx"}
+    with pytest.raises(BundleError, match=r"variants \['fp64'\] are not shipped"):
+        build_wheel(variants_dir, tmp_path / "x", "small", variants=["fp64"])
 
 
 @pytest.mark.parametrize(
@@ -131,12 +188,16 @@ def test_load_bundled_matches_the_folder(bundled: Path, onnx_model_dir: Path) ->
     assert [p.label for p in got] == [p.label for p in want]
     assert [p.score for p in got] == pytest.approx([p.score for p in want], abs=1e-9)
     assert bertrt.load_bundled is load_bundled
+    by_name = bertrt.load("tiny", device="cpu").predict(TEXTS)  # a bundled model by its name
+    assert [p.label for p in by_name] == [p.label for p in want]
 
 
 def test_bundled_names_resolve(bundled: Path) -> None:
     shutil.copytree(bundled / "tiny", bundled / "other")
     assert resolve_model("bundled:other") == bundled / "other"
     assert resolve_model("./bundled") == Path("bundled")
+    assert resolve_model("other") == bundled / "other"  # a bundled model by its bare name
+    assert resolve_model("./other") == Path("other")
     assert bundled_dir("tiny") == bundled / "tiny"
     with pytest.raises(
         BundleError, match=r"2 models are bundled, name one of \['other', 'tiny'\]"
@@ -217,7 +278,7 @@ def test_wheel_installs_and_predicts_without_the_training_stack(
     assert [g["label"] for g in got] == [p.label for p in want]
     assert [g["score"] for g in got] == pytest.approx([p.score for p in want], abs=1e-6)
 
-    cli = run_in(clean_venv, tmp_path, "-m", "bertrt", "predict", "--model", "bundled", *TEXTS)
+    cli = run_in(clean_venv, tmp_path, "-m", "bertrt", "predict", "--model", "tiny", *TEXTS)
     assert cli.returncode == 0, cli.stderr
     lines = [json.loads(line) for line in cli.stdout.splitlines()]
     assert [line["label"] for line in lines] == [p.label for p in want]
