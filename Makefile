@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: help venv lock run repro exp test test-fast lint format bench bench-gpu package mlflow-ui push pull release promote reproduce metrics serve clean
+.PHONY: help venv lock run repro exp test test-fast lint format bench bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -90,6 +90,9 @@ promote: $(STAMP) ## point models:/MODEL@production at a version: make promote M
 
 reproduce: $(STAMP) ## restore a tag's artifacts in .reproduce/TAG; RERUN=1 re-runs and compares
 	$(BIN)/python -m pipeline.reproduce $(TAG) $(if $(RERUN),--rerun)
+
+mlflow-server: $(STAMP) ## a team tracking server: PostgreSQL + served artifacts on 127.0.0.1:5001
+	$(BIN)/python -m pipeline.team_server --dir .mlflow-server --port 5001 --db-port 5433
 
 metrics: $(STAMP) ## show the committed metrics of the last run
 	dvc metrics show

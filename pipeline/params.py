@@ -142,6 +142,10 @@ class Masking:
     whole_word: bool  # mask every token of a chosen word
     segmenter: str  # "" (words from the text's gaps) or "jieba" (Chinese words)
     user_words: str  # jieba: a file of extra words, one a line (new names), or ""
+    # Salient-span masking: the words of this file (one a line, e.g. the names being taught)
+    # are masked with salient_probability wherever they occur, besides `probability`.
+    salient_words: str = ""
+    salient_probability: float = 0.0
 
     def check(self) -> list[str]:
         errors = []
@@ -164,6 +168,15 @@ class Masking:
             errors.append("masking.user_words is only read with masking.segmenter: jieba")
         if self.segmenter and not self.whole_word:
             errors.append("masking.segmenter is only read with masking.whole_word: true")
+        if not 0.0 <= self.salient_probability <= 1.0:
+            errors.append(
+                f"masking.salient_probability: {self.salient_probability} must be in [0, 1]"
+            )
+        if bool(self.salient_words) != (self.salient_probability > 0):
+            errors.append(
+                "masking.salient_words and masking.salient_probability go together: a file of "
+                "words and a probability > 0, or neither"
+            )
         return errors
 
 

@@ -304,15 +304,15 @@ def fill_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
 
 
 def sh(cmd: list[str], cwd: Path, **extra: str) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env = {
-        **os.environ,
+        **base,
         **extra,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
         "DVC_SITE_CACHE_DIR": str(cwd / ".dvc" / "tmp" / "site-cache"),
         "PIPELINE_LOG_LEVEL": "WARNING",
     }
-    env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise AssertionError(

@@ -230,6 +230,51 @@ def test_dynamic_masking_statistics_on_a_seeded_batch(tiny_model_dir: Path) -> N
     assert (batch["labels"].numpy()[chosen] == original[chosen]).all()
 
 
+@pytest.mark.parametrize("probability", [1.0, 0.5])
+def test_salient_words_are_masked_whole_that_often(
+    tmp_path: Path, tiny_model_dir: Path, probability: float
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (tmp_path / "names.txt").write_text("clumsy\nbrilliant cast\n", encoding="utf-8")
+    spans = cloze.salient_ids(tokenizer, str(tmp_path / "names.txt"))
+    assert [len(s) for s in spans] == [2, 1]  # the longer one is matched first
+    text = "the brilliant cast was clumsy and the plot was clumsy"
+    ids = tokenizer(text)["input_ids"]
+    where = cloze.find_spans(ids, spans)
+    assert [length for _, length in where] == [2, 1, 1]
+    rows = [
+        {
+            "input_ids": ids,
+            "special_tokens_mask": tokenizer.get_special_tokens_mask(
+                ids, already_has_special_tokens=True
+            ),
+        }
+        for _ in range(300)
+    ]
+    config = masking(
+        probability=0.01,
+        mask_replace_prob=1.0,
+        random_replace_prob=0.0,
+        salient_words=str(tmp_path / "names.txt"),
+        salient_probability=probability,
+    )
+    batch = cloze.MaskingCollator(tokenizer, config, seed=3)(rows)
+    labels, got = batch["labels"].numpy(), batch["input_ids"].numpy()
+    for start, length in where:
+        span = slice(start, start + length)
+        masked = (labels[:, span] != -100).all(axis=1)
+        assert abs(masked.mean() - probability) < 0.1
+        assert (got[masked][:, span] == tokenizer.mask_token_id).all()
+        assert (labels[masked][:, span] == np.array(ids)[span]).all()
+
+
+def test_salient_masking_params_go_together(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(params.ParamsError, match="salient_words and masking.salient_probability"):
+        params.load(mlm_params(tmp_path, tiny_model_dir, **{"masking.salient_probability": 0.5}))
+
+
 def test_whole_word_masking_with_jieba_masks_chinese_words_together() -> None:
     pytest.importorskip("jieba")
     text = "我们喜欢北京天安门"

@@ -213,6 +213,14 @@ class MaskingCollator:
         )
         self.pad = DataCollatorForTokenClassification(tokenizer)
         self.whole_word = masking.whole_word
+        self.mask_id = tokenizer.mask_token_id
+        self.salient = salient_ids(tokenizer, masking.salient_words)
+        self.salient_probability = masking.salient_probability
+        self.generator = None
+        if seed is not None:
+            import torch
+
+            self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if "labels" in features[0]:
@@ -226,7 +234,47 @@ class MaskingCollator:
                 offsets = [list(o) for o in f["offset_mapping"]]
                 row["offset_mapping"] = offsets + [[0, 0]] * (width - len(offsets))
             batch.append(row)
-        return self.mlm(batch)
+        out = self.mlm(batch)
+        if self.salient and self.salient_probability > 0:
+            self.mask_salient(out, [list(f["input_ids"]) for f in features])
+        return out
+
+    def mask_salient(self, out: dict[str, Any], originals: list[list[int]]) -> None:
+        """Salient-span masking: each occurrence of a salient word is masked whole with
+        `salient_probability`, on top of what the library's collator masked."""
+        import torch
+
+        for row, ids in enumerate(originals):
+            for start, length in find_spans(ids, self.salient):
+                draw = torch.rand(1, generator=self.generator).item()
+                if draw < self.salient_probability:
+                    span = slice(start, start + length)
+                    out["labels"][row, span] = torch.tensor(ids[span])
+                    out["input_ids"][row, span] = self.mask_id
+
+
+def salient_ids(tokenizer: Any, words_file: str) -> list[list[int]]:
+    """The token ids of each salient word (longest first, so a longer name wins)."""
+    if not words_file:
+        return []
+    path = resolve_path(words_file, "masking.salient_words")
+    words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()]
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    return sorted((i for i in ids if i), key=len, reverse=True)
+
+
+def find_spans(ids: list[int], spans: list[list[int]]) -> list[tuple[int, int]]:
+    """(start, length) of every non-overlapping occurrence of the `spans` in `ids`."""
+    found, i = [], 0
+    while i < len(ids):
+        for span in spans:
+            if ids[i : i + len(span)] == span:
+                found.append((i, len(span)))
+                i += len(span)
+                break
+        else:
+            i += 1
+    return found
 
 
 def mask_once(rows: dict[str, list], tokenizer: Any, masking: Any, seed: int) -> dict[str, list]:
