@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     if train:
         print(f"  MLflow run {train.get('mlflow_run_id')} in {train.get('tracking_uri')}")
     print("Next:")
-    print("  make mlflow-ui            # runs, curves and plots at http://127.0.0.1:5000")
+    print(
+        "  make mlflow-ui            # http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    )
     print("  dvc metrics show          # reports/*.json")
     print("  dvc plots show --json     # training curves and confusion matrix")
     print(f'  python -m bertrt predict --model {args.model} "a warm, funny film"')

@@ -4,7 +4,14 @@ artifacts, the registered model and its lineage, loading it back by alias, a sec
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -146,3 +153,88 @@ def test_a_fresh_clone_restores_v1_and_reruns_it_to_the_same_bytes(
     out = sh([sys.executable, "-m", "pipeline.reproduce", "v1", "--rerun"], clone)
     assert "same machine as v1: True" in out and "v1 reproduced: every output is equal" in out
     assert "DIFFERS" not in out and out.count(" equal") >= 8
+
+
+def chromium() -> str:
+    """Debian's chromium, installed here if it is missing and apt can; else the test skips."""
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+            subprocess.run(cmd, capture_output=True, timeout=900)
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("chromium is not installed and apt-get could not install it")
+    return found
+
+
+def page(browser: str, url: str, profile: Path, shot: Path) -> str:
+    """The page's text once its scripts have run, and a screenshot of it."""
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
+    common += ["--virtual-time-budget=20000", "--window-size=1400,1000"]
+    subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout))
+
+
+def test_the_mlflow_ui_shows_the_run_its_metrics_and_the_registered_model(
+    repo: Path, v1: str, tmp_path: Path
+) -> None:
+    import mlflow
+
+    browser = chromium()
+    registry = client(repo)
+    version = registry.get_model_version(NAME, "1")
+    run = registry.get_run(version.run_id)
+    experiment = run.info.experiment_id
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{repo / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    shots = Path(os.environ.get("UI_SCREENSHOTS", tmp_path / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        profile = tmp_path / "profile"
+        # The model-training view (the UI's default for a new browser is GenAI).
+        view = "?workflowType=machine_learning"
+        runs = page(
+            browser, f"{base}/#/experiments/{experiment}{view}", profile, shots / "runs.png"
+        )
+        assert run.info.run_name in runs and "Model training" in runs
+        detail = page(
+            browser,
+            f"{base}/#/experiments/{experiment}/runs/{run.info.run_id}{view}",
+            profile,
+            shots / "run.png",
+        )
+        assert run.info.run_name in detail and "test_accuracy" in detail
+        models = page(browser, f"{base}/#/models{view}", profile, shots / "models.png")
+        assert NAME in models
+        assert all((shots / f"{name}.png").stat().st_size > 10_000 for name in ("runs", "models"))
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+    assert mlflow.get_tracking_uri().startswith("sqlite")
