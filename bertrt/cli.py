@@ -156,6 +156,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print the model's metadata as JSON."""
     model = open_model(args)
     info = {**model.metadata(), "shipped_variants": sorted(model.manifest.variants)}
+    provenance = model.manifest.provenance
+    if provenance:  # where the package came from: commit, DVC outputs, lock, MLflow run
+        model_hash = provenance.get("finetuned_sha256")
+        info["lineage"] = {
+            "git_commit": provenance.get("git", {}).get("source_commit"),
+            "uncommitted_changes": provenance.get("git", {}).get("dirty"),
+            "dvc_stages": provenance.get("dvc_stages", {}),
+            "lock": {k: provenance.get("environment", {}).get(k) for k in ("lock", "lock_sha256")},
+            "cpu": provenance.get("environment", {}).get("cpu"),
+            "model_sha256": model_hash,
+            "mlflow_run": f"experiment {provenance.get('mlflow_experiment')!r}, "
+            f"tags.model_sha256 = '{model_hash}'",
+        }
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
 

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -77,6 +79,12 @@ def test_onnx_parity_and_manifest(repo: Path, first_repro: str) -> None:
     info = manifest["provenance"]
     assert info["git"]["source_commit"] and len(info["data_sha256"]) == 64
     assert "finetune" in info["dvc_stages"]
+    command = [sys.executable, "-m", "bertrt", "info", "--model", str(folder), "--device", "cpu"]
+    shown = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    lineage = shown["lineage"]
+    assert lineage["git_commit"] == sh(["git", "rev-parse", "HEAD"], repo).strip()
+    assert lineage["dvc_stages"]["finetune"]["models/finetuned"]
+    assert lineage["model_sha256"] in lineage["mlflow_run"]
     assert str(repo) not in (folder / "manifest.json").read_text().replace(
         info["base_model"]["name"], ""
     ), "no absolute path of this machine in the manifest"
