@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -75,3 +76,32 @@ def test_gpu_benchmark_exits_with_the_reason_without_cuda(tmp_path: Path) -> Non
     with pytest.raises(SystemExit, match=r"benchmarks\.gpu: no CUDA device visible to torch"):
         gpu.main(argv)
     assert not (tmp_path / "b.md").exists()
+
+
+def test_the_masked_lm_step_benchmark_compares_the_two_heads_on_one_batch(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from benchmarks import train_mlm
+
+    out = tmp_path / "benchmarks.md"
+    assert (
+        train_mlm.main(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--batch-size",
+                "4",
+                "--length",
+                "16",
+                "--steps",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = out.read_text()
+    assert "## Masked-LM training step (CPU)" in text and "masked positions only" in text
+    losses = [float(x) for x in re.findall(r"Loss on it: ([0-9.]+) .* and ([0-9.]+) ", text)[0]]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)  # the same loss, less work
