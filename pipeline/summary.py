@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "  make mlflow-ui            # http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
     )
-    print("  dvc metrics show          # reports/*.json")
+    print("  dvc metrics show          # the headline metrics (reports/metrics.json)")
     print("  dvc plots show --json     # training curves and confusion matrix")
     print(f'  python -m bertrt predict --model {args.model} "a warm, funny film"')
     print(f"  python -m bertrt serve --model {args.model}")
