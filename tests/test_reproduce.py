@@ -1,0 +1,54 @@
+"""How a re-run of a tag is judged: equal on the machine that made it, the documented tolerance
+elsewhere, and the first stage outside it named."""
+
+from __future__ import annotations
+
+from pipeline.reproduce import compare
+
+TAGGED = {
+    "ingest": {"data/raw": "a1"},
+    "validate": {"data/validated": "b1"},
+    "tokenize": {"data/tokenized": "c1"},
+    "finetune": {"models/finetuned": "d1"},
+    "export": {"models/onnx": "e1"},
+}
+METRICS = {"accuracy": 0.8259, "macro_f1": 0.8223}
+
+
+def rerun(**changed: str) -> dict[str, dict[str, str]]:
+    out = {stage: dict(outs) for stage, outs in TAGGED.items()}
+    for stage, md5 in changed.items():
+        path = next(iter(out[stage]))
+        out[stage][path] = md5
+    return out
+
+
+def test_everything_equal_reproduces_on_any_machine() -> None:
+    for same in (True, False):
+        rows, first = compare(TAGGED, rerun(), same, 1e-4, (METRICS, dict(METRICS)))
+        assert first is None and all(row[-1] == "equal" for row in rows)
+
+
+def test_on_the_same_machine_any_difference_names_its_stage() -> None:
+    _, first = compare(TAGGED, rerun(finetune="d2", export="e2"), True, 1e-4, (METRICS, METRICS))
+    assert first == "finetune"
+    moved = {**METRICS, "accuracy": 0.8260}
+    _, first = compare(TAGGED, rerun(), True, 1e-4, (METRICS, moved))
+    assert first == "evaluate"
+
+
+def test_elsewhere_weights_may_differ_but_data_and_metrics_may_not() -> None:
+    within = {**METRICS, "accuracy": METRICS["accuracy"] + 5e-5}
+    rows, first = compare(
+        TAGGED, rerun(finetune="d2", export="e2"), False, 1e-4, (METRICS, within)
+    )
+    assert first is None
+    assert any("allowed" in row[-1] for row in rows)
+    assert any(row[-1] == "within tolerance" for row in rows)
+    _, first = compare(
+        TAGGED, rerun(tokenize="c2", finetune="d2"), False, 1e-4, (METRICS, METRICS)
+    )
+    assert first == "tokenize"
+    outside = {**METRICS, "macro_f1": METRICS["macro_f1"] + 1e-3}
+    _, first = compare(TAGGED, rerun(finetune="d2"), False, 1e-4, (METRICS, outside))
+    assert first == "evaluate"
