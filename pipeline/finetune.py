@@ -216,7 +216,7 @@ def run(
         summary = {
             "model_sha256": model_hash,
             "mlflow_run_id": active.info.run_id,
-            "tracking_uri": uri,
+            "tracking_uri": tracking.portable_uri(uri),
             "train_rows": len(train),
             "epochs_run": round(trainer.state.epoch or 0, 4),
             "global_steps": trainer.state.global_step,

@@ -109,6 +109,18 @@ def connect(cfg: Tracking) -> str:
     return uri
 
 
+def portable_uri(uri: str) -> str:
+    """The store's URI as a report may keep it: a SQLite file inside the repo relative to it
+    (as the stages run from the repo root), not this machine's absolute path."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        try:
+            return prefix + Path(uri[len(prefix) :]).resolve().relative_to(repo_root()).as_posix()
+        except ValueError:
+            return uri
+    return uri
+
+
 def run_name(cfg: Tracking) -> str:
     """A readable run name: the DVC experiment's under `dvc exp run`, else the experiment and
     the commit (`text-classification@5afd195`)."""
