@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline import entry, lineage, params, tasks, tracking
+from pipeline import entry, lineage, optim, params, tasks, tracking
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.sources import resolve_model
 from pipeline.vocabulary import TOKENIZER_DIR
@@ -149,7 +149,11 @@ def run(
     data_digest = lineage.file_digest(validated_dir)
     # Checkpoints are only resumed by the same code on the same data with the same params.
     task = tasks.get(p.base.task)
-    sources = [Path(__file__), *sorted(Path(tasks.__file__).parent.glob("*.py"))]
+    sources = [
+        Path(__file__),
+        Path(optim.__file__),
+        *sorted(Path(tasks.__file__).parent.glob("*.py")),
+    ]
     code = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -171,6 +175,12 @@ def run(
         log.info("resizing embeddings %d -> %d for the added tokens", base_vocab, len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
     task.prepare_training(model)
+    cfg = p.finetune
+    custom = (
+        optim.optimizer(model, cfg.learning_rate, cfg.layer_lr_decay, cfg.weight_decay)
+        if cfg.layer_lr_decay < 1.0
+        else None  # the Trainer's own AdamW
+    )
     trainer = Trainer(
         model=model,
         args=training_arguments(p, checkpoints, task),
@@ -180,6 +190,7 @@ def run(
         data_collator=task.collator(tokenizer, p),
         compute_metrics=task.compute_metrics(labels),
         preprocess_logits_for_metrics=task.reduce_logits(),
+        optimizers=(custom, None),
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)
         ],

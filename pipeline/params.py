@@ -192,9 +192,12 @@ class Finetune:
     max_train_samples: int
     threads: int
     logging_steps: int
+    layer_lr_decay: float
 
     def check(self) -> list[str]:
         errors = []
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            errors.append(f"finetune.layer_lr_decay: {self.layer_lr_decay} must be in (0, 1]")
         if not 0.0 < self.learning_rate < 1.0:
             errors.append(f"finetune.learning_rate: {self.learning_rate} must be in (0, 1)")
         if self.epochs <= 0:
