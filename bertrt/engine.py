@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from bertrt import long_text
 from bertrt import manifest as manifest_io
 from bertrt.contract import BASE_VARIANT, INPUT_NAMES, LABELS_FILE, TOKENIZER_FILE
 from bertrt.manifest import Manifest
@@ -28,6 +29,14 @@ CHARS_PER_TOKEN_CAP = 32
 
 class ModelFolderError(ValueError):
     """A model folder that cannot be served."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One window of a text, cut from its encoding by bertrt.long_text (one sequence)."""
+
+    ids: list[int]
+    type_ids: list[int]
 
 
 @dataclass
@@ -49,14 +58,20 @@ class Engine:
         self.output_name = self.manifest.outputs[0]
         self.max_length = int(self.manifest.max_length)
         self.stride = int(self.manifest.window_stride)
+        self.reading = self.manifest.reading()
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.max_length, stride=self.stride)
+        # A classifier that reads long texts whole tokenizes them whole and cuts the ids itself.
+        self.whole = self.reading.strategy != long_text.TRUNCATE
+        if self.whole:
+            self.tokenizer.no_truncation()
+        else:
+            self.tokenizer.enable_truncation(self.max_length, stride=self.stride)
 
     @property
     def labels(self) -> list[str]:
         return self.manifest.labels
 
-    def encode(self, texts: Sequence[str]) -> list[list[Encoding]]:
+    def encode(self, texts: Sequence[str]) -> list[list[Encoding | Piece]]:
         """Per text, its windows: one when texts are cut at max_length, else all of them."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
@@ -64,7 +79,7 @@ class Engine:
             if not isinstance(text, str):
                 raise TypeError(f"text {i} is {type(text).__name__}, expected str")
         cap = self.max_length * CHARS_PER_TOKEN_CAP
-        cut = [text if self.stride else text[:cap] for text in texts]
+        cut = [text if self.stride or self.whole else text[:cap] for text in texts]
         try:
             encodings = self.tokenizer.encode_batch(cut)
         except (TypeError, ValueError) as exc:
@@ -73,9 +88,18 @@ class Engine:
             raise ValueError(
                 f"{where} cannot be tokenised ({exc}); send valid Unicode (no lone surrogates)"
             ) from None
+        if self.whole:
+            return [self.pieces(e) for e in encodings]
         if not self.stride:
             return [[e] for e in encodings]
         return [[e, *e.overflowing] for e in encodings]
+
+    def pieces(self, encoding: Encoding) -> list[Piece]:
+        """The windows `self.reading` cuts a whole text's encoding into."""
+        cut = long_text.split(
+            encoding.ids, encoding.special_tokens_mask, self.max_length, self.reading
+        )
+        return [Piece(ids, [0] * len(ids)) for ids in cut]
 
     def feeds(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
         """The graph's inputs for one batch, padded to its longest encoding."""
@@ -147,6 +171,8 @@ class Engine:
             "provider": self.provider,
             "max_length": self.max_length,
             "window_stride": self.stride,
+            "long_text": self.reading.as_dict(),
+            "temperature": self.manifest.temperature,
             "metrics": self.manifest.metrics,
             "base_model": self.manifest.provenance.get("base_model", {}),
         }

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bertrt.contract import LABELLED_TASKS, MANIFEST_FILE, SCHEMA_VERSION, TASKS
+from bertrt.long_text import Reading
 
 
 class IntegrityError(RuntimeError):
@@ -39,7 +40,11 @@ class Manifest:
 
     Args:
         window_stride: 0 cuts texts at `max_length`; > 0 reads a longer text as overlapping
-            windows of `max_length` tokens that share `window_stride` tokens.
+            windows of `max_length` tokens that share `window_stride` tokens (the tokenizer's
+            own windows, for per-token tasks).
+        long_text: how a classifier reads a text over `max_length` (bertrt.long_text.Reading:
+            truncate, head+tail, or windows whose logits are aggregated); {} truncates.
+        temperature: a classifier's logits are divided by it before the softmax (calibration).
         variants: shipped graphs by name: file, precision, providers, gate.
         files: sha256 and size of every file the folder ships.
         provenance: base model, data and params digests, git, DVC stages, MLflow run.
@@ -55,6 +60,8 @@ class Manifest:
     variants: dict[str, dict[str, Any]]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     window_stride: int = 0
+    long_text: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
     metrics: dict[str, Any] = field(default_factory=dict)
     rejected_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +82,12 @@ class Manifest:
             found.append(f"max_length {self.max_length} must be at least 4")
         if not 0 <= self.window_stride < self.max_length // 2:
             found.append(f"window_stride {self.window_stride} must be in [0, max_length / 2)")
+        try:
+            found += [f"long_text {x}" for x in self.reading().problems(self.max_length)]
+        except TypeError:
+            found.append(f"long_text {self.long_text!r:.80} has keys this runtime does not know")
+        if not 0.0 < self.temperature < 1000.0:
+            found.append(f"temperature {self.temperature} must be in (0, 1000)")
         for name, entry in self.variants.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
                 found.append(f"variants[{name!r}] needs a file name")
@@ -82,6 +95,10 @@ class Manifest:
             if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
                 found.append(f"files[{name!r}] needs sha256 and bytes")
         return found
+
+    def reading(self) -> Reading:
+        """How a text over `max_length` is read (truncated when the folder does not say)."""
+        return Reading.from_dict(self.long_text)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,12 +125,12 @@ class Manifest:
                     )
                 continue
             value = data[item.name]
-            kind = {"int": int, "str": str}.get(str(item.type))
+            kind = {"int": int, "str": str, "float": (int, float)}.get(str(item.type))
             kind = kind or (list if str(item.type).startswith("list") else dict)
             if not isinstance(value, kind) or isinstance(value, bool):
+                name = "number" if kind in (int, (int, float)) else kind.__name__
                 raise IntegrityError(
-                    f"{where}: key {item.name!r} must be a JSON "
-                    f"{'number' if kind is int else kind.__name__}, got {value!r:.60}"
+                    f"{where}: key {item.name!r} must be a JSON {name}, got {value!r:.60}"
                 )
             values[item.name] = value
         manifest = cls(**values)

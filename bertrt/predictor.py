@@ -11,6 +11,7 @@ import numpy as np
 
 from bertrt.contract import FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, VARIANT_FILES
 from bertrt.engine import CHUNK, Engine, ModelFolderError, open_engine
+from bertrt.long_text import aggregate
 from bertrt.manifest import Manifest
 
 
@@ -94,19 +95,23 @@ class TextClassifier(EngineBacked):
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         texts = list(texts)
         result = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        how = self.engine.reading.aggregate
         for start in range(0, len(texts), CHUNK):
             windows = self.engine.encode(texts[start : start + CHUNK])
-            out, _ = self.engine.infer([w[0] for w in windows], batch_size)
-            result[start : start + len(windows)] = out
+            # The windows of every text in one length-sorted pass, then one row per text.
+            out, _ = self.engine.infer([w for per_text in windows for w in per_text], batch_size)
+            result[start : start + len(windows)] = aggregate(out, [len(w) for w in windows], how)
         return result
 
     def predict(
         self, texts: Sequence[str], batch_size: int = 32, top_k: int | None = None
     ) -> list[Prediction]:
-        """Label and softmax score per text; `top_k` adds the k best labels with scores."""
+        """Label and calibrated softmax score per text (the logits divided by the manifest's
+        temperature); `top_k` adds the k best labels with scores."""
         if top_k is not None and not 1 <= top_k <= len(self.labels):
             raise ValueError(f"top_k must be between 1 and {len(self.labels)}, got {top_k}")
-        probs = softmax(self.logits(texts, batch_size).astype(np.float64))
+        logits = self.logits(texts, batch_size).astype(np.float64)
+        probs = softmax(logits / self.manifest.temperature)
         best = probs.argmax(axis=-1)
         predictions = []
         for row, label_id in zip(probs, best, strict=True):

@@ -30,35 +30,55 @@ def run(
     from datasets import load_from_disk
     from transformers import AutoConfig
 
-    p = params.load(params_path, "base", "evaluate", "tracking")
+    p = params.load(params_path, "base", "long_text", "evaluate", "tracking")
     task = tasks.get(p.base.task)
     config = AutoConfig.from_pretrained(model_dir)
     labels = [config.id2label[i] for i in range(config.num_labels)]
-    dataset = load_from_disk(str(tokenized_dir))["test"]
+    data = load_from_disk(str(tokenized_dir))
+    dataset = data["test"]
     test = pd.read_parquet(test_path)
     outputs = task.predict(model_dir, dataset, test, p)
+    validated = pd.read_parquet(test_path.parent / "validation.parquet")
+
+    def validation() -> tuple[Any, Any]:
+        return task.predict(model_dir, data["validation"], validated, p), data["validation"]
+
     if plots_dir.exists():  # files of an earlier run (perhaps of another task) would be logged
         shutil.rmtree(plots_dir)
     plots_dir.mkdir(parents=True)
-    result = task.evaluate(outputs, dataset, test, labels, p, plots_dir)
+    result = task.evaluate(outputs, dataset, test, labels, p, plots_dir, validation)
     write_json(metrics_path, result)
     if headline_path is not None:  # the few numbers `dvc metrics show` puts in one row
-        write_json(
-            headline_path,
-            {k: result["overall"][k] for k in task.headline if k in result["overall"]},
-        )
+        write_json(headline_path, headline(result, task.headline))
 
     with tracking.run_for_model(p.tracking, lineage.model_digest(model_dir)):
         tracking.log_params_once(p.flat())
         mlflow.log_metrics({f"test_{k}": v for k, v in result["overall"].items()})
-        for group in (v for k, v in result.items() if k != "overall"):
+        for key, group in result.items():
+            if key == "overall":
+                continue
             for name, values in group.items():
-                mlflow.log_metrics({f"test_{name}_{k}": v for k, v in values.items()})
+                if isinstance(values, dict):  # per class or entity type, on test
+                    mlflow.log_metrics({f"test_{name}_{k}": v for k, v in values.items()})
+                else:  # a group of numbers of its own: validation_macro_f1, calibration_...
+                    mlflow.log_metric(f"{key}_{name}", values)
         for path in sorted(plots_dir.iterdir()):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
     log.info("test: %s", {k: round(v, 4) for k, v in result["overall"].items()})
     return result
+
+
+def headline(result: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The task's headline numbers: "key" of the overall metrics, "group.key" of another group
+    (nested as {"group": {"key": ...}} in the file)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        group, _, name = key.rpartition(".")
+        source = result.get(group, {}) if group else result["overall"]
+        if name in source:
+            (out.setdefault(group, {}) if group else out)[name] = source[name]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

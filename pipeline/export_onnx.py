@@ -110,11 +110,15 @@ def build_model_folder(
     task: str = TEXT_CLASSIFICATION,
     window_stride: int = 0,
     metrics: dict[str, Any] | None = None,
+    long_text: dict[str, Any] | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Export, check parity on `texts`, and write the complete model folder atomically.
 
     Args:
         score: the task metric of runtime outputs on `texts`, for the variants' metric-drop gate.
+        long_text: how a classifier reads long texts (bertrt.long_text.Reading), as evaluated.
+        temperature: divides a classifier's logits before the softmax (fitted on validation).
         variants: optimised, fp16 and int8 graphs to add; each ships only if its gate passes,
             and every gate result is recorded in the manifest.
 
@@ -139,6 +143,8 @@ def build_model_folder(
             outputs=list(output_names(task)),
             opset=opset,
             window_stride=window_stride,
+            long_text=long_text or {},
+            temperature=temperature,
             variants={
                 BASE_VARIANT: {
                     "file": VARIANT_FILES[BASE_VARIANT],
@@ -218,13 +224,14 @@ def run(
     """Export the fine-tuned model to `out_dir` and record the result in `report` and MLflow."""
     from transformers import AutoConfig, AutoTokenizer
 
-    p = params.load(params_path, "base", "tokenize", "export", "tracking")
+    p = params.load(params_path, "base", "tokenize", "long_text", "export", "tracking")
     task = tasks.get(p.base.task)
     test = pd.read_parquet(test_path)
     config = AutoConfig.from_pretrained(model_dir)
     labels = task.output_labels(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stride = task.window_stride(p)
+    reading = task.reading(p)
     model_hash = lineage.model_digest(model_dir)
     metrics = json.loads(Path(eval_report).read_text(encoding="utf-8"))
     git = lineage.git_info()
@@ -256,7 +263,7 @@ def run(
             p.export.batch_size,
             provenance,
             score=lambda windows, outputs: task.score(
-                windows, outputs, test, labels, stride, tokenizer
+                windows, outputs, test, labels, p, tokenizer
             ),
             variants=tuple(p.export.variants),
             min_agreement=p.export.min_agreement,
@@ -264,6 +271,8 @@ def run(
             task=task.name,
             window_stride=stride,
             metrics=metrics.get("overall", metrics),
+            long_text=reading.as_dict() if reading else {},
+            temperature=float(metrics.get("calibration", {}).get("temperature", 1.0)),
         )
         manifest = manifest_io.read(out_dir)
         model_card.write(out_dir, manifest)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from bertrt.contract import OPTIONAL_VARIANTS, TASKS
+from bertrt.long_text import Reading
 
 TAG_SCHEMES = ("iob1", "iob2", "bioes")
 BROKEN_TAGS = ("refuse", "repair")
@@ -127,6 +128,23 @@ class Tokenize:
                 ">= 0 (0 keeps the vocabulary as it is)"
             )
         return errors
+
+
+@dataclass(frozen=True)
+class LongText:
+    """Text classification: how a text over base.max_length tokens is read (bertrt.long_text)."""
+
+    strategy: str
+    stride: int
+    head_fraction: float
+    aggregate: str
+
+    def reading(self) -> Reading:
+        return Reading(self.strategy, self.stride, self.head_fraction, self.aggregate)
+
+    def check(self) -> list[str]:
+        # The stride is checked against base.max_length where both are known (tokenize).
+        return [f"long_text.{problem}" for problem in self.reading().problems(1 << 30)]
 
 
 SEGMENTERS = ("", "jieba")
@@ -265,6 +283,7 @@ SECTIONS: dict[str, type] = {
     "ingest": Ingest,
     "validate": Validate,
     "tokenize": Tokenize,
+    "long_text": LongText,
     "masking": Masking,
     "finetune": Finetune,
     "evaluate": Evaluate,
@@ -297,9 +316,14 @@ class Params:
             for key, value in section.items()
         }
 
-    def digest(self) -> str:
-        """sha256 of the loaded sections, canonical JSON."""
-        blob = json.dumps(self.as_dict(), sort_keys=True, default=str).encode()
+    def digest(self, skip: tuple[str, ...] = ()) -> str:
+        """sha256 of the loaded sections, canonical JSON; `skip` leaves out "section.key"s that
+        a stage loads but whose value does not change its output."""
+        data = self.as_dict()
+        for dotted in skip:
+            section, key = dotted.split(".", 1)
+            data.get(section, {}).pop(key, None)
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

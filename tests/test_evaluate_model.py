@@ -33,3 +33,23 @@ def test_softmax_rows_sum_to_one_and_keep_the_order() -> None:
     probs = task.softmax(np.array([[1000.0, 0.0], [0.0, 2.0]]))
     assert np.allclose(probs.sum(axis=1), 1.0)
     assert probs.argmax(axis=1).tolist() == [0, 1]
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_model() -> None:
+    from pipeline.tasks import calibration
+
+    rng = np.random.default_rng(0)
+    # 70 % right, but logits far apart: about 99 % confident.
+    truth = rng.integers(0, 2, 2000)
+    predicted = np.where(rng.random(2000) < 0.7, truth, 1 - truth)
+    logits = np.zeros((2000, 2))
+    logits[np.arange(2000), predicted] = 5.0
+    val, test = slice(0, 1000), slice(1000, 2000)
+    result = calibration.calibration(logits[val], truth[val], logits[test], truth[test], 15)
+    assert result["temperature"] > 1.5  # softened
+    assert result["ece_after"] < result["ece_before"] / 5
+    assert result["nll_after"] < result["nll_before"]
+    # A well-calibrated model keeps a temperature near 1.
+    sharp = np.zeros((1000, 2))
+    sharp[np.arange(1000), predicted[:1000]] = np.log(0.7 / 0.3)
+    assert calibration.fit_temperature(sharp, truth[:1000]) == pytest.approx(1.0, abs=0.15)

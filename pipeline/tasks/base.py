@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from bertrt.long_text import Reading
 from pipeline.params import Params
 
 
@@ -95,6 +97,11 @@ class Task(ABC):
         """Tokens shared by consecutive windows of a long input; 0 cuts inputs at max_length."""
         return 0
 
+    def reading(self, p: Params) -> Reading | None:
+        """How a text over max_length is read and its windows' outputs combined, when the task
+        reads one output per text (bertrt.long_text); None for the tokenizer's own windows."""
+        return None
+
     # finetune -------------------------------------------------------------------------------
     @abstractmethod
     def model_class(self) -> Any:
@@ -158,9 +165,13 @@ class Task(ABC):
         labels: list[str],
         p: Params,
         plots_dir: Path,
+        validation: Callable[[], tuple[np.ndarray, Any]] | None = None,
     ) -> dict[str, Any]:
         """Test metrics ({"overall": ..., ...}) from `predict`'s outputs on the tokenized test
-        split; writes its tables and plots (every file is logged to MLflow) into `plots_dir`."""
+        split; writes its tables and plots (every file is logged to MLflow) into `plots_dir`.
+
+        `validation()` gives `predict`'s outputs on the tokenized validation split and that
+        split, for what is fitted on it (a classifier's temperature) and the selection metric."""
 
     # export ---------------------------------------------------------------------------------
     def output_labels(self, config: Any) -> list[str]:
@@ -182,13 +193,14 @@ class Task(ABC):
         outputs: np.ndarray,
         test: pd.DataFrame,
         labels: list[str],
-        stride: int,
+        p: Params,
         tokenizer: Any,
     ) -> float:
-        """The task metric of runtime outputs (one row per window, `stride` tokens shared by
-        consecutive windows) on the test rows, for the variant gates: accuracy, or entity F1.
-        `tokenizer` is the exported model's."""
+        """The task metric of runtime outputs (one row per window of `windows`, cut as `p` says)
+        on the test rows, for the variant gates: accuracy, or entity F1. `tokenizer` is the
+        exported model's."""
 
     gate_metric: str = "accuracy"
-    # The few test metrics (keys of `evaluate`'s "overall") in reports/metrics.json.
+    # The few metrics in reports/metrics.json: keys of `evaluate`'s "overall", or
+    # "group.key" for another group of it (e.g. "validation.macro_f1").
     headline: tuple[str, ...] = ("accuracy",)

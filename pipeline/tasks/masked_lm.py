@@ -250,6 +250,7 @@ class MaskedLM(Task):
         labels: list[str],
         p: Params,
         plots_dir: Path,
+        validation: Any = None,
     ) -> dict[str, Any]:
         after, before = predictions["after"], predictions["before"]
         overall: dict[str, Any] = {
@@ -308,7 +309,7 @@ class MaskedLM(Task):
         outputs: np.ndarray,
         test: pd.DataFrame,
         labels: list[str],
-        stride: int,
+        p: Params,
         tokenizer: Any = None,
     ) -> float:
         """Probe top-1 accuracy (every mask right); without probes, how often each held-out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -10,21 +9,18 @@ import numpy as np
 import pandas as pd
 from pandera.errors import SchemaErrors
 
+from bertrt import long_text
 from bertrt.contract import TEXT_CLASSIFICATION
+from bertrt.long_text import aggregate
 from pipeline.params import Params
 from pipeline.tables import SPLITS, TableError, read_table, table_format, text_key
 from pipeline.tasks.base import Task
+from pipeline.tasks.calibration import calibration, expected_calibration_error, softmax
 from pipeline.tasks.confusion import confusion_png
 from pipeline.text_schema import as_label, failures_from, has_kind, label_kind, schema
 
 TEXT = "text"
 LABEL = "label"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def compute_metrics(eval_pred: Any) -> dict[str, float]:
@@ -37,19 +33,6 @@ def compute_metrics(eval_pred: Any) -> dict[str, float]:
         "accuracy": float(accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
     }
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
-    """ECE with equal-width confidence bins (scikit-learn has no ECE)."""
-    confidence = probs.max(axis=-1)
-    correct = probs.argmax(axis=-1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
-    for low, high in itertools.pairwise(edges):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
 
 
 def metrics(probs: np.ndarray, truth: np.ndarray, labels: list[str], bins: int) -> dict[str, Any]:
@@ -83,7 +66,7 @@ class TextClassification(Task):
     name = TEXT_CLASSIFICATION
     columns = (TEXT, LABEL)
     selection_metric = "macro_f1"
-    headline = ("accuracy", "macro_f1", "ece")
+    headline = ("accuracy", "macro_f1", "ece", "calibration.ece_after", "validation.macro_f1")
 
     def accepts(self, path: Path) -> bool:
         return table_format(path) is not None
@@ -183,28 +166,54 @@ class TextClassification(Task):
         split: str = "train",
     ) -> tuple[Any, dict[str, Any]]:
         label2id = {label: i for i, label in enumerate(labels)}
-        max_length = p.base.max_length
+        max_length, reading = p.base.max_length, self.reading(p)
+        problems = reading.problems(max_length)
+        if problems:
+            raise ValueError(f"long_text: {'; '.join(problems)} (base.max_length {max_length})")
+        has_types = "token_type_ids" in tokenizer.model_input_names
 
-        def encode(batch: dict[str, list]) -> dict[str, list]:
-            encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_length)
-            encoded["labels"] = [label2id[label] for label in batch[LABEL]]
-            return encoded
+        def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            # Whole texts, cut by the same code as the runtime's (bertrt.long_text); `doc`
+            # numbers the text each window comes from, to aggregate them again.
+            whole = tokenizer(batch[TEXT], return_special_tokens_mask=True, verbose=False)
+            out: dict[str, list] = {"input_ids": [], "labels": [], "doc": []}
+            ids_mask = zip(whole["input_ids"], whole["special_tokens_mask"], strict=True)
+            for (ids, special), label, doc in zip(ids_mask, batch[LABEL], indices, strict=True):
+                for window in long_text.split(ids, special, max_length, reading):
+                    out["input_ids"].append(window)
+                    out["labels"].append(label2id[label])
+                    out["doc"].append(doc)
+            out["attention_mask"] = [[1] * len(w) for w in out["input_ids"]]
+            if has_types:
+                out["token_type_ids"] = [[0] * len(w) for w in out["input_ids"]]
+            return out
 
         tokens = lengths(tokenizer, dataset[TEXT])
         out = dataset.map(
             encode,
             batched=True,
+            with_indices=True,
             batch_size=p.tokenize.batch_size,
             remove_columns=dataset.column_names,
             new_fingerprint=fingerprint,
             desc="tokenizing",
         )
-        truncated = float((tokens > max_length).mean()) if len(tokens) else 0.0
+        over = tokens > max_length
+        windows = np.bincount(np.asarray(out["doc"], dtype=np.int64), minlength=len(tokens))
+        read = tokens if reading.strategy == long_text.WINDOWS else np.minimum(tokens, max_length)
         return out, {
             "rows": len(dataset),
-            "truncation_rate": round(truncated, 6),
+            "truncation_rate": round(float(over.mean()), 6) if len(tokens) else 0.0,
             "token_length": percentiles(tokens),
+            "long_text": reading.strategy,
+            "windows": int(windows.sum()),
+            "windows_per_text": percentiles(windows),
+            # Share of all tokens the model sees (specials counted; 1.0 with windows).
+            "tokens_read": round(float(read.sum() / tokens.sum()), 6) if len(tokens) else 1.0,
         }
+
+    def reading(self, p: Params) -> long_text.Reading:
+        return p.long_text.reading()
 
     def model_class(self) -> Any:
         from transformers import AutoModelForSequenceClassification
@@ -242,12 +251,21 @@ class TextClassification(Task):
         labels: list[str],
         p: Params,
         plots_dir: Path,
+        validation: Any = None,
     ) -> dict[str, Any]:
-        truth = np.asarray(dataset["labels"])
+        how = self.reading(p).aggregate
+        logits, truth = per_text(predictions, dataset, how)
         if len(test) != len(truth):
             raise ValueError(f"{len(test)} test rows but the tokenized test has {len(truth)}")
-        probs = softmax(np.asarray(predictions, dtype=np.float64))
+        probs = softmax(logits)
         result = metrics(probs, truth, labels, p.evaluate.ece_bins)
+        if validation is not None:
+            val_logits, val_truth = per_text(*validation(), how)
+            val = metrics(softmax(val_logits), val_truth, labels, p.evaluate.ece_bins)["overall"]
+            result["validation"] = {k: val[k] for k in ("accuracy", "macro_f1", "ece", "rows")}
+            result["calibration"] = calibration(
+                val_logits, val_truth, logits, truth, p.evaluate.ece_bins
+            )
         predicted = probs.argmax(axis=-1)
         rows = pd.DataFrame(
             {"actual": [labels[i] for i in truth], "predicted": [labels[i] for i in predicted]}
@@ -282,11 +300,24 @@ class TextClassification(Task):
         outputs: np.ndarray,
         test: pd.DataFrame,
         labels: list[str],
-        stride: int,
+        p: Params,
         tokenizer: Any = None,
     ) -> float:
         truth = truth_ids(test, labels)
-        return float((outputs.argmax(-1) == truth).mean()) if len(truth) else 0.0
+        per = aggregate(outputs, [len(w) for w in windows], self.reading(p).aggregate)
+        return float((per.argmax(-1) == truth).mean()) if len(truth) else 0.0
+
+
+def per_text(outputs: np.ndarray, dataset: Any, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, label ids), one row per text, from the rows of its windows (column `doc`)."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    labels = np.asarray(dataset["labels"], dtype=np.int64)
+    if "doc" not in dataset.column_names:  # one row per text
+        return outputs, labels
+    doc = np.asarray(dataset["doc"], dtype=np.int64)
+    counts = np.bincount(doc)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return aggregate(outputs, counts, how), labels[starts]
 
 
 def truth_ids(test: pd.DataFrame, labels: list[str]) -> np.ndarray:

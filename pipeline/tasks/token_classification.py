@@ -324,6 +324,7 @@ class TokenClassification(Task):
         labels: list[str],
         p: Params,
         plots_dir: Path,
+        validation: Any = None,
     ) -> dict[str, Any]:
         from pipeline.tasks.tag_report import write_report
 
@@ -360,14 +361,14 @@ class TokenClassification(Task):
         outputs: np.ndarray,
         test: pd.DataFrame,
         labels: list[str],
-        stride: int,
+        p: Params,
         tokenizer: Any = None,
     ) -> float:
         guess, at = [], 0
         for per_text, tokens in zip(windows, test[TOKENS], strict=True):
             outs = [outputs[at + i, : len(w.ids)] for i, w in enumerate(per_text)]
             at += len(per_text)
-            offsets, scores, _ = merge_windows(per_text, outs, stride)
+            offsets, scores, _ = merge_windows(per_text, outs, self.window_stride(p))
             starts = np.cumsum([0, *[len(t) + 1 for t in tokens[:-1]]])
             first = {}
             for (start, _), row in zip(offsets, scores, strict=True):
