@@ -58,10 +58,18 @@ class Engine:
         self.output_name = self.manifest.outputs[0]
         self.max_length = int(self.manifest.max_length)
         self.stride = int(self.manifest.window_stride)
-        self.reading = self.manifest.reading()
         self.tokenizer.no_padding()
+        self.read_as(self.manifest.reading())
+
+    def read_as(self, reading: long_text.Reading) -> None:
+        """Read long texts as `reading` says. A model folder is served as its manifest says (as
+        it was evaluated); this is for measuring another reading of the same graph."""
+        problems = reading.problems(self.max_length)
+        if problems:
+            raise ValueError(f"long_text: {'; '.join(problems)}")
+        self.reading = reading
         # A classifier that reads long texts whole tokenizes them whole and cuts the ids itself.
-        self.whole = self.reading.strategy != long_text.TRUNCATE
+        self.whole = reading.strategy != long_text.TRUNCATE
         if self.whole:
             self.tokenizer.no_truncation()
         else:

@@ -105,3 +105,42 @@ def test_the_masked_lm_step_benchmark_compares_the_two_heads_on_one_batch(
     assert "## Masked-LM training step (CPU)" in text and "masked positions only" in text
     losses = [float(x) for x in re.findall(r"Loss on it: ([0-9.]+) .* and ([0-9.]+) ", text)[0]]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)  # the same loss, less work
+
+
+def test_pseudo_reviews_join_one_movies_snippets_of_one_label_in_a_seeded_order() -> None:
+    from benchmarks.long_documents import documents
+
+    rows = pd.DataFrame(synthetic_reviews(90, seed=7))
+    rows["movie_name"] = [f"m{i % 4}" for i in range(90)]
+    built = documents(rows, "text", "category", "movie_name", 5, seed=1)
+    assert built.equals(documents(rows, "text", "category", "movie_name", 5, seed=1))
+    assert not built.equals(documents(rows, "text", "category", "movie_name", 5, seed=2))
+    source = {(r.movie_name, r.text): r.category for r in rows.itertuples()}
+    for doc in built.itertuples():
+        parts = [t for (movie, t), label in source.items() if movie == doc.group and t in doc.text]
+        assert {source[(doc.group, t)] for t in parts} == {doc.label}
+        assert len(parts) >= 2  # at least half of 5 snippets (rounded down)
+    assert len(built) >= 90 // 5 - 8  # at most one short piece per (movie, label) dropped
+
+
+def test_long_document_benchmark_on_the_tiny_model(tmp_path: Path, onnx_model_dir: Path) -> None:
+    from conftest import write_params
+
+    from benchmarks import long_documents
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = synthetic_reviews(240, seed=8)
+    for name, part in (("train", rows[:120]), ("validation", rows[120:180]), ("test", rows[180:])):
+        pd.DataFrame(part).to_parquet(raw / f"{name}.parquet")
+    params = write_params(tmp_path, {"ingest.drop_labels": []})
+    out, out_json = tmp_path / "benchmarks.md", tmp_path / "long.json"
+    argv = ["--raw", str(raw), "--params", str(params), "--model-dir", str(onnx_model_dir)]
+    argv += ["--snippets", "6", "--out", str(out), "--json", str(out_json)]
+    assert long_documents.main(argv) == 0
+    data = json.loads(out_json.read_text(encoding="utf-8"))
+    assert len(data["readings"]) == len(long_documents.READINGS)
+    windows = {r["reading"]: r["windows"] for r in data["readings"]}
+    assert windows["truncate"] == 1.0 and windows["windows, stride 32, mean"] >= 1.0
+    assert 0.0 <= data["tfidf"]["accuracy"] <= 1.0
+    assert "## Long documents (CPU)" in out.read_text(encoding="utf-8")
