@@ -191,6 +191,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_size=args.batch_size,
         max_concurrency=args.max_concurrency,
+        batching=server.Batching(
+            max_texts=args.gather_texts,
+            max_wait_ms=args.gather_ms,
+            max_queue=args.max_queue,
+            deadline_s=args.deadline,
+        ),
     )
     return 0
 
@@ -274,6 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
     serve.add_argument("--max-batch", type=int, default=256, help="most texts per request")
     serve.add_argument("--max-concurrency", type=int, default=2, help="inferences at once")
+    serve.add_argument(
+        "--gather-ms",
+        type=float,
+        default=5.0,
+        help="gather concurrent requests' texts for at most this long into one run (0: no wait)",
+    )
+    serve.add_argument(
+        "--gather-texts",
+        type=int,
+        default=64,
+        help="or until this many wait (1: none)",
+    )
+    serve.add_argument(
+        "--max-queue", type=int, default=2048, help="texts allowed to wait; more get 503"
+    )
+    serve.add_argument(
+        "--deadline", type=float, default=30.0, help="seconds a request may take; later: 504"
+    )
     serve.set_defaults(run=cmd_serve)
 
     package = commands.add_parser("package", help="build a wheel bundling runtime and model")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-import anyio
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bertrt import __version__
+from bertrt.batcher import Batcher, DeadlineExceeded, Overloaded
 from bertrt.contract import FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from bertrt.predictor import Predictor
 
@@ -224,12 +225,25 @@ class BodyLimit:
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How requests share runs (bertrt.batcher.Batcher): gather for at most `max_wait_ms` or
+    until `max_texts` texts wait; at most `max_queue` texts wait (then 503 with Retry-After);
+    a request not answered in `deadline_s` gets 504. `max_texts=1` runs each request alone."""
+
+    max_texts: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int = 2048
+    deadline_s: float = 30.0
+
+
 def create_app(
     predictor: Predictor,
     max_body_bytes: int = 1 << 20,
     max_batch: int = 256,
     batch_size: int = 32,
     max_concurrency: int = 2,
+    batching: Batching | None = None,
 ) -> FastAPI:
     """The HTTP API over one loaded predictor.
 
@@ -238,23 +252,35 @@ def create_app(
         max_batch: requests with more texts get 413.
         max_concurrency: inferences running at once in worker threads; ONNX Runtime sessions are
             thread-safe, and each run already uses every intra-op thread it was given.
+        batching: how concurrent requests are gathered into shared runs (`Batching()`).
     """
     if max_body_bytes <= 0 or max_batch <= 0 or max_concurrency <= 0:
         raise ValueError("max_body_bytes, max_batch and max_concurrency must be > 0")
-    limiter = anyio.CapacityLimiter(max_concurrency)
+    batching = batching or Batching()
+    batcher = Batcher(
+        partial(predictor.predict, batch_size=batch_size),
+        max_texts=batching.max_texts,
+        max_wait_ms=batching.max_wait_ms,
+        max_queue=batching.max_queue,
+        deadline_s=batching.deadline_s,
+        workers=max_concurrency,
+    )
     meta = predictor.metadata()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info(
-            "serving %s: %s variant on %s, max body %d bytes, max batch %d",
+            "serving %s: %s variant on %s, max body %d bytes, max batch %d, %s",
             predictor.folder,
             predictor.variant,
             predictor.provider,
             max_body_bytes,
             max_batch,
+            batching,
         )
+        await batcher.start()
         yield
+        await batcher.stop()  # what is queued is answered first
 
     app = FastAPI(
         title="bertrt",
@@ -286,12 +312,16 @@ def create_app(
                 "split the batch",
             )
         options = request.model_dump(exclude={"texts"}, exclude_none=True)
-        run = partial(predictor.predict, request.texts, batch_size, **options)
         try:
-            # In a worker thread: the event loop keeps serving while ONNX Runtime computes.
-            predictions = await anyio.to_thread.run_sync(run, limiter=limiter)
+            # Gathered with other requests' texts; run in a worker thread, so the event loop
+            # keeps serving while ONNX Runtime computes.
+            predictions = await batcher.submit(request.texts, **options)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
+        except Overloaded as exc:
+            raise HTTPException(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        except DeadlineExceeded as exc:
+            raise HTTPException(504, str(exc)) from None
         return {
             "predictions": [p.as_dict() for p in predictions],
             "variant": predictor.variant,
@@ -304,7 +334,12 @@ def create_app(
         "/predict",
         response_model=response_model,
         response_model_exclude_none=True,
-        responses={**too_large, 422: {"description": "malformed request"}},
+        responses={
+            **too_large,
+            422: {"description": "malformed request"},
+            503: {"model": Problem, "description": "queue full; retry after Retry-After s"},
+            504: {"model": Problem, "description": "not answered within the deadline"},
+        },
     )(predict)
     return app
 
@@ -317,9 +352,10 @@ def serve(
     max_batch: int = 256,
     batch_size: int = 32,
     max_concurrency: int = 2,
+    batching: Batching | None = None,
 ) -> None:
-    """Run the API with uvicorn until interrupted."""
+    """Run the API with uvicorn until interrupted (SIGTERM finishes in-flight requests)."""
     import uvicorn
 
-    app = create_app(predictor, max_body_bytes, max_batch, batch_size, max_concurrency)
+    app = create_app(predictor, max_body_bytes, max_batch, batch_size, max_concurrency, batching)
     uvicorn.run(app, host=host, port=port, log_level=logging.getLogger().level or logging.INFO)

@@ -14,11 +14,26 @@ def render(manifest: Manifest) -> str:
     metrics = manifest.metrics
     info = manifest.provenance
     git = info.get("git", {})
-    long_texts = (
-        f"longer texts are read in windows sharing {manifest.window_stride} tokens"
-        if manifest.window_stride
-        else "longer texts are cut"
-    )
+    reading = manifest.reading()
+    if manifest.window_stride:
+        long_texts = f"longer texts are read in windows sharing {manifest.window_stride} tokens"
+    elif reading.strategy == "windows":
+        long_texts = (
+            f"longer texts are read in windows sharing {reading.stride} tokens, their logits "
+            f"combined by {reading.aggregate}"
+        )
+    elif reading.strategy == "head+tail":
+        long_texts = (
+            f"of longer texts the first {reading.head_fraction:.0%} and the last "
+            f"{1 - reading.head_fraction:.0%} of the tokens are read"
+        )
+    else:
+        long_texts = "longer texts are cut"
+    if manifest.temperature != 1.0:
+        long_texts += (
+            f". Scores are calibrated: logits / {manifest.temperature:.3f} (temperature "
+            "fitted on validation) before the softmax"
+        )
     lines = [
         f"# {manifest.task} model",
         "",

@@ -144,3 +144,22 @@ def test_long_document_benchmark_on_the_tiny_model(tmp_path: Path, onnx_model_di
     assert windows["truncate"] == 1.0 and windows["windows, stride 32, mean"] >= 1.0
     assert 0.0 <= data["tfidf"]["accuracy"] <= 1.0
     assert "## Long documents (CPU)" in out.read_text(encoding="utf-8")
+
+
+def test_serving_benchmark_runs_both_modes_on_loopback(
+    tmp_path: Path, onnx_model_dir: Path
+) -> None:
+    from benchmarks import serving
+
+    test = tmp_path / "test.parquet"
+    pd.DataFrame(synthetic_reviews(40, seed=9)).to_parquet(test)
+    out, out_json = tmp_path / "benchmarks.md", tmp_path / "serving.json"
+    argv = ["--model-dir", str(onnx_model_dir), "--test", str(test), "--clients", "4"]
+    argv += ["--seconds", "1", "--threads", "1", "--out", str(out), "--json", str(out_json)]
+    assert serving.main(argv) == 0
+    data = json.loads(out_json.read_text(encoding="utf-8"))
+    assert len(data["results"]) == 2
+    for values in data["results"].values():
+        assert values["requests"] > 0 and values["server_errors"] == 0
+        assert 0 < values["p50_ms"] <= values["p99_ms"]
+    assert "## Serving (CPU, HTTP on loopback)" in out.read_text(encoding="utf-8")

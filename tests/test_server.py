@@ -227,6 +227,20 @@ def test_create_app_rejects_nonpositive_limits(model: TextClassifier) -> None:
         create_app(model, max_body_bytes=0)
 
 
+def test_a_request_past_the_queue_limit_gets_503_with_retry_after(model: TextClassifier) -> None:
+    from fastapi.testclient import TestClient
+
+    from bertrt.server import Batching
+
+    app = create_app(model, batching=Batching(max_queue=2))
+    with TestClient(app) as local:
+        reply = local.post("/predict", json={"texts": ["a", "b", "c"]})
+        assert reply.status_code == 503
+        assert int(reply.headers["retry-after"]) >= 1
+        assert "limit 2" in reply.json()["detail"]
+        assert local.post("/predict", json={"texts": ["a", "b"]}).status_code == 200
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,176 @@
+"""Serving under concurrent clients: the HTTP server with dynamic batching against the same
+server running each request on its own, on loopback, bounded in time.
+
+    python -m benchmarks.serving --model-dir models/onnx --test data/validated/test.parquet \
+        --out docs/benchmarks.md --json reports/bench_serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks import measure, report
+
+HEADING = "Serving (CPU, HTTP on loopback)"
+
+
+class Server:
+    """`bertrt serve` in its own process (so the clients do not share its interpreter) on a
+    free loopback port."""
+
+    def __init__(self, model_dir: Path, threads: int, extra: list[str]) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.cmd = [
+            sys.executable,
+            *("-m", "bertrt", "--log-level", "warning", "serve"),
+            *("--model", str(model_dir), "--device", "cpu", "--threads", str(threads)),
+            *("--port", str(self.port), *extra),
+        ]
+
+    def __enter__(self) -> str:
+        import httpx
+
+        self.process = subprocess.Popen(self.cmd)
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.process.kill()
+        raise RuntimeError(f"the server did not start: {' '.join(self.cmd)}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` clients, each sending one text at a time, for `seconds`."""
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    stop = time.monotonic() + seconds
+
+    async def client(i: int, session: httpx.AsyncClient) -> None:
+        n = i
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            reply = await session.post("/predict", json={"texts": [texts[n % len(texts)]]})
+            latencies.append(time.perf_counter() - start)
+            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+            n += clients
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as session:
+        await session.post("/predict", json={"texts": texts[:32]})  # warm-up
+        began = time.monotonic()
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
+        elapsed = time.monotonic() - began
+    ms = np.asarray(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "texts_per_s": statuses.get(200, 0) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "errors": sum(v for k, v in statuses.items() if k != 200),
+        "server_errors": sum(v for k, v in statuses.items() if k >= 500),
+    }
+
+
+def run(model_dir: Path, test: Path, clients: int, seconds: float, threads: int) -> dict:
+    import bertrt
+
+    texts = pd.read_parquet(test)["text"].astype(str).tolist()
+    variant = bertrt.load(model_dir, device="cpu").variant
+    modes = {
+        "one request per run": ["--gather-texts", "1", "--gather-ms", "0"],
+        "dynamic batching (5 ms, 64 texts)": ["--gather-texts", "64", "--gather-ms", "5"],
+    }
+    results = {}
+    for name, extra in modes.items():
+        with Server(model_dir, threads, extra) as url:
+            results[name] = asyncio.run(load(url, texts, clients, seconds))
+    base, ours = (results[name] for name in modes)
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "variant": variant,
+        "threads": threads,
+        "results": results,
+        "ratio": ours["texts_per_s"] / base["texts_per_s"] if base["texts_per_s"] else None,
+    }
+
+
+def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+    rows = [{"mode": name, **values} for name, values in data["results"].items()]
+    return "\n".join(
+        [
+            f"Measured with `{command}` on {machine['cpu']} "
+            f"(flags: {', '.join(machine['cpu_flags'])}).",
+            "",
+            f"- {data['clients']} concurrent clients on loopback, each sending one test text per "
+            f"request for {data['seconds']:g} s per mode; `bertrt serve` (variant "
+            f"{data['variant']}) in its own process; the clients share its cores.",
+            f"- Dynamic batching against one request per run: **{data['ratio']:.2f}×** "
+            "the texts per second.",
+            "",
+            report.table(
+                rows,
+                {
+                    "mode": "mode",
+                    "texts_per_s": "texts / s",
+                    "p50_ms": "p50 ms",
+                    "p99_ms": "p99 ms",
+                    "requests": "requests",
+                    "errors": "non-200",
+                },
+            ),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", type=Path, default=Path("models/onnx"))
+    parser.add_argument("--test", type=Path, default=Path("data/validated/test.parquet"))
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: all)")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--json", type=Path, default=Path("reports/bench_serving.json"))
+    args = parser.parse_args(argv)
+    data = run(args.model_dir, args.test, args.clients, args.seconds, args.threads)
+    command = "python -m benchmarks.serving " + " ".join(sys.argv[1:] if argv is None else argv)
+    report.write_section(args.out, HEADING, markdown(data, command, measure.machine()))
+    report.write_json(args.json, data)
+    for name, values in data["results"].items():
+        print(
+            f"{name:<36} {values['texts_per_s']:8.1f} texts/s  p50 {values['p50_ms']:7.1f} ms  "
+            f"p99 {values['p99_ms']:7.1f} ms  non-200 {values['errors']}"
+        )
+    print(f"dynamic batching: {data['ratio']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
