@@ -197,6 +197,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             deadline_s=args.deadline,
         ),
+        token=os.environ.get("BERTRT_API_TOKEN") or None,
+        max_connections=args.max_connections,
     )
     return 0
 
@@ -275,7 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="HTTP server (needs fastapi and uvicorn)")
     _model_options(serve)
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (loopback by default); set BERTRT_API_TOKEN to require a token",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=512, help="open connections; more get 503"
+    )
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
     serve.add_argument("--max-batch", type=int, default=256, help="most texts per request")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import logging
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -181,11 +186,13 @@ class Problem(BaseModel):
 
 
 class BodyLimit:
-    """Refuse request bodies over `max_bytes` with 413, whether declared or streamed."""
+    """Refuse request bodies over `max_bytes` with 413, whether declared or streamed, and
+    bodies not received within `timeout_s` (a client sending a byte a second) with 408."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 10.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -198,8 +205,14 @@ class BodyLimit:
             return
         # Chunked bodies carry no length: read up to the limit, then hand the body on.
         chunks, size, more = [], 0, True
+        until = time.monotonic() + self.timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), until - time.monotonic())
+            except TimeoutError:
+                detail = f"the request body was not received within {self.timeout_s:g} s"
+                await JSONResponse({"detail": detail}, status_code=408)(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -237,6 +250,29 @@ class Batching:
     deadline_s: float = 30.0
 
 
+class BearerAuth:
+    """Every path but /health needs `Authorization: Bearer <token>` (401 otherwise)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        reply = JSONResponse(
+            {"detail": "missing or wrong bearer token; send Authorization: Bearer <token>"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await reply(scope, receive, send)
+
+
 def create_app(
     predictor: Predictor,
     max_body_bytes: int = 1 << 20,
@@ -244,6 +280,8 @@ def create_app(
     batch_size: int = 32,
     max_concurrency: int = 2,
     batching: Batching | None = None,
+    token: str | None = None,
+    body_timeout_s: float = 10.0,
 ) -> FastAPI:
     """The HTTP API over one loaded predictor.
 
@@ -253,6 +291,8 @@ def create_app(
         max_concurrency: inferences running at once in worker threads; ONNX Runtime sessions are
             thread-safe, and each run already uses every intra-op thread it was given.
         batching: how concurrent requests are gathered into shared runs (`Batching()`).
+        token: when given, every path but /health needs `Authorization: Bearer <token>`.
+        body_timeout_s: a request body not received within this long gets 408.
     """
     if max_body_bytes <= 0 or max_batch <= 0 or max_concurrency <= 0:
         raise ValueError("max_body_bytes, max_batch and max_concurrency must be > 0")
@@ -288,7 +328,9 @@ def create_app(
         summary=f"{meta['task']} over {meta['labels']}",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    if token:
+        app.add_middleware(BearerAuth, token=token)
     too_large = {413: {"model": Problem, "description": "body or batch over the limit"}}
 
     @app.get("/health")
@@ -353,9 +395,42 @@ def serve(
     batch_size: int = 32,
     max_concurrency: int = 2,
     batching: Batching | None = None,
+    token: str | None = None,
+    max_connections: int = 512,
 ) -> None:
-    """Run the API with uvicorn until interrupted (SIGTERM finishes in-flight requests)."""
+    """Run the API with uvicorn until interrupted (SIGTERM finishes in-flight requests).
+
+    Binds loopback unless `host` says otherwise; another address is logged as a warning, and
+    without `token` (`BERTRT_API_TOKEN`) anyone who reaches it may call it. Past
+    `max_connections` open connections new ones get 503; idle keep-alive connections close
+    after 5 s."""
     import uvicorn
 
-    app = create_app(predictor, max_body_bytes, max_batch, batch_size, max_concurrency, batching)
-    uvicorn.run(app, host=host, port=port, log_level=logging.getLogger().level or logging.INFO)
+    if not _is_loopback(host):
+        log.warning(
+            "listening on %s: reachable from other machines, %s",
+            host,
+            "bearer token required" if token else "WITHOUT authentication (set BERTRT_API_TOKEN)",
+        )
+    app = create_app(
+        predictor, max_body_bytes, max_batch, batch_size, max_concurrency, batching, token
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=logging.getLogger().level or logging.INFO,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: what it resolves to
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False

@@ -298,3 +298,69 @@ def test_token_classification_server_returns_entities_and_says_so(ner_dir: Path)
         schema = client.get("/openapi.json").json()["components"]["schemas"]
         assert {"TagRequest", "TagResponse", "EntityOut"} <= set(schema)
         assert "PredictRequest" not in schema
+
+
+def test_a_token_guards_every_path_but_health(model: TextClassifier) -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(model, token="s3cret")) as local:
+        assert local.get("/health").status_code == 200
+        refused = local.post("/predict", json={"texts": ["good"]})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert "bearer token" in refused.json()["detail"]
+        wrong = {"Authorization": "Bearer nope"}
+        assert local.post("/predict", json={"texts": ["good"]}, headers=wrong).status_code == 401
+        right = {"Authorization": "Bearer s3cret"}
+        assert local.post("/predict", json={"texts": ["good"]}, headers=right).status_code == 200
+        assert local.get("/metadata", headers=right).status_code == 200
+
+
+def test_a_body_sent_a_byte_at_a_time_is_cut_off_and_others_are_served(
+    model: TextClassifier,
+) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    app = create_app(model, body_timeout_s=1.0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    port = sock.getsockname()[1]
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        started = time.monotonic()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as other:
+            assert other.post("/predict", json={"texts": ["good"]}).status_code == 200
+        reply = b""
+        for _ in range(20):  # a byte every 0.2 s until the server answers
+            try:
+                slow.sendall(b" ")
+            except OSError:
+                break
+            slow.settimeout(0.2)
+            try:
+                reply += slow.recv(4096)
+            except TimeoutError:
+                continue
+            if reply:
+                break
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+        assert time.monotonic() - started < 4
+        slow.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_binding_another_address_without_a_token_is_a_warning() -> None:
+    from bertrt.server import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("no-such-host.invalid")
