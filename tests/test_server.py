@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -253,7 +254,17 @@ def test_serve_command_logs_provider_and_answers(onnx_model_dir: Path, tmp_path:
     argv = [sys.executable, "-m", "bertrt", "serve", "--model", str(onnx_model_dir)]
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [*argv, "--device", "cpu", "--port", str(port), "--max-batch", "3"],
+            [
+                *argv,
+                "--device",
+                "cpu",
+                "--port",
+                str(port),
+                "--max-batch",
+                "3",
+                "--gather-ms",
+                "700",
+            ],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -271,9 +282,24 @@ def test_serve_command_logs_provider_and_answers(onnx_model_dir: Path, tmp_path:
         assert health.json()["provider"] == "CPUExecutionProvider"
         over = httpx.post(f"http://127.0.0.1:{port}/predict", json=["a"] * 4, timeout=10)
         assert over.status_code == 413
-    finally:
+        # SIGTERM while a request waits 0.7 s to be gathered: it is still answered.
+        replies: list[httpx.Response] = []
+        sender = threading.Thread(
+            target=lambda: replies.append(
+                httpx.post(f"http://127.0.0.1:{port}/predict", json=["good"], timeout=20)
+            )
+        )
+        sender.start()
+        time.sleep(0.3)
         process.terminate()
-        process.wait(timeout=20)
+        sender.join(timeout=20)
+        assert [r.status_code for r in replies] == [200]
+        # uvicorn shuts down gracefully, then re-raises the signal it caught.
+        assert process.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=20)
     assert "on CPUExecutionProvider, max body 1048576 bytes, max batch 3" in log.read_text()
 
 
