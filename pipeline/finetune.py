@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,22 @@ FINGERPRINT = "fingerprint.json"
 LOAD_OPTIONS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "revision")
 
 
-def checkpoint_state(checkpoints: Path, fingerprint: str) -> tuple[bool, str | None]:
-    """(resume?, MLflow run id) for `checkpoints`; stale checkpoints of other inputs are wiped."""
+def checkpoint_state(
+    checkpoints: Path, fingerprint: str, main: bool = True
+) -> tuple[bool, str | None]:
+    """(resume?, MLflow run id) for `checkpoints`; stale checkpoints of other inputs are wiped
+    (by the main process only: the others of a distributed run only read)."""
     marker = checkpoints / FINGERPRINT
     if marker.is_file():
         saved = json.loads(marker.read_text(encoding="utf-8"))
         if saved.get("fingerprint") == fingerprint:
             has_checkpoint = any(checkpoints.glob("checkpoint-*/trainer_state.json"))
-            if has_checkpoint:
+            if has_checkpoint and main:
                 log.info("resuming from %s (run %s)", checkpoints, saved.get("run_id"))
             return has_checkpoint, saved.get("run_id")
         log.info("checkpoints in %s belong to other data or params; starting over", checkpoints)
+    if not main:
+        return False, None
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
@@ -85,6 +91,11 @@ def write_curves(history: list[dict[str, Any]], curves_dir: Path, metric: str) -
             writer.writerows(rows)
 
 
+def world_size() -> int:
+    """Processes of a torchrun / accelerate launch (1 when run alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) -> Any:
     import torch
     from transformers import TrainingArguments
@@ -92,11 +103,18 @@ def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) ->
     cfg = p.finetune
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
+    # Under torchrun the processes share finetune.batch_size, so the optimisation is the same.
+    world = world_size()
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"finetune.batch_size {cfg.batch_size} is not divisible by the {world} processes; "
+            "pick a multiple of the process count"
+        )
     return TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size // world,
         per_device_eval_batch_size=cfg.eval_batch_size,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
@@ -113,6 +131,8 @@ def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) ->
         seed=p.base.seed,
         data_seed=p.base.seed,
         bf16=bf16,
+        # Without a GPU, torchrun's processes join over gloo only when told they are CPU ones.
+        use_cpu=not cuda,
         tf32=cuda and torch.cuda.get_device_capability()[0] >= 8,
         report_to=["mlflow"],
         run_name=None,  # the MLflow run is started (and named) by this stage
@@ -137,9 +157,11 @@ def run(
     from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
 
     p = params.load(params_path, "base", "masking", "finetune", "tracking")
-    uri = tracking.connect(p.tracking)  # an unreachable store stops us before any training
+    # Under torchrun only rank 0 tracks and writes; every rank trains (the Trainer's DDP).
+    main = int(os.environ.get("RANK", "0")) == 0
+    uri = tracking.connect(p.tracking) if main else ""  # an unreachable store stops us first
     if p.finetune.threads:
-        torch.set_num_threads(p.finetune.threads)
+        torch.set_num_threads(max(1, p.finetune.threads // world_size()))
     set_seed(p.base.seed)
     labels = json.loads((validated_dir / "labels.json").read_text(encoding="utf-8"))
     data = load_from_disk(str(tokenized_dir))
@@ -160,7 +182,9 @@ def run(
             {"params": p.as_dict(), "data": data_digest, "code": code}, sort_keys=True
         ).encode()
     ).hexdigest()
-    resume, run_id = checkpoint_state(checkpoints, fingerprint)
+    args = training_arguments(p, checkpoints, task)  # starts the process group under torchrun
+    with args.main_process_first(local=False, desc="checkpoint state"):
+        resume, run_id = checkpoint_state(checkpoints, fingerprint, main)
 
     source = resolve_model(p.base.model)
     extended = tokenized_dir / TOKENIZER_DIR  # the tokenize stage's, when it added characters
@@ -183,7 +207,7 @@ def run(
     )
     trainer = Trainer(
         model=model,
-        args=training_arguments(p, checkpoints, task),
+        args=args,
         train_dataset=train,
         eval_dataset=data["validation"],
         processing_class=tokenizer,
@@ -195,6 +219,9 @@ def run(
             EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)
         ],
     )
+    if not main:  # the other ranks train in step with rank 0, which tracks and saves
+        trainer.train(resume_from_checkpoint=bool(resume) or None)
+        return {"rank": int(os.environ["RANK"])}
     name = None if run_id else tracking.run_name(p.tracking)
     with mlflow.start_run(run_id=run_id, run_name=name) as active:
         write_json(
@@ -241,6 +268,7 @@ def run(
             "train_samples_per_second": result.metrics.get("train_samples_per_second"),
             "resumed": bool(resume),
             "torch_threads": torch.get_num_threads(),
+            "processes": world_size(),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
         }
         write_curves(trainer.state.log_history, curves_dir, task.selection_metric)

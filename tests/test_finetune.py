@@ -141,3 +141,52 @@ def test_the_saved_tokenizer_config_does_not_depend_on_the_environment(prepared:
     config = json.loads((prepared["root"] / "model" / "tokenizer_config.json").read_text())
     assert "local_files_only" not in config
     assert config["model_max_length"] == 64
+
+
+def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: dict) -> None:
+    """`torchrun --nproc-per-node 2` on CPU (DDP over gloo): rank 0 alone tracks and writes; the
+    processes share finetune.batch_size, so the result matches a single process within 0.1
+    validation macro-F1 (the distributed sampler orders batches differently)."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    single = run_finetune(prepared, "single")
+    root = prepared["root"]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    argv += ["-m", "pipeline.finetune", "--tokenized", str(prepared["tokenized"])]
+    argv += ["--validated", str(prepared["validated"]), "--params", str(prepared["params"])]
+    argv += ["--out", str(root / "ddp"), "--checkpoints", str(root / "ddp-checkpoints")]
+    argv += ["--report", str(root / "ddp-train.json"), "--curves", str(root / "ddp-curves")]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((root / "ddp-train.json").read_text())
+    assert summary["processes"] == 2 and summary["global_steps"] == single["global_steps"]
+    assert (root / "ddp" / "model.safetensors").is_file()
+    assert sorted(p.name for p in root.glob("ddp*")) == [
+        "ddp",
+        "ddp-checkpoints",
+        "ddp-curves",
+        "ddp-train.json",
+    ]
+    assert summary["best_validation_macro_f1"] == pytest.approx(
+        single["best_validation_macro_f1"], abs=0.1
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(
+        experiment_names=["text-classification"],
+        filter_string=f"tags.{tracking.MODEL_TAG} = '{summary['model_sha256']}'",
+        output_format="list",
+    )
+    assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
+    history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")
+    assert len({h.step for h in history}) == len(history), "one process logged the curve"
