@@ -66,6 +66,7 @@ class TextClassification(Task):
     name = TEXT_CLASSIFICATION
     columns = (TEXT, LABEL)
     selection_metric = "macro_f1"
+    long_inputs = "read as long_text.strategy says (truncate, head+tail or windows)"
     headline = ("accuracy", "macro_f1", "ece", "calibration.ece_after", "validation.macro_f1")
 
     def accepts(self, path: Path) -> bool:
