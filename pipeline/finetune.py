@@ -22,26 +22,49 @@ FINGERPRINT = "fingerprint.json"
 LOAD_OPTIONS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "revision")
 
 
+def finished(folder: Path) -> bool:
+    """Whether the Trainer finished writing this checkpoint: its state file, written last,
+    parses, and its weights are there."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    weights = [folder / name for name in ("model.safetensors", "pytorch_model.bin")]
+    has_weights = any(w.is_file() and w.stat().st_size > 0 for w in weights)
+    return isinstance(state, dict) and "global_step" in state and has_weights
+
+
 def checkpoint_state(
     checkpoints: Path, fingerprint: str, main: bool = True
-) -> tuple[bool, str | None]:
-    """(resume?, MLflow run id) for `checkpoints`; stale checkpoints of other inputs are wiped
-    (by the main process only: the others of a distributed run only read)."""
+) -> tuple[str | None, str | None]:
+    """(the checkpoint to resume from or None, MLflow run id) for `checkpoints`.
+
+    Checkpoints of other inputs are wiped, and a checkpoint a kill left half-written is removed
+    rather than loaded; only the main process changes the folder (the others of a distributed
+    run read it after)."""
     marker = checkpoints / FINGERPRINT
-    if marker.is_file():
-        saved = json.loads(marker.read_text(encoding="utf-8"))
-        if saved.get("fingerprint") == fingerprint:
-            has_checkpoint = any(checkpoints.glob("checkpoint-*/trainer_state.json"))
-            if has_checkpoint and main:
-                log.info("resuming from %s (run %s)", checkpoints, saved.get("run_id"))
-            return has_checkpoint, saved.get("run_id")
-        log.info("checkpoints in %s belong to other data or params; starting over", checkpoints)
+    try:
+        saved = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint:
+        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[-1]))
+        usable = [folder for folder in found if finished(folder)]
+        for folder in found:
+            if folder not in usable and main:
+                log.warning("%s was not finished (killed while saving?); removed", folder)
+                shutil.rmtree(folder)
+        if usable and main:
+            log.info("resuming from %s (run %s)", usable[-1], saved.get("run_id"))
+        return (str(usable[-1]) if usable else None), saved.get("run_id")
     if not main:
-        return False, None
+        return None, None
+    if saved is not None or marker.exists():
+        log.info("checkpoints in %s belong to other data or params; starting over", checkpoints)
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
-    return False, None
+    return None, None
 
 
 def drop_load_options(path: Path) -> None:
@@ -215,12 +238,14 @@ def run(
         compute_metrics=task.compute_metrics(labels),
         preprocess_logits_for_metrics=task.reduce_logits(),
         optimizers=(custom, None),
-        callbacks=[
-            EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience)
+        callbacks=[  # patience 0: every epoch runs
+            EarlyStoppingCallback(early_stopping_patience=patience)
+            for patience in [p.finetune.early_stopping_patience]
+            if patience > 0
         ],
     )
     if not main:  # the other ranks train in step with rank 0, which tracks and saves
-        trainer.train(resume_from_checkpoint=bool(resume) or None)
+        trainer.train(resume_from_checkpoint=resume)
         return {"rank": int(os.environ["RANK"])}
     name = None if run_id else tracking.run_name(p.tracking)
     with mlflow.start_run(run_id=run_id, run_name=name) as active:
@@ -244,7 +269,7 @@ def run(
             targets="labels" if "labels" in summary_table else None,
         )
         mlflow.log_input(dataset, context="training")
-        result = trainer.train(resume_from_checkpoint=bool(resume) or None)
+        result = trainer.train(resume_from_checkpoint=resume)
         with atomic_dir(out_dir) as tmp:
             trainer.save_model(str(tmp))
             drop_load_options(tmp / "tokenizer_config.json")

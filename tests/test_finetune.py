@@ -190,3 +190,65 @@ def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: d
     assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
     history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")
     assert len({h.step for h in history}) == len(history), "one process logged the curve"
+
+
+def test_a_half_written_checkpoint_is_removed_not_loaded(prepared: dict, caplog) -> None:
+    import shutil
+
+    first = run_finetune(prepared, "half")
+    root = prepared["root"]
+    checkpoints = root / "half-checkpoints"
+    last = max(checkpoints.glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[1]))
+    # What a kill during a save leaves: a newer folder whose state file is cut short.
+    torn = checkpoints / "checkpoint-999"
+    shutil.copytree(last, torn)
+    state = (torn / "trainer_state.json").read_text()
+    (torn / "trainer_state.json").write_text(state[: len(state) // 2])
+    shutil.rmtree(root / "half")
+    caplog.set_level("WARNING", logger="pipeline.finetune")
+    second = run_finetune(prepared, "half")
+    assert "checkpoint-999 was not finished" in caplog.text
+    assert not torn.exists()
+    assert second["resumed"] is True and second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["model_sha256"] == first["model_sha256"]
+
+
+def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_model(prepared: dict) -> None:
+    """SIGKILL once the first checkpoint is on disk; the re-run resumes into the same MLflow
+    run and ends with the model of a run that was never interrupted (CPU, same machine)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    root = prepared["root"]
+    data = yaml.safe_load(prepared["params"].read_text())
+    data["finetune"]["epochs"] = 4  # long enough to be killed in the middle
+    data["finetune"]["early_stopping_patience"] = 0
+    params_path = root / "params-four-epochs.yaml"
+    params_path.write_text(yaml.safe_dump(data))
+    reference = run_finetune(prepared, "whole", params_path)
+
+    argv = [sys.executable, "-m", "pipeline.finetune", "--tokenized", str(prepared["tokenized"])]
+    argv += ["--validated", str(prepared["validated"]), "--params", str(params_path)]
+    argv += ["--out", str(root / "killed"), "--checkpoints", str(root / "killed-checkpoints")]
+    argv += ["--report", str(root / "killed-train.json"), "--curves", str(root / "killed-curves")]
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(argv, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list((root / "killed-checkpoints").glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    process.stderr.close()
+    assert not (root / "killed").exists(), "killed before the model was written"
+
+    again = run_finetune(prepared, "killed", params_path)
+    assert again["resumed"] is True
+    assert again["global_steps"] == reference["global_steps"]
+    assert again["model_sha256"] == reference["model_sha256"]
