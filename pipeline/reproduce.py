@@ -121,18 +121,28 @@ def compare(
             if verdict == "DIFFERS" and first is None:
                 first = stage
             rows.append([stage, path, md5[:12], other[:12], verdict])
-    before, after = metrics
+    before, after = (_flat(m) for m in metrics)
     for key, value in before.items():
         other = after.get(key)
         numbers = isinstance(value, (int, float)) and isinstance(other, (int, float))
         inside = value == other or (not same_machine and numbers and abs(value - other) <= atol)
         verdict = "equal" if value == other else ("within tolerance" if inside else "DIFFERS")
-        rows.append(
-            ["metrics", key, f"{value:.6g}", f"{other:.6g}" if numbers else str(other), verdict]
-        )
+        shown = [f"{v:.6g}" if isinstance(v, (int, float)) else str(v) for v in (value, other)]
+        rows.append(["metrics", key, *shown, verdict])
         if not inside and first is None:
             first = "evaluate"
     return rows, first
+
+
+def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metric groups (`{"validation": {"macro_f1": ...}}`) as dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def run(tag: str, rerun: bool) -> int:

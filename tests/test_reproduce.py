@@ -52,3 +52,14 @@ def test_elsewhere_weights_may_differ_but_data_and_metrics_may_not() -> None:
     outside = {**METRICS, "macro_f1": METRICS["macro_f1"] + 1e-3}
     _, first = compare(TAGGED, rerun(finetune="d2"), False, 1e-4, (METRICS, outside))
     assert first == "evaluate"
+
+
+def test_nested_metric_groups_are_compared_key_by_key() -> None:
+    nested = {**METRICS, "calibration": {"ece_after": 0.03}, "validation": {"macro_f1": 0.80}}
+    rows, first = compare(TAGGED, rerun(), True, 1e-4, (nested, nested))
+    assert first is None
+    assert ["metrics", "calibration.ece_after", "0.03", "0.03", "equal"] in rows
+    moved = {**nested, "validation": {"macro_f1": 0.81}}
+    rows, first = compare(TAGGED, rerun(), True, 1e-4, (nested, moved))
+    assert first == "evaluate"
+    assert ["metrics", "validation.macro_f1", "0.8", "0.81", "DIFFERS"] in rows
