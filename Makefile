@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: help venv lock run repro exp test test-fast lint format bench bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
+.PHONY: help venv lock run repro relog exp test test-fast lint format bench bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ run: $(STAMP) ## run the whole pipeline on the embedded default model and data
 
 repro: $(STAMP) ## dvc repro (what changed only), without the summary
 	dvc repro
+
+relog: $(STAMP) ## after a tracking outage: fill the training run in from reports/ (see docs/reliability.md)
+	$(BIN)/python -m pipeline.relog --params params.yaml --report reports/train.json --curves reports/training
 
 exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v]
 	$(BIN)/python -m pipeline.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(foreach s,$(SET),--set $(s))

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline import entry, lineage, optim, params, tasks, tracking
+from pipeline import entry, lineage, optim, params, tasks, tracking, tracking_gaps
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.sources import resolve_model
 from pipeline.vocabulary import TOKENIZER_DIR
@@ -157,7 +157,7 @@ def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) ->
         # Without a GPU, torchrun's processes join over gloo only when told they are CPU ones.
         use_cpu=not cuda,
         tf32=cuda and torch.cuda.get_device_capability()[0] >= 8,
-        report_to=["mlflow"],
+        report_to="none",  # MLflow logging goes through tracking_gaps.mlflow_callback
         run_name=None,  # the MLflow run is started (and named) by this stage
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -182,6 +182,7 @@ def run(
     p = params.load(params_path, "base", "masking", "finetune", "tracking")
     # Under torchrun only rank 0 tracks and writes; every rank trains (the Trainer's DDP).
     main = int(os.environ.get("RANK", "0")) == 0
+    tracking_gaps.short_retries()
     uri = tracking.connect(p.tracking) if main else ""  # an unreachable store stops us first
     if p.finetune.threads:
         torch.set_num_threads(max(1, p.finetune.threads // world_size()))
@@ -247,19 +248,26 @@ def run(
     if not main:  # the other ranks train in step with rank 0, which tracks and saves
         trainer.train(resume_from_checkpoint=resume)
         return {"rank": int(os.environ["RANK"])}
+    gap = tracking_gaps.Gap()
+    trainer.add_callback(tracking_gaps.mlflow_callback(gap))
     name = None if run_id else tracking.run_name(p.tracking)
-    with mlflow.start_run(run_id=run_id, run_name=name) as active:
-        write_json(
-            checkpoints / FINGERPRINT, {"fingerprint": fingerprint, "run_id": active.info.run_id}
+    active = mlflow.start_run(run_id=run_id, run_name=name)  # the store answered connect()
+    write_json(
+        checkpoints / FINGERPRINT, {"fingerprint": fingerprint, "run_id": active.info.run_id}
+    )
+    try:
+        gap.call(
+            "tags", mlflow.set_tags, {**tracking.provenance_tags(), "data_sha256": data_digest}
         )
-        mlflow.set_tags({**tracking.provenance_tags(), "data_sha256": data_digest})
-        tracking.log_params_once(
+        gap.call(
+            "params",
+            tracking.log_params_once,
             {
                 **p.flat(),
                 "data_sha256": data_digest,
                 "train_rows": len(train),
                 "added_tokens": len(tokenizer) - base_vocab,
-            }
+            },
         )
         summary_table = task.training_summary(train)
         dataset = mlflow.data.from_pandas(
@@ -268,37 +276,47 @@ def run(
             name="train",
             targets="labels" if "labels" in summary_table else None,
         )
-        mlflow.log_input(dataset, context="training")
+        gap.call("training data", mlflow.log_input, dataset, context="training")
         result = trainer.train(resume_from_checkpoint=resume)
         with atomic_dir(out_dir) as tmp:
             trainer.save_model(str(tmp))
             drop_load_options(tmp / "tokenizer_config.json")
-        model_hash = lineage.model_digest(out_dir)
-        mlflow.set_tag(tracking.MODEL_TAG, model_hash)
-        best = trainer.state.best_metric
-        summary = {
-            "model_sha256": model_hash,
-            "mlflow_run_id": active.info.run_id,
-            "tracking_uri": tracking.portable_uri(uri),
-            "train_rows": len(train),
-            "epochs_run": round(trainer.state.epoch or 0, 4),
-            "global_steps": trainer.state.global_step,
-            "selection_metric": task.selection_metric,
-            f"best_validation_{task.selection_metric}": best,
-            "vocab_size": len(tokenizer),
-            "added_tokens": max(0, len(tokenizer) - base_vocab),
-            "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
-            "train_loss": result.training_loss,
-            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
-            "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-            "resumed": bool(resume),
-            "torch_threads": torch.get_num_threads(),
-            "processes": world_size(),
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-        }
-        write_curves(trainer.state.log_history, curves_dir, task.selection_metric)
-        mlflow.log_metric(f"best_validation_{task.selection_metric}", best or 0.0)
-        mlflow.log_artifacts(str(curves_dir), artifact_path="training_curves")
+    except BaseException:
+        gap.call("end of the failed run", mlflow.end_run, status="FAILED")
+        raise
+    model_hash = lineage.model_digest(out_dir)
+    best = trainer.state.best_metric
+    summary = {
+        "model_sha256": model_hash,
+        "mlflow_run_id": active.info.run_id,
+        "tracking_uri": tracking.portable_uri(uri),
+        "train_rows": len(train),
+        "epochs_run": round(trainer.state.epoch or 0, 4),
+        "global_steps": trainer.state.global_step,
+        "selection_metric": task.selection_metric,
+        f"best_validation_{task.selection_metric}": best,
+        "vocab_size": len(tokenizer),
+        "added_tokens": max(0, len(tokenizer) - base_vocab),
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
+        "train_loss": result.training_loss,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "resumed": bool(resume),
+        "torch_threads": torch.get_num_threads(),
+        "processes": world_size(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    write_curves(trainer.state.log_history, curves_dir, task.selection_metric)
+    gap.call("model tag", mlflow.set_tag, tracking.MODEL_TAG, model_hash)
+    gap.call(
+        "best metric",
+        mlflow.log_metric,
+        f"best_validation_{task.selection_metric}",
+        best or 0.0,
+    )
+    gap.call("curves", mlflow.log_artifacts, str(curves_dir), artifact_path="training_curves")
+    gap.call("end of the run", mlflow.end_run)
+    summary["tracking_gap"] = gap.as_dict()
     write_json(report, summary)
     log.info(
         "model %s saved to %s (best validation %s %.4f)",
@@ -307,6 +325,15 @@ def run(
         task.selection_metric,
         best or 0.0,
     )
+    if summary["tracking_gap"]:
+        # Saved, but not all of it tracked: stop `dvc repro` here, so that the next stages do
+        # not open a second run for this model; the re-run resumes from the last checkpoint.
+        raise tracking_gaps.TrackingGap(
+            f"the model is saved to {out_dir} and the report to {report}, but MLflow ({uri}) "
+            f"stopped answering at {gap.failed_at} ({gap.first_failure}); {gap.skipped} "
+            "logging call(s) were skipped. Once the store answers: `make relog` fills the run "
+            f"in from {report}, then `dvc repro` goes on"
+        )
     return summary
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pandas as pd
 
@@ -22,6 +26,7 @@ SUFFIXES = {
     ".pq": "parquet",
 }
 COMPRESSIONS = (".bz2", ".gz", ".xz", ".zst")
+OPENERS: dict[str, Callable[..., IO[Any]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 class TableError(ValueError):
@@ -36,6 +41,32 @@ def table_format(path: Path) -> str | None:
     return SUFFIXES.get(suffixes[-1]) if suffixes else None
 
 
+def open_bytes(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed by its suffix (.gz, .bz2, .xz)."""
+    return OPENERS.get(path.suffix.lower(), open)(path, "rb")
+
+
+def not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8, as `line N, byte B of the line: reason` (a decoder's
+    byte offset alone points at no row a person can open)."""
+    with open_bytes(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = raw[exc.start : exc.start + 1]
+                return f"line {number}, byte {exc.start + 1} of the line ({bad!r}): {exc.reason}"
+    return "an invalid byte sequence"
+
+
+def encoding_error(path: Path) -> TableError:
+    """A TableError naming the first line that is not UTF-8, and the fix."""
+    return TableError(
+        f"{path}: not UTF-8 at {not_utf8(path)}; re-save the file as UTF-8 (for example "
+        f"`iconv -f latin1 -t utf-8 {path.name} > fixed{''.join(path.suffixes)}`)"
+    )
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read one CSV/TSV/JSONL/Parquet file (optionally compressed) into a DataFrame."""
     kind = table_format(path)
@@ -48,6 +79,8 @@ def read_table(path: Path) -> pd.DataFrame:
             return pd.read_json(path, lines=True, dtype=False)
         if kind == "parquet":
             return pd.read_parquet(path)
+    except UnicodeDecodeError:
+        raise encoding_error(path) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise TableError(f"{path}: cannot be read as {kind}: {exc}") from None
     raise TableError(

@@ -6,11 +6,68 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from pipeline.tables import text_key
+from pipeline.tables import TableError, text_key
+
+SOURCE_ROW = "source_row"  # the data row (from 1) of the source file a row was read from
+SHOWN_ROWS = 5
+
+
+def _kind(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (bool, np.bool_)):
+        return "boolean"
+    if isinstance(value, numbers.Number):
+        return "number"
+    return type(value).__name__
+
+
+def _rows(mask: pd.Series) -> str:
+    rows = [str(i + 1) for i in np.flatnonzero(mask.to_numpy())]
+    more = f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
+    return ", ".join(rows[:SHOWN_ROWS]) + more
+
+
+def refuse_mixed(path: Path, df: pd.DataFrame, text: str, label: str) -> pd.DataFrame:
+    """The table, numbered by source row, once its text column holds only strings and its
+    label column one kind of value (a 1 beside a "1" would be a class of its own)."""
+    texts = df[text].map(_kind)
+    odd = texts.notna() & (texts != "string")
+    if odd.any():
+        raise TableError(
+            f"{path}: column {text!r} holds non-text values ({sorted(set(texts[odd]))}) in "
+            f"data rows {_rows(odd)}; every text must be a string: quote it in the file"
+        )
+    kinds = df[label].map(_kind)
+    found = kinds.dropna().value_counts()
+    if len(found) > 1:
+        where = "; ".join(f"{kind}s in data rows {_rows(kinds == kind)}" for kind in found.index)
+        raise TableError(
+            f"{path}: column {label!r} mixes kinds of label ({where}); write every label the "
+            'same way, all strings ("1", "pos") or all numbers, then re-run'
+        )
+    return df.assign(**{SOURCE_ROW: np.arange(1, len(df) + 1)})
+
+
+def at_source(failures: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Failures of a split renamed to the source file and row the data came from (the split's
+    own row stays as `split_row`)."""
+    if SOURCE_ROW not in df or "source_file" not in df:
+        return failures
+    for failure in failures:
+        row = failure.get("row")
+        if row and 0 < row <= len(df):
+            failure["split_file"], failure["split_row"] = failure["file"], row
+            failure["file"] = str(df["source_file"].iloc[row - 1])
+            failure["row"] = int(df[SOURCE_ROW].iloc[row - 1])
+    return failures
 
 
 def label_kind(values: pd.Series) -> str:

@@ -7,7 +7,7 @@ import os
 import subprocess
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +100,25 @@ def connect(cfg: Tracking) -> str:
     check_store(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.set_experiment(cfg.experiment)
-        if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
-            # The UI then opens the experiment on its training runs, not on (empty) GenAI traces.
-            mlflow.set_experiment_tag(EXPERIMENT_KIND, MODEL_TRAINING)
+        with first_use_lock(uri):
+            experiment = mlflow.set_experiment(cfg.experiment)
+            if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                # The UI then opens the experiment on its training runs, not on GenAI traces.
+                mlflow.set_experiment_tag(EXPERIMENT_KIND, MODEL_TRAINING)
     except Exception as exc:
         raise TrackingError(f"MLflow store {uri} cannot be used: {exc}") from exc
     return uri
+
+
+def first_use_lock(uri: str, timeout_s: float = 600.0) -> AbstractContextManager[Any]:
+    """For a SQLite store, a file lock beside it while the store is opened: parallel workers
+    (`dvc queue start -j N`) would otherwise run its schema migrations and create the
+    experiment at the same time, and all but one fail."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri[len("sqlite:///") :] + ".lock", timeout=timeout_s)
 
 
 def portable_uri(uri: str) -> str:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,3 +256,97 @@ def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_model(prepare
     assert again["resumed"] is True
     assert again["global_steps"] == reference["global_steps"]
     assert again["model_sha256"] == reference["model_sha256"]
+
+
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real MLflow server on loopback over a SQLite store in `root`, once it answers."""
+    import time
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--workers", "1"]
+    cmd += ["--artifacts-destination", str(root / "server-artifacts")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = (root / f"server-{port}.log").open("a")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (root / f"server-{port}.log").read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"no MLflow server on port {port} within 120 s")
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_dies_mid_training_costs_a_relog_not_the_training(
+    prepared: dict,
+) -> None:
+    """The server is killed once the first checkpoint is written: training finishes, the model
+    and report are saved, the stage names the gap; `relog` fills the same run in, once."""
+    import time
+
+    import mlflow
+    import yaml
+
+    from pipeline import relog
+
+    root = prepared["root"]
+    data = yaml.safe_load(prepared["params"].read_text())
+    data["finetune"]["epochs"] = 4
+    data["finetune"]["early_stopping_patience"] = 0
+    params_path = root / "params-gap.yaml"
+    params_path.write_text(yaml.safe_dump(data))
+    reference = run_finetune(prepared, "gap-reference", params_path)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(root, port)
+    argv = [sys.executable, "-m", "pipeline.finetune", "--tokenized", str(prepared["tokenized"])]
+    argv += ["--validated", str(prepared["validated"]), "--params", str(params_path)]
+    argv += ["--out", str(root / "gap"), "--checkpoints", str(root / "gap-checkpoints")]
+    argv += ["--report", str(root / "gap-train.json"), "--curves", str(root / "gap-curves")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    repo = Path(__file__).resolve().parents[1]
+    stage = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list((root / "gap-checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert stage.poll() is None, stage.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    err = stage.communicate(timeout=300)[1]
+    assert stage.returncode == 1, err[-3000:]
+    assert "TrackingGap" in err and "make relog" in err, err[-3000:]
+    summary = json.loads((root / "gap-train.json").read_text())
+    assert summary["model_sha256"] == reference["model_sha256"], "the training was not lost"
+    assert summary["tracking_gap"]["skipped"] > 0
+
+    restarted = _mlflow_server(root, port)
+    try:
+        os.environ["MLFLOW_TRACKING_URI"] = url  # the autouse fixture restores the environment
+        first = relog.run(params_path, root / "gap-train.json", root / "gap-curves")
+        again = relog.run(params_path, root / "gap-train.json", root / "gap-curves")
+        client = mlflow.MlflowClient(tracking_uri=url)
+        run = client.get_run(summary["mlflow_run_id"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        runs = client.search_runs([run.info.experiment_id])
+    finally:
+        os.killpg(restarted.pid, signal.SIGTERM)
+        restarted.wait(timeout=60)
+    curve = (root / "gap-curves" / "train_loss.csv").read_text().splitlines()[1:]
+    assert first["added"] > 0 and again["added"] == 0
+    assert sorted(steps) == sorted(int(line.split(",")[0]) for line in curve), "once each"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.MODEL_TAG] == summary["model_sha256"]
+    assert len(runs) == 1, "one run for the model, none doubled"

@@ -125,6 +125,17 @@ def _text(path: Path, text: str) -> Path:
     return path
 
 
+def _bytes(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("latin-1"))
+    return path
+
+
+def _jsonl(path: Path, labels: list[object]) -> Path:
+    rows = [{"text": f"text {i}", "category": label} for i, label in enumerate(labels)]
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
+    return path
+
+
 BAD = [
     (
         lambda t: _write(t, "d.csv", pd.DataFrame(source_rows()).rename(columns={"text": "body"})),
@@ -162,6 +173,26 @@ BAD = [
         {},
         TableError,
         "cannot be read as jsonl",
+    ),
+    (
+        lambda t: _bytes(t / "latin1.csv", "text,category\nfine,fresh\ncaf\xe9 noir,rotten\n"),
+        {"ingest.group_column": ""},
+        TableError,
+        "not UTF-8 at line 3, byte 4 of the line (b'\\xe9')",
+    ),
+    (
+        lambda t: _jsonl(t / "mixed.jsonl", [1, "fresh", 0, 1]),
+        {"ingest.group_column": ""},
+        TableError,
+        "mixes kinds of label (numbers in data rows 1, 3, 4; strings in data rows 2)",
+    ),
+    (
+        lambda t: _text(
+            t / "n.jsonl", '{"text": "a", "category": "x"}\n{"text": 7, "category": "y"}\n'
+        ),
+        {"ingest.group_column": ""},
+        TableError,
+        "column 'text' holds non-text values (['number']) in data rows 2",
     ),
     (
         lambda t: t / "x.csv",

@@ -78,7 +78,7 @@ def test_people_s_daily_word_pos_lines_become_plain_text(tmp_path: Path) -> None
 
 BAD_CORPORA = [
     ("empty_folder", "a folder with no .txt files"),
-    ("latin1.txt", "not UTF-8 text"),
+    ("latin1.txt", "not UTF-8 at line 1"),
     ("no_column.csv", "no column 'text' (set by base.text_column)"),
     ("corpus.docx", "unsupported file type"),
 ]

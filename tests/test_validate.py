@@ -161,6 +161,12 @@ BAD = [
     ),
     ("text that is not a string", _numeric_texts, None, "text is not a string"),
     (
+        "one class only",
+        _all_labels({"fresh": "fresh", "rotten": "fresh"}),
+        None,
+        "one class only ('fresh'): a classifier needs at least two labels",
+    ),
+    (
         "exact duplicate within a split",
         _copy_text(("train", 0), ("train", 7)),
         ("train", 8, "text"),
@@ -264,3 +270,33 @@ def test_main_exits_non_zero_with_the_report(tmp_path: Path, params_path: Path, 
     err = capsys.readouterr().err
     assert "train.parquet row 1 column text: empty or whitespace-only text" in err
     assert not (tmp_path / "v").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_failures_name_the_source_file_and_row_not_the_split_file(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from pipeline import ingest
+
+    source = tmp_path / "given"
+    source.mkdir()
+    rows = synthetic_reviews(60, seed=3)
+    for name, part in (("train", rows[:40]), ("validation", rows[40:50]), ("test", rows[50:])):
+        pd.DataFrame(part).to_json(source / f"{name}.jsonl", orient="records", lines=True)
+    bad = pd.read_json(source / "test.jsonl", lines=True)
+    bad.loc[2, "category"] = "meh"
+    bad.to_json(source / "test.jsonl", orient="records", lines=True)
+    params_path = write_params(
+        tmp_path,
+        {
+            "base.model": str(tiny_model_dir),
+            "ingest.source": str(source),
+            "ingest.group_column": "",
+        },
+    )
+    ingest.run(params_path, tmp_path / "raw", tmp_path / "ingest.json")
+    with pytest.raises(validate.ValidationFailed, match="test.jsonl row 3 column category"):
+        validate.run(
+            tmp_path / "raw", params_path, tmp_path / "v", tmp_path / "r.json", tmp_path / "f.json"
+        )
+    (failure,) = json.loads((tmp_path / "f.json").read_text())["failures"]
+    assert failure["split_file"].endswith("test.parquet") and failure["row"] == 3

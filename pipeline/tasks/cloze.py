@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.sources import resolve_path
-from pipeline.tables import TableError, read_table, table_format
+from pipeline.tables import TableError, encoding_error, read_table, table_format
 
 TEXT_SUFFIXES = (".txt",)
 IGNORE = -100
@@ -45,10 +45,8 @@ def read_lines(path: Path, column: str, text_format: str = "plain") -> pd.DataFr
     for file in files if path.is_dir() else [path]:
         try:
             lines = file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise TableError(
-                f"{file}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8"
-            ) from None
+        except UnicodeDecodeError:
+            raise encoding_error(file) from None
         if text_format == "word_pos":  # a line without word/TAG tokens is plain text
             lines = [strip_tags(line) if WORD_POS.search(line) else line for line in lines]
         frames.append(

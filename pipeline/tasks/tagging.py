@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.tables import TableError
+from pipeline.tables import TableError, open_bytes
 
 SCHEMES = ("iob1", "iob2", "bioes")
 # BMES (MSRA's scheme) is BIOES with M for I; both read as "bioes".
 PREFIXES = {"iob1": "BI", "iob2": "BI", "bioes": "BIMES"}
-OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 DOCSTART = "-DOCSTART-"
 
 
@@ -24,12 +20,11 @@ def read_conll(path: Path, tokens: str = "tokens", tags: str = "tags") -> pd.Dat
 
     Returns one row per sentence: `tokens`, `tags` and `line`, the file line it starts on.
     """
-    opener = OPENERS.get(path.suffix.lower(), open)
     rows: list[dict] = []
     words: list[str] = []
     labels: list[str] = []
     start = 0
-    with opener(path, "rb") as handle:
+    with open_bytes(path) as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8").strip()

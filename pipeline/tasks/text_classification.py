@@ -17,7 +17,15 @@ from pipeline.tables import SPLITS, TableError, read_table, table_format, text_k
 from pipeline.tasks.base import Task
 from pipeline.tasks.calibration import calibration, expected_calibration_error, softmax
 from pipeline.tasks.confusion import confusion_png
-from pipeline.text_schema import as_label, failures_from, has_kind, label_kind, schema
+from pipeline.text_schema import (
+    as_label,
+    at_source,
+    failures_from,
+    has_kind,
+    label_kind,
+    refuse_mixed,
+    schema,
+)
 
 TEXT = "text"
 LABEL = "label"
@@ -81,7 +89,7 @@ class TextClassification(Task):
                     f"{path}: no column {column!r} (set by {key}); the file has "
                     f"{list(df.columns)}; fix {key} in params.yaml"
                 )
-        return df
+        return refuse_mixed(path, df, p.base.text_column, p.base.label_column)
 
     def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
         cfg, text, label = p.ingest, p.base.text_column, p.base.label_column
@@ -124,13 +132,25 @@ class TextClassification(Task):
             {as_label(v) for v in train.get(label, []) if v is not None and has_kind(v, kind)}
         )
         found: list[dict[str, Any]] = []
+        if len(labels) == 1:
+            found.append(
+                {
+                    "file": str(files["train"]),
+                    "row": None,
+                    "column": label,
+                    "reason": f"one class only ({labels[0]!r}): a classifier needs at least two "
+                    "labels; check base.label_column, ingest.drop_labels and validate.labels",
+                    "value": None,
+                }
+            )
         seen: dict[str, set[str]] = {}
         for split in SPLITS:
             df = frames[split]
             try:
                 schema(split, text, label, labels, kind, seen).validate(df, lazy=True)
             except SchemaErrors as err:
-                found += failures_from(err, files[split], text, p.validate.max_duplicate_report)
+                limit = p.validate.max_duplicate_report
+                found += at_source(failures_from(err, files[split], text, limit), df)
             if text in df:
                 seen[split] = set(text_key(df[text]).dropna())
         return labels, found

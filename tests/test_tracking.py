@@ -1,0 +1,43 @@
+"""Tests for pipeline/tracking.py: the store under parallel workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = """
+import sys
+import mlflow
+from pipeline import tracking
+from pipeline.params import Tracking
+
+tracking.connect(Tracking(uri=sys.argv[1], experiment="text-classification"))
+with mlflow.start_run(run_name=sys.argv[2]):
+    for step in range(50):
+        mlflow.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+"""
+
+
+def test_parallel_workers_on_a_fresh_sqlite_store_lose_no_run_and_double_none(
+    tmp_path: Path,
+) -> None:
+    """As `dvc queue start -j 4` does: four processes open one new store at once."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, uri, f"worker-{i}"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    errors = [w.communicate(timeout=300)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0, 0], errors
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["text-classification"], output_format="list")
+    assert sorted(r.info.run_name for r in runs) == [f"worker-{i}" for i in range(4)]
+    client = mlflow.MlflowClient()
+    assert [len(client.get_metric_history(r.info.run_id, "loss")) for r in runs] == [50] * 4
