@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline import entry, lineage, params, tasks, tracking
-from pipeline.atomic import write_json
+from pipeline.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +42,9 @@ def run(
     def validation() -> tuple[Any, Any]:
         return task.predict(model_dir, data["validation"], validated, p), data["validation"]
 
-    if plots_dir.exists():  # files of an earlier run (perhaps of another task) would be logged
-        shutil.rmtree(plots_dir)
-    plots_dir.mkdir(parents=True)
-    result = task.evaluate(outputs, dataset, test, labels, p, plots_dir, validation)
+    # A fresh folder: files of an earlier run (perhaps of another task) would be logged too.
+    with atomic_dir(plots_dir) as tmp:
+        result = task.evaluate(outputs, dataset, test, labels, p, tmp, validation)
     write_json(metrics_path, result)
     if headline_path is not None:  # the few numbers `dvc metrics show` puts in one row
         write_json(headline_path, headline(result, task.headline))
@@ -100,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             args.metrics,
             args.plots,
             args.headline,
-        )
+        ),
+        writes=[args.metrics, args.plots, *([args.headline] if args.headline else [])],
     )
 
 

@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args(argv)
     return entry.guarded(
-        lambda: run(args.model, args.test, args.eval_report, args.params, args.out, args.report)
+        lambda: run(args.model, args.test, args.eval_report, args.params, args.out, args.report),
+        writes=[args.out, args.report],
     )
 
 

@@ -90,7 +90,6 @@ def write_curves(history: list[dict[str, Any]], curves_dir: Path, metric: str) -
 
     `selection_score` repeats the task's model-selection metric, so one plot serves every task.
     """
-    curves_dir.mkdir(parents=True, exist_ok=True)
     train = [
         {"step": h["step"], "epoch": round(h["epoch"], 4), "loss": h["loss"]}
         for h in history
@@ -106,12 +105,13 @@ def write_curves(history: list[dict[str, Any]], curves_dir: Path, metric: str) -
         for h in history
         if "eval_loss" in h
     ]
-    for name, rows in (("train_loss.csv", train), ("eval.csv", evals)):
-        with (curves_dir / name).open("w", newline="", encoding="utf-8") as handle:
-            fields = list(rows[0]) if rows else ["step"]
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+    with atomic_dir(curves_dir) as tmp:
+        for name, rows in (("train_loss.csv", train), ("eval.csv", evals)):
+            with (tmp / name).open("w", newline="", encoding="utf-8") as handle:
+                fields = list(rows[0]) if rows else ["step"]
+                writer = csv.DictWriter(handle, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
 
 
 def world_size() -> int:
@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoints,
             args.report,
             args.curves,
-        )
+        ),
+        writes=[args.out, args.checkpoints, args.report, args.curves],
     )
 
 

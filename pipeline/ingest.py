@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the split files")
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args(argv)
-    return entry.guarded(lambda: run(args.params, args.out, args.report))
+    return entry.guarded(
+        lambda: run(args.params, args.out, args.report), writes=[args.out, args.report]
+    )
 
 
 if __name__ == "__main__":

@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args(argv)
-    return entry.guarded(lambda: run(args.validated, args.params, args.out, args.report))
+    return entry.guarded(
+        lambda: run(args.validated, args.params, args.out, args.report),
+        writes=[args.out, args.report],
+    )
 
 
 if __name__ == "__main__":

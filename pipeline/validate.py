@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True, help="stats JSON")
     parser.add_argument("--failures", type=Path, required=True, help="failing rows, on failure")
     args = parser.parse_args(argv)
-    return entry.guarded(lambda: run(args.raw, args.params, args.out, args.report, args.failures))
+    return entry.guarded(
+        lambda: run(args.raw, args.params, args.out, args.report, args.failures),
+        writes=[args.out, args.report, args.failures],
+    )
 
 
 if __name__ == "__main__":
