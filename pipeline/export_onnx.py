@@ -127,7 +127,11 @@ def build_model_folder(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = tasks.get(task).model_class().from_pretrained(model_dir, attn_implementation="eager")
+    model = (
+        tasks.get(task)
+        .model_class()
+        .from_pretrained(model_dir, attn_implementation="eager", use_safetensors=True)
+    )
     label_names = tasks.get(task).output_labels(model.config)
     with atomic_dir(out) as tmp:
         inputs = export_graph(model, tokenizer, tmp / VARIANT_FILES[BASE_VARIANT], opset, task)

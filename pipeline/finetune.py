@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import entry, lineage, optim, params, tasks, tracking, tracking_gaps
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.sources import resolve_model
+from pipeline.sources import from_pretrained, load_options, resolve_model
 from pipeline.vocabulary import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
@@ -212,12 +212,14 @@ def run(
 
     source = resolve_model(p.base.model)
     extended = tokenized_dir / TOKENIZER_DIR  # the tokenize stage's, when it added characters
-    tokenizer = AutoTokenizer.from_pretrained(str(extended) if extended.is_dir() else source)
+    trust = p.base.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(extended) if extended.is_dir() else source, **load_options(trust, weights=False)
+    )
     # A checkpoint that already has a head of another size (e.g. a classifier fine-tuned on other
     # labels) gets a new one; the encoder's weights are what is reused.
-    model = task.model_class().from_pretrained(
-        source, ignore_mismatched_sizes=True, **task.model_kwargs(labels)
-    )
+    kwargs = {"ignore_mismatched_sizes": True, **task.model_kwargs(labels)}
+    model = from_pretrained(task.model_class(), source, trust, **kwargs)
     base_vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > base_vocab:
         log.info("resizing embeddings %d -> %d for the added tokens", base_vocab, len(tokenizer))
@@ -280,6 +282,9 @@ def run(
         result = trainer.train(resume_from_checkpoint=resume)
         with atomic_dir(out_dir) as tmp:
             trainer.save_model(str(tmp))
+            # A pickle of the arguments: not shipped, so that nothing loads it (params.yaml and
+            # MLflow hold them).
+            (tmp / "training_args.bin").unlink(missing_ok=True)
             drop_load_options(tmp / "tokenizer_config.json")
     except BaseException:
         gap.call("end of the failed run", mlflow.end_run, status="FAILED")

@@ -33,6 +33,7 @@ class Base:
     max_length: int
     text_column: str
     label_column: str
+    trust_remote_code: bool
 
     def check(self) -> list[str]:
         errors = []

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,33 @@ def resolve_path(spec: str, key: str) -> Path:
             "Parquet file, a folder with train/validation/test files, or package:<pkg>/<path>"
         )
     return path
+
+
+def load_options(trust_remote_code: bool, weights: bool = True) -> dict[str, bool]:
+    """`from_pretrained` options: weights from safetensors only (a `.bin` is a pickle, which runs
+    code when loaded), and a checkpoint's own Python code only when base.trust_remote_code is
+    on. `weights=False` for tokenizers."""
+    options = {"trust_remote_code": trust_remote_code}
+    if weights:
+        options["use_safetensors"] = True
+    return options
+
+
+def from_pretrained(
+    model_class: Any, location: str, trust_remote_code: bool, **kwargs: Any
+) -> Any:
+    """`model_class.from_pretrained` with `load_options`; a checkpoint with pickled weights only
+    is a SourceError that names it and the fix."""
+    try:
+        return model_class.from_pretrained(location, **kwargs, **load_options(trust_remote_code))
+    except OSError as exc:
+        if "safetensors" not in str(exc):
+            raise
+        raise SourceError(
+            f"base.model: {location} has no safetensors weights; pickled ones (pytorch_model.bin) "
+            "are not loaded, as loading them can run code. Convert a checkpoint you trust once "
+            "(`model.save_pretrained(folder)` writes safetensors) and point base.model there"
+        ) from None
 
 
 def _hub_reachable(timeout: float) -> bool:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline import entry, lineage, params, tasks, vocabulary
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.sources import resolve_model
+from pipeline.sources import load_options, resolve_model
 from pipeline.tables import SPLITS
 from pipeline.vocabulary import TOKENIZER_DIR
 
@@ -28,7 +28,9 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
     p = params.load(params_path, "base", "tokenize", "long_text", "masking")
     task = tasks.get(p.base.task)
     labels = json.loads((validated_dir / "labels.json").read_text(encoding="utf-8"))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(p.base.model))
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(p.base.model), **load_options(p.base.trust_remote_code, weights=False)
+    )
     if not tokenizer.is_fast:
         raise ValueError(f"base.model {p.base.model!r} has no fast tokenizer (tokenizer.json)")
     if task.window_stride(p) and not 0 < task.window_stride(p) < p.base.max_length // 2:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipeline import entry, params, tasks
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.sources import resolve_model
+from pipeline.sources import load_options, resolve_model
 from pipeline.tables import SPLITS
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ def run(raw_dir: Path, params_path: Path, out_dir: Path, report: Path, failures:
         raise ValidationFailed(found, failures)
     failures.unlink(missing_ok=True)
     stats: dict[str, Any] = {"task": task.name, "labels": labels, "splits": {}}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(p.base.model))
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(p.base.model), **load_options(p.base.trust_remote_code, weights=False)
+    )
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             clean = task.validated(frames[split], p)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_reviews, write_params, write_splits
 
-from pipeline import finetune, tokenize_data, tracking, validate
+from pipeline import finetune, sources, tokenize_data, tracking, validate
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_finetune_saves_a_model_curves_and_one_mlflow_run(prepared: dict) -> Non
     assert config.id2label == {0: "fresh", 1: "rotten"}
     assert (root / "model" / "model.safetensors").is_file()
     assert (root / "model" / "tokenizer.json").is_file()
+    assert not list((root / "model").glob("*.bin")), "no pickle is shipped"
     assert summary["epochs_run"] == 2.0
     assert summary["best_checkpoint"].startswith("checkpoint-")
     evals = (root / "model-curves" / "eval.csv").read_text().splitlines()
@@ -139,6 +140,30 @@ def test_an_unreachable_tracking_server_stops_before_training(
         run_finetune(prepared, "never")
     assert not (prepared["root"] / "never").exists()
     assert not (prepared["root"] / "never-checkpoints").exists()
+
+
+def test_a_base_model_with_pickled_weights_only_is_refused_not_loaded(
+    prepared: dict, tiny_model_dir: Path
+) -> None:
+    import shutil
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    root = prepared["root"]
+    pickled = root / "pickled-model"
+    shutil.copytree(tiny_model_dir, pickled)
+    weights = pickled / "model.safetensors"
+    torch.save(load_file(weights), pickled / "pytorch_model.bin")
+    weights.unlink()
+    data = yaml.safe_load(prepared["params"].read_text())
+    data["base"]["model"] = str(pickled)
+    params_path = root / "params-pickled.yaml"
+    params_path.write_text(yaml.safe_dump(data))
+    with pytest.raises(sources.SourceError, match="has no safetensors weights; pickled ones"):
+        run_finetune(prepared, "from-pickle", params_path)
+    assert not (root / "from-pickle").exists()
 
 
 def test_the_saved_tokenizer_config_does_not_depend_on_the_environment(prepared: dict) -> None:

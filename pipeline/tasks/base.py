@@ -12,6 +12,7 @@ import pandas as pd
 
 from bertrt.long_text import Reading
 from pipeline.params import Params
+from pipeline.sources import load_options
 
 
 class Task(ABC):
@@ -140,8 +141,9 @@ class Task(ABC):
         """The model's outputs on the tokenized test split, as `evaluate` reads them."""
         from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = self.model_class().from_pretrained(model_dir)
+        trust = p.base.trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **load_options(trust, False))
+        model = self.model_class().from_pretrained(model_dir, **load_options(trust))
         args = TrainingArguments(
             output_dir=str(Path(model_dir) / ".predict"),  # nothing is written there
             per_device_eval_batch_size=p.evaluate.batch_size,

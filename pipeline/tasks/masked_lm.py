@@ -11,7 +11,7 @@ import pandas as pd
 
 from bertrt.contract import FILL_MASK
 from pipeline.params import Params
-from pipeline.sources import resolve_model, resolve_path
+from pipeline.sources import from_pretrained, load_options, resolve_model, resolve_path
 from pipeline.tables import SPLITS, text_key
 from pipeline.tasks import cloze, sparse_head
 from pipeline.tasks.base import Task
@@ -85,7 +85,9 @@ class MaskedLM(Task):
     ) -> tuple[list[str], list[dict[str, Any]]]:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(p.base.model))
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model(p.base.model), **load_options(p.base.trust_remote_code, weights=False)
+        )
         mask = tokenizer.mask_token
         text = p.base.text_column
         found: list[dict[str, Any]] = []
@@ -230,8 +232,9 @@ class MaskedLM(Task):
         probes = test[is_probe(test)]
         largest = max((max(ids) for ids in dataset["input_ids"]), default=-1)
         for name, folder in (("after", model_dir), ("before", resolve_model(p.base.model))):
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = self.model_class().from_pretrained(folder)
+            trust = p.base.trust_remote_code
+            tokenizer = AutoTokenizer.from_pretrained(folder, **load_options(trust, False))
+            model = from_pretrained(self.model_class(), folder, trust)
             # Held-out blocks carry their masks and labels: the collator only pads them. A model
             # without an embedding for a token the tokenize stage added cannot read them.
             fits = largest < model.get_input_embeddings().num_embeddings
