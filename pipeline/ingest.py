@@ -27,15 +27,23 @@ def cut(
 
     if len(frame) < 2:
         raise TableError(f"{len(frame)} row(s) left after cleaning: too few to split")
-    if not groups:
-        return tuple(
-            train_test_split(frame, test_size=fraction, stratify=strata, random_state=seed)
+    try:
+        if not groups:
+            return tuple(
+                train_test_split(frame, test_size=fraction, stratify=strata, random_state=seed)
+            )
+        folds = StratifiedGroupKFold(
+            n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed
         )
-    folds = StratifiedGroupKFold(
-        n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed
-    )
-    labels = strata if strata is not None else pd.Series(0, index=frame.index)
-    rest_idx, held_idx = next(folds.split(frame, labels, groups=frame[groups]))
+        labels = strata if strata is not None else pd.Series(0, index=frame.index)
+        rest_idx, held_idx = next(folds.split(frame, labels, groups=frame[groups]))
+    except ValueError as exc:  # scikit-learn's word for too few rows of a label or group
+        counts = strata.value_counts().to_dict() if strata is not None else {}
+        raise TableError(
+            f"{len(frame)} rows cannot be split {fraction:.0%} off, stratified by label "
+            f"{counts or ''} ({exc}); every label needs rows in every split: add rows, or "
+            "leave rare labels out with ingest.drop_labels"
+        ) from None
     return frame.iloc[rest_idx], frame.iloc[held_idx]
 
 
@@ -78,9 +86,18 @@ def sample(df: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
 def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
     """Read the source, clean and split it, write `out_dir/{split}.parquet` and the report."""
     p = params.load(params_path, "base", "ingest")
+    source = resolve_path(p.ingest.source, "ingest.source")
+    try:
+        return _run(p, source, out_dir, report)
+    except TableError as exc:
+        if str(source) in str(exc):
+            raise
+        raise TableError(f"{source}: {exc}") from None
+
+
+def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[str, Any]:
     task = tasks.get(p.base.task)
     cfg = p.ingest
-    source = resolve_path(cfg.source, "ingest.source")
     dropped: dict[str, dict[str, int]] = {}
     rows_in: dict[str, int] = {}
     if source.is_dir() and not (task.reads_folders and not has_split_files(source)):

@@ -67,14 +67,19 @@ def encoding_error(path: Path) -> TableError:
     )
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read one CSV/TSV/JSONL/Parquet file (optionally compressed) into a DataFrame."""
+def read_table(path: Path, texts: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read one CSV/TSV/JSONL/Parquet file (optionally compressed) into a DataFrame; in CSV and
+    TSV, which have no types, the `texts` columns stay strings (a review that reads "10" is a
+    text, not a number)."""
     kind = table_format(path)
+    strings = dict.fromkeys(texts, str)
     try:
         if kind == "csv":
-            return pd.read_csv(path, keep_default_na=False, na_values=[""])
+            return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=strings)
         if kind == "tsv":
-            return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+            return pd.read_csv(
+                path, sep="\t", keep_default_na=False, na_values=[""], dtype=strings
+            )
         if kind == "jsonl":
             return pd.read_json(path, lines=True, dtype=False)
         if kind == "parquet":

@@ -81,7 +81,7 @@ class TextClassification(Task):
         return table_format(path) is not None
 
     def read(self, path: Path, p: Params) -> pd.DataFrame:
-        df = read_table(path)
+        df = read_table(path, texts=(p.base.text_column,))
         keys = {"base.text_column": p.base.text_column, "base.label_column": p.base.label_column}
         for key, column in keys.items():
             if column not in df.columns:
