@@ -6,17 +6,25 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    create_model,
+    model_validator,
+)
 
 from bertrt import __version__
 from bertrt.batcher import Batcher, DeadlineExceeded, Overloaded
@@ -30,6 +38,17 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _integral(value: Any) -> Any:
+    """2.0 is the integer 2 in JSON Schema (and to JavaScript clients); 2.5 and "2" are not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(ge: int, le: int | None = None) -> Any:
+    """A strict integer in [ge, le] (no "2" for 2, no true for 1) that takes JSON's 2.0; the
+    bounds come before the validator, so that the schema states them as minimum/maximum."""
+    return Annotated[int, Field(strict=True, ge=ge, le=le), BeforeValidator(_integral)]
 
 
 def _bare_list(data: Any) -> Any:
@@ -47,9 +66,7 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     texts: list[str] = Field(description="texts to classify, in order")
-    top_k: int | None = Field(
-        default=None, ge=1, strict=True, description="also return the k best labels"
-    )
+    top_k: integer(1) | None = Field(default=None, description="also return the k best labels")
 
     @model_validator(mode="before")
     @classmethod
@@ -81,17 +98,13 @@ class FillRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     texts: list[str] = Field(description="texts with one mask token per token to fill")
-    top_k: int = Field(
-        default=5, ge=1, le=100, strict=True, description="best tokens per mask and fills per run"
-    )
+    top_k: integer(1, 100) = Field(default=5, description="best tokens per mask and fills per run")
     strategy: Literal["beam", "greedy", "independent"] = Field(
         default="beam",
         description="joint fills of consecutive masks: beam search or greedy left to right, or "
         "independent (each mask from one pass; for whole-word-masking models)",
     )
-    beam_size: int = Field(
-        default=4, ge=1, le=32, strict=True, description="partial fills kept at each step"
-    )
+    beam_size: integer(1, 32) = Field(default=4, description="partial fills kept at each step")
 
     @model_validator(mode="before")
     @classmethod
@@ -173,6 +186,22 @@ SCHEMAS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     TOKEN_CLASSIFICATION: (TagRequest, TagResponse),
     FILL_MASK: (FillRequest, FillResponse),
 }
+
+
+def for_model(model: type[BaseModel], predictor: Predictor) -> type[BaseModel]:
+    """`model` with what this predictor accepts stated in the schema: an optional `top_k` capped
+    at the label count, and texts that must hold the mask token for a fill-mask model."""
+    fields: dict[str, Any] = {}
+    top_k = model.model_fields.get("top_k")
+    if top_k is not None and top_k.default is None:
+        capped = integer(1, len(predictor.labels)) | None
+        fields["top_k"] = (capped, Field(None, description=top_k.description))
+    mask = getattr(predictor, "mask_token", None)
+    if mask:
+        texts = model.model_fields["texts"]
+        masked = list[Annotated[str, Field(pattern=re.escape(mask))]]
+        fields["texts"] = (masked, Field(description=texts.description))
+    return create_model(model.__name__, __base__=model, **fields) if fields else model
 
 
 class Health(BaseModel):
@@ -344,9 +373,11 @@ def create_app(
         return {**meta, "shipped_variants": sorted(predictor.manifest.variants)}
 
     request_model, response_model = SCHEMAS[predictor.task]
+    request_model = for_model(request_model, predictor)
 
     async def predict(request: BaseModel) -> dict[str, Any]:
-        """The model's prediction per text (a label, entities, or fills), in the order sent."""
+        """The model's prediction per text (a label, entities, or fills), in the order sent;
+        the body is the object, or just the list of texts."""
         if len(request.texts) > max_batch:
             raise HTTPException(
                 413,
@@ -372,12 +403,26 @@ def create_app(
 
     # The body's schema depends on the task, so the annotation is set before FastAPI reads it.
     predict.__annotations__["request"] = request_model
+    body_schema = {
+        "anyOf": [
+            {"$ref": f"#/components/schemas/{request_model.__name__}"},
+            {"type": "array", "items": {"type": "string"}, "description": "just the texts"},
+        ]
+    }
     app.post(
         "/predict",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": body_schema}},
+            }
+        },
         response_model=response_model,
         response_model_exclude_none=True,
         responses={
             **too_large,
+            400: {"model": Problem, "description": "the body is not JSON (or not UTF-8)"},
+            408: {"model": Problem, "description": "the body was not received in time"},
             422: {"description": "malformed request"},
             503: {"model": Problem, "description": "queue full; retry after Retry-After s"},
             504: {"model": Problem, "description": "not answered within the deadline"},
