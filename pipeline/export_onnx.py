@@ -112,10 +112,15 @@ def build_model_folder(
     metrics: dict[str, Any] | None = None,
     long_text: dict[str, Any] | None = None,
     temperature: float = 1.0,
+    calibration_texts: list[str] | None = None,
+    int8_search_agreement: float = 0.0,
 ) -> dict[str, Any]:
     """Export, check parity on `texts`, and write the complete model folder atomically.
 
     Args:
+        calibration_texts: texts (not the test split's) on which the int8 variant's search for
+            nodes to keep in fp32 measures agreement with the fp32 graph, up to
+            `int8_search_agreement` (0: no search, everything int8).
         score: the task metric of runtime outputs on `texts`, for the variants' metric-drop gate.
         long_text: how a classifier reads long texts (bertrt.long_text.Reading), as evaluated.
         temperature: divides a classifier's logits before the softmax (fitted on validation).
@@ -165,9 +170,15 @@ def build_model_folder(
         windows = engine.encode(texts)
         flat = [w for per_text in windows for w in per_text]
         reference = torch_outputs(model, engine, flat, batch_size)
-        got, mask = engine.infer(flat, batch_size)
+        got, mask, speed = onnx_variants.timed_infer(engine, flat, batch_size)
         parity = check_parity(got, reference, mask, len(texts), parity_atol)
-        manifest.variants[BASE_VARIANT].update(gate=parity, shipped=True)
+        manifest.variants[BASE_VARIANT].update(
+            gate=parity, shipped=True, texts_per_s={engine.provider: round(speed, 1)}
+        )
+        calibration = None
+        if calibration_texts and "int8" in variants and int8_search_agreement > 0:
+            cal = [w for per_text in engine.encode(calibration_texts) for w in per_text]
+            calibration = (cal, *engine.infer(cal, batch_size))
         if variants:
             files += onnx_variants.add_variants(
                 tmp,
@@ -182,6 +193,8 @@ def build_model_folder(
                 min_agreement=min_agreement,
                 max_metric_drop=max_metric_drop,
                 batch_size=batch_size,
+                calibration=calibration,
+                int8_search_agreement=int8_search_agreement,
             )
             manifest.files = manifest_io.file_entries(tmp, files)
         manifest_io.write(tmp, manifest)
@@ -224,8 +237,10 @@ def run(
     params_path: Path,
     out_dir: Path,
     report: Path,
+    calibration_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Export the fine-tuned model to `out_dir` and record the result in `report` and MLflow."""
+    """Export the fine-tuned model to `out_dir` and record the result in `report` and MLflow;
+    the int8 variant is tuned on `calibration_path` (the validation split), never on test."""
     from transformers import AutoConfig, AutoTokenizer
 
     p = params.load(params_path, "base", "tokenize", "long_text", "export", "tracking")
@@ -277,6 +292,10 @@ def run(
             metrics=metrics.get("overall", metrics),
             long_text=reading.as_dict() if reading else {},
             temperature=float(metrics.get("calibration", {}).get("temperature", 1.0)),
+            calibration_texts=(
+                task.export_texts(pd.read_parquet(calibration_path)) if calibration_path else None
+            ),
+            int8_search_agreement=p.export.int8_search_agreement,
         )
         manifest = manifest_io.read(out_dir)
         model_card.write(out_dir, manifest)
@@ -301,9 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--calibration", type=Path, help="texts the int8 search measures on")
     args = parser.parse_args(argv)
     return entry.guarded(
-        lambda: run(args.model, args.test, args.eval_report, args.params, args.out, args.report),
+        lambda: run(
+            args.model,
+            args.test,
+            args.eval_report,
+            args.params,
+            args.out,
+            args.report,
+            args.calibration,
+        ),
         writes=[args.out, args.report],
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ FP16_KEEP_FP32 = ("Softmax", "LayerNormalization", "SimplifiedLayerNormalization
 FUSED_CORE = ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu")
 # Accuracy drop is compared as a fraction; this absorbs float noise in 1/n steps.
 EPS = 1e-9
+# The operators dynamic quantisation turns into int8 kernels (when they have a weight input).
+INT8_OPS = ("MatMul", "Attention", "EmbedLayerNormalization", "Gemm", "Gather")
+# Texts (their windows), fp32 outputs and valid positions the int8 search measures against.
+Calibration = tuple[list[Any], np.ndarray, np.ndarray]
 
 
 def optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
@@ -67,8 +72,9 @@ def to_fp16(src: Path, dst: Path) -> None:
     model.save_model_to_file(str(dst))
 
 
-def to_int8(src: Path, dst: Path) -> None:
-    """Write a dynamically quantised (int8 weights, uint8 activations) copy of `src`."""
+def to_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> None:
+    """Write a dynamically quantised (int8 weights, uint8 activations) copy of `src`; the nodes
+    named in `keep_fp32` stay in fp32."""
     import onnx
     from onnxruntime.quantization import quantize_dynamic
 
@@ -85,10 +91,63 @@ def to_int8(src: Path, dst: Path) -> None:
             str(src),
             str(dst),
             per_channel=True,
+            nodes_to_exclude=list(keep_fp32),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         root.setLevel(level)
+
+
+def quantizable(src: Path) -> list[str]:
+    """Names of the nodes dynamic quantisation turns into int8: those with a weight matrix."""
+    import onnx
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type in INT8_OPS and any(name in weights for name in node.input)
+    ]
+
+
+def search_int8(
+    folder: Path, optimized: Path, calibration: Calibration, target: float, batch_size: int
+) -> dict[str, Any]:
+    """Quantise everything; while label agreement with fp32 on the calibration texts is below
+    `target`, keep in fp32 the node whose int8 alone moves the outputs most (each node measured
+    on its own), up to half of them. Returns what was measured, for the manifest."""
+    dst = folder / VARIANT_FILES["int8"]
+    encodings, reference, mask = calibration
+
+    nodes = quantizable(optimized)
+
+    def measure(keep: Sequence[str] = (), only: str | None = None) -> tuple[float, float]:
+        to_int8(optimized, dst, [n for n in nodes if n != only] if only else keep)
+        engine = open_engine(folder, device="cpu", variant="int8", verify=False)
+        outputs, _ = engine.infer(encodings, batch_size)
+        got, want = (outputs[mask], reference[mask]) if outputs.ndim == 3 else (outputs, reference)
+        return float((got.argmax(-1) == want.argmax(-1)).mean()), float(np.abs(got - want).mean())
+
+    agreement, _ = measure()
+    result: dict[str, Any] = {"target": target, "all_int8_agreement": agreement, "kept_fp32": []}
+    if agreement >= target:
+        result["agreement"] = agreement
+        return result
+    shift = {node: measure(only=node)[1] for node in nodes}
+    result["mean_abs_logit_shift"] = {n: round(v, 6) for n, v in shift.items()}
+    keep: list[str] = []
+    for node in sorted(nodes, key=shift.__getitem__, reverse=True)[: len(nodes) // 2]:
+        keep.append(node)
+        agreement, _ = measure(keep)
+        log.info("int8: %s kept in fp32 -> agreement %.4f on calibration", node, agreement)
+        if agreement >= target:
+            break
+    if agreement < target:
+        log.warning("int8: agreement %.4f < %.4f, %d nodes in fp32", agreement, target, len(keep))
+    result.update(kept_fp32=keep, agreement=agreement)
+    to_int8(optimized, dst, keep)
+    return result
 
 
 def gate(
@@ -134,6 +193,16 @@ def gate(
     return result
 
 
+def timed_infer(
+    engine: Engine, encodings: list[Any], batch_size: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(outputs, mask, texts per second) of one pass after one warm-up batch."""
+    engine.infer(encodings[:batch_size], batch_size)
+    start = time.perf_counter()
+    outputs, mask = engine.infer(encodings, batch_size)
+    return outputs, mask, len(encodings) / max(time.perf_counter() - start, 1e-9)
+
+
 def _open(folder: Path, name: str) -> tuple[Engine | None, str]:
     """An engine on the variant's own device; fp16 tries CUDA first, then the CPU."""
     if name != "fp16":
@@ -163,9 +232,9 @@ def _evaluate(
     size = (folder / VARIANT_FILES[name]).stat().st_size
     if engine is None:
         return {"positions": 0, "bytes": size, "provider": None, "passed": False, "reason": reason}
-    outputs, _ = engine.infer(encodings, batch_size)
+    outputs, _, speed = timed_infer(engine, encodings, batch_size)
     result = gate(outputs, reference, mask, min_agreement, max_metric_drop, score)
-    result.update(bytes=size, provider=engine.provider)
+    result.update(bytes=size, provider=engine.provider, texts_per_s=round(speed, 1))
     if name == "fp16" and engine.provider == CPU:
         # ORT's CPU provider wraps most fp16 nodes in Casts to fp32: this checks the fp16 weights
         # and the tensors between nodes, not the CUDA kernels' fp16 arithmetic.
@@ -186,6 +255,8 @@ def add_variants(
     min_agreement: float,
     max_metric_drop: float,
     batch_size: int = 32,
+    calibration: Calibration | None = None,
+    int8_search_agreement: float = 0.0,
 ) -> list[str]:
     """Build, gate and keep or delete each named variant in `folder`; return the shipped files.
 
@@ -197,22 +268,28 @@ def add_variants(
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(OPTIONAL_VARIANTS)}")
     optimized = folder / VARIANT_FILES["fp32-optimized"]
     fused = optimize(folder / VARIANT_FILES[BASE_VARIANT], optimized, num_heads, hidden_size)
-    builders = {"fp16": to_fp16, "int8": to_int8}
     candidates: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(names):
-        if name in builders:
-            builders[name](optimized, folder / VARIANT_FILES[name])
         candidates[name] = {
             "file": VARIANT_FILES[name],
             "precision": PRECISIONS[name],
             "providers": PROVIDERS[name],
             "fused_operators": fused,
         }
-    if "fp32-optimized" not in candidates:
-        optimized.unlink()
-    # The runtime reads the manifest, so the candidates are listed before they are gated.
+    # The runtime reads the manifest, so the candidates are listed before they are built.
     manifest.variants.update(candidates)
     manifest_io.write(folder, manifest)
+    if "fp16" in candidates:
+        to_fp16(optimized, folder / VARIANT_FILES["fp16"])
+    if "int8" in candidates:
+        if calibration is not None and int8_search_agreement > 0:
+            candidates["int8"]["search"] = search_int8(
+                folder, optimized, calibration, int8_search_agreement, batch_size
+            )
+        else:
+            to_int8(optimized, folder / VARIANT_FILES["int8"])
+    if "fp32-optimized" not in candidates:
+        optimized.unlink()
     shipped = []
     for name, entry in candidates.items():
         entry["gate"] = _evaluate(
@@ -227,6 +304,8 @@ def add_variants(
             batch_size,
         )
         entry["shipped"] = entry["gate"]["passed"]
+        if entry["gate"].get("texts_per_s"):
+            entry["texts_per_s"] = {entry["gate"]["provider"]: entry["gate"]["texts_per_s"]}
         if entry["shipped"]:
             shipped.append(entry["file"])
             log.info("variant %s shipped: %s", name, _summary(entry["gate"]))

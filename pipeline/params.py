@@ -253,9 +253,14 @@ class Export:
     variants: list[str]
     min_agreement: float
     max_metric_drop: float
+    int8_search_agreement: float
 
     def check(self) -> list[str]:
         errors = []
+        if not 0.0 <= self.int8_search_agreement <= 1.0:
+            errors.append(
+                f"export.int8_search_agreement: {self.int8_search_agreement} must be in [0, 1]"
+            )
         unknown = [v for v in self.variants if v not in OPTIONAL_VARIANTS]
         if unknown:
             errors.append(f"export.variants: {unknown} not among {list(OPTIONAL_VARIANTS)}")

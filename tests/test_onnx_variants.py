@@ -96,8 +96,21 @@ def test_shipped_variant_matches_pytorch_through_the_runtime(
     assert (got.argmax(-1) == reference.argmax(-1)).all()
 
 
-def test_runtime_prefers_the_optimised_graph_on_cpu(variant_dir: Path) -> None:
-    assert load(variant_dir, device="cpu").variant == "fp32-optimized"
+def test_runtime_picks_the_fastest_variant_measured_at_export(variant_dir: Path) -> None:
+    from bertrt.engine import choose_variant
+    from bertrt.session import CPU, CUDA
+
+    manifest = manifest_io.read(variant_dir)
+    speeds = {name: e["texts_per_s"][CPU] for name, e in manifest.variants.items()
+              if CPU in e.get("texts_per_s", {})}  # fmt: skip
+    assert set(speeds) == set(manifest.variants) - {"fp16"} or "fp16" in speeds
+    cpu_only = {n: s for n, s in speeds.items() if CPU in manifest.variants[n]["providers"]}
+    assert load(variant_dir, device="cpu").variant == max(cpu_only, key=cpu_only.__getitem__)
+    # Without measurements for a provider, the fixed preference decides.
+    assert choose_variant(manifest, CUDA, None) == "fp16"
+    for entry in manifest.variants.values():
+        entry.pop("texts_per_s", None)
+    assert choose_variant(manifest, CPU, None) == "fp32-optimized"
 
 
 def test_manifest_sha256_covers_variant_files(variant_dir: Path, tmp_path: Path) -> None:
@@ -249,3 +262,37 @@ def test_gate_refuses_mismatched_shapes_and_records_empty_input() -> None:
         "passed": False,
         "reason": "not evaluated: nothing to gate on",
     }
+
+
+# 1.01 cannot be reached (the tiny model's labels never flip): the search runs to its end.
+@pytest.mark.parametrize("target", [0.5, 1.01])
+def test_int8_search_keeps_the_most_moving_nodes_in_fp32_and_records_them(
+    tmp_path: Path, tiny_model_dir: Path, target: float
+) -> None:
+    """The search measures on calibration texts (not the gate's); what it kept in fp32 is in
+    the manifest and is fp32 in the shipped graph."""
+    texts, labels = _data(48, seed=1)
+    calibration = [r["text"] for r in synthetic_reviews(40, seed=8)]
+    out = tmp_path / "int8"
+    build_model_folder(
+        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("int8",),
+        min_agreement=0.0, max_metric_drop=0.9, calibration_texts=calibration,
+        int8_search_agreement=target,
+    )  # fmt: skip
+    manifest = _manifest(out)
+    entry = {**manifest["variants"], **manifest["rejected_variants"]}["int8"]
+    search = entry["search"]
+    assert search["target"] == target and 0.0 <= search["all_int8_agreement"] <= 1.0
+    if target == 0.5:  # reached with every node int8: nothing is measured further
+        assert search["kept_fp32"] == [] and "mean_abs_logit_shift" not in search
+        return
+    shifts = search["mean_abs_logit_shift"]
+    kept = search["kept_fp32"]
+    assert 1 <= len(kept) <= len(shifts) // 2
+    rest = [shifts[name] for name in shifts if name not in kept]
+    assert min(shifts[name] for name in kept) >= max(rest) - 1e-6, "the most moving go first"
+    if entry.get("shipped"):
+        graph = onnx.load(str(out / "model.int8.onnx"), load_external_data=False).graph
+        ops = {node.name: node.op_type for node in graph.node}
+        fp32 = ("MatMul", "Attention", "EmbedLayerNormalization", "Gemm", "Gather")
+        assert all(ops.get(name) in fp32 for name in kept), {n: ops.get(n) for n in kept}
