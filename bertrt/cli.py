@@ -199,6 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
         token=os.environ.get("BERTRT_API_TOKEN") or None,
         max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
     )
     return 0
 
@@ -284,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-connections", type=int, default=512, help="open connections; more get 503"
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a request's headers before it is cut off",
     )
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)

@@ -442,13 +442,15 @@ def serve(
     batching: Batching | None = None,
     token: str | None = None,
     max_connections: int = 512,
+    header_timeout_s: float = 10.0,
 ) -> None:
     """Run the API with uvicorn until interrupted (SIGTERM finishes in-flight requests).
 
     Binds loopback unless `host` says otherwise; another address is logged as a warning, and
     without `token` (`BERTRT_API_TOKEN`) anyone who reaches it may call it. Past
     `max_connections` open connections new ones get 503; idle keep-alive connections close
-    after 5 s."""
+    after 5 s, and a connection whose request headers take longer than `header_timeout_s` is
+    closed (a slow-loris client cannot hold a connection)."""
     import uvicorn
 
     if not _is_loopback(host):
@@ -466,9 +468,54 @@ def serve(
         port=port,
         log_level=logging.getLogger().level or logging.INFO,
         limit_concurrency=max_connections,
+        http=header_deadline(header_timeout_s),
         timeout_keep_alive=5,
         timeout_graceful_shutdown=30,
     )
+
+
+def header_deadline(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a deadline on each request's headers, from the connection's
+    start or the end of the previous response. uvicorn has none: a client sending a header line
+    a second held its connection for ever, and enough of them locked everyone else out (503)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # the next request on this connection gets the same time
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
 
 
 def _is_loopback(host: str) -> bool:

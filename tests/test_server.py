@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -392,3 +393,54 @@ def test_binding_another_address_without_a_token_is_a_warning() -> None:
 
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("no-such-host.invalid")
+
+
+def test_a_flood_of_slow_header_connections_is_cut_off_and_others_are_served(
+    model: TextClassifier,
+) -> None:
+    """Forty clients send a header line every 0.2 s, past a limit of 16 connections: within
+    the header deadline they are closed, and a normal client is answered."""
+    from bertrt.server import header_deadline
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        create_app(model), log_level="error", limit_concurrency=16, http=header_deadline(1.0)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    port = sock.getsockname()[1]
+    slow = []
+    try:
+        for _ in range(40):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+            slow.append(conn)
+        started, status = time.monotonic(), None
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as other:
+            while time.monotonic() - started < 6 and status != 200:
+                for conn in slow:  # the flood keeps trickling
+                    with contextlib.suppress(OSError):
+                        conn.sendall(b"X-Slow: 1\r\n")
+                status = other.post("/predict", json={"texts": ["good"]}).status_code
+                time.sleep(0.2)
+        assert status == 200, "a normal client is served once the slow ones are cut off"
+        assert time.monotonic() - started < 4
+        closed = 0
+        for conn in slow:
+            conn.settimeout(2)
+            try:
+                closed += conn.recv(1024) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(slow), f"{len(slow) - closed} slow connections still open"
+    finally:
+        for conn in slow:
+            conn.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
