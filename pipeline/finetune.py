@@ -254,10 +254,9 @@ def run(
     trainer.add_callback(tracking_gaps.mlflow_callback(gap))
     name = None if run_id else tracking.run_name(p.tracking)
     active = mlflow.start_run(run_id=run_id, run_name=name)  # the store answered connect()
-    write_json(
-        checkpoints / FINGERPRINT, {"fingerprint": fingerprint, "run_id": active.info.run_id}
-    )
     try:
+        marker = {"fingerprint": fingerprint, "run_id": active.info.run_id}
+        write_json(checkpoints / FINGERPRINT, marker)
         gap.call(
             "tags", mlflow.set_tags, {**tracking.provenance_tags(), "data_sha256": data_digest}
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,16 +192,6 @@ def gate(
     return result
 
 
-def timed_infer(
-    engine: Engine, encodings: list[Any], batch_size: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """(outputs, mask, texts per second) of one pass after one warm-up batch."""
-    engine.infer(encodings[:batch_size], batch_size)
-    start = time.perf_counter()
-    outputs, mask = engine.infer(encodings, batch_size)
-    return outputs, mask, len(encodings) / max(time.perf_counter() - start, 1e-9)
-
-
 def _open(folder: Path, name: str) -> tuple[Engine | None, str]:
     """An engine on the variant's own device; fp16 tries CUDA first, then the CPU."""
     if name != "fp16":
@@ -232,9 +221,9 @@ def _evaluate(
     size = (folder / VARIANT_FILES[name]).stat().st_size
     if engine is None:
         return {"positions": 0, "bytes": size, "provider": None, "passed": False, "reason": reason}
-    outputs, _, speed = timed_infer(engine, encodings, batch_size)
+    outputs, _ = engine.infer(encodings, batch_size)
     result = gate(outputs, reference, mask, min_agreement, max_metric_drop, score)
-    result.update(bytes=size, provider=engine.provider, texts_per_s=round(speed, 1))
+    result.update(bytes=size, provider=engine.provider)
     if name == "fp16" and engine.provider == CPU:
         # ORT's CPU provider wraps most fp16 nodes in Casts to fp32: this checks the fp16 weights
         # and the tensors between nodes, not the CUDA kernels' fp16 arithmetic.
@@ -304,8 +293,6 @@ def add_variants(
             batch_size,
         )
         entry["shipped"] = entry["gate"]["passed"]
-        if entry["gate"].get("texts_per_s"):
-            entry["texts_per_s"] = {entry["gate"]["provider"]: entry["gate"]["texts_per_s"]}
         if entry["shipped"]:
             shipped.append(entry["file"])
             log.info("variant %s shipped: %s", name, _summary(entry["gate"]))

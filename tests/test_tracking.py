@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,18 +27,20 @@ def test_parallel_workers_on_a_fresh_sqlite_store_lose_no_run_and_double_none(
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, uri, f"worker-{i}"],
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         for i in range(4)
     ]
     errors = [w.communicate(timeout=300)[1] for w in workers]
     assert [w.returncode for w in workers] == [0, 0, 0, 0], errors
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["text-classification"], output_format="list")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("text-classification")
+    runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == [f"worker-{i}" for i in range(4)]
-    client = mlflow.MlflowClient()
     assert [len(client.get_metric_history(r.info.run_id, "loss")) for r in runs] == [50] * 4
