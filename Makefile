@@ -69,6 +69,7 @@ bench: $(STAMP) ## CPU benchmark: PyTorch pipeline vs ORT variants, written to d
 	$(BIN)/python -m benchmarks.train_mlm --model package:cognition/model --out docs/benchmarks.md
 	$(BIN)/python -m benchmarks.serving --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_serving.json
 	$(BIN)/python -m benchmarks.load --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_load.json
+	$(BIN)/python -m benchmarks.overhead --validated data/validated --params params.yaml --out docs/benchmarks.md --json reports/bench_overhead.json
 	$(BIN)/python -m benchmarks.long_documents --raw data/raw --model-dir models/onnx --out docs/benchmarks.md --json reports/long_documents.json
 
 bench-gpu: $(STAMP) ## GPU benchmark (needs CUDA): torch fp32/fp16 vs ORT CUDA fp16 with IO binding

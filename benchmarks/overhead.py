@@ -1,0 +1,137 @@
+"""The pipeline's own overhead: the tokenize stage against the tokenizer's batched ceiling, a
+no-op `dvc repro` against DVC alone, and the import time of each stage module.
+
+    python -m benchmarks.overhead --validated data/validated --params params.yaml \
+        --out docs/benchmarks.md --json reports/bench_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmarks import measure, report
+
+HEADING = "Pipeline overhead (CPU)"
+STAGES = (
+    "pipeline.ingest",
+    "pipeline.validate",
+    "pipeline.tokenize_data",
+    "pipeline.finetune",
+    "pipeline.evaluate_model",
+    "pipeline.export_onnx",
+)
+REPEATS = 3  # each timing is the median of this many runs
+
+
+def _median_s(cmd: list[str]) -> float:
+    runs = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def tokenize_rates(validated: Path, params_path: Path) -> dict[str, Any]:
+    """Texts/s of the tokenize stage end to end (Parquet in, dataset and report out), of the
+    same tokenizer over all texts in batches of 1,000 (the ceiling) and one text at a time."""
+    from transformers import AutoTokenizer
+
+    from pipeline import params, tokenize_data
+    from pipeline.sources import resolve_model
+
+    p = params.load(params_path, "base")
+    texts = [
+        t for split in ("train", "validation", "test")
+        for t in pd.read_parquet(validated / f"{split}.parquet")["text"].astype(str)
+    ]  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(p.base.model))
+    start = time.perf_counter()
+    for i in range(0, len(texts), 1000):
+        tokenizer(texts[i : i + 1000])
+    batched = len(texts) / (time.perf_counter() - start)
+    sample = texts[:2000]
+    start = time.perf_counter()
+    for text in sample:
+        tokenizer(text)
+    single = len(sample) / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        tokenize_data.run(validated, params_path, Path(tmp) / "tokenized", Path(tmp) / "t.json")
+        stage = len(texts) / (time.perf_counter() - start)
+    return {
+        "texts": len(texts),
+        "stage_texts_per_s": stage,
+        "batched_texts_per_s": batched,
+        "one_at_a_time_texts_per_s": single,
+        "stage_vs_batched": stage / batched,
+    }
+
+
+def run(validated: Path, params_path: Path) -> dict[str, Any]:
+    python = sys.executable
+    dvc = str(Path(python).parent / "dvc")
+    bare = _median_s([python, "-c", "pass"])
+    imports = {
+        module: round(_median_s([python, "-c", f"import {module}"]) - bare, 3) for module in STAGES
+    }
+    if subprocess.run([dvc, "status", "--quiet"], capture_output=True).returncode != 0:
+        raise SystemExit("the pipeline is not up to date: run `make run` first (a no-op repro)")
+    return {
+        "tokenize": tokenize_rates(validated, params_path),
+        "noop_repro_s": _median_s([dvc, "repro"]),
+        "dvc_alone_s": _median_s([dvc, "version"]),
+        "import_s": imports,
+    }
+
+
+def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+    tok = data["tokenize"]
+    rows = [{"module": m, "import s": s} for m, s in data["import_s"].items()]
+    return "\n".join(
+        [
+            f"Measured with `{command}` on {machine['cpu']} "
+            f"(flags: {', '.join(machine['cpu_flags'])}); medians of {REPEATS} runs.",
+            "",
+            f"- Tokenize stage, end to end (Parquet in, dataset and report out), over "
+            f"{tok['texts']:,} texts: {tok['stage_texts_per_s']:,.0f} texts/s; the same "
+            f"tokenizer in batches of 1,000: {tok['batched_texts_per_s']:,.0f} texts/s (the "
+            f"stage reaches **{tok['stage_vs_batched']:.0%}** of it); one text at a time: "
+            f"{tok['one_at_a_time_texts_per_s']:,.0f} texts/s.",
+            f"- A `dvc repro` with nothing to do: {data['noop_repro_s']:.2f} s; "
+            f"`dvc version` (DVC starting alone): {data['dvc_alone_s']:.2f} s.",
+            "- Import time of each stage module (a Python start subtracted):",
+            "",
+            report.table(rows, {"module": "module", "import s": "s"}),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--validated", type=Path, required=True)
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    machine = measure.machine()
+    data = run(args.validated, args.params)
+    command = "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = markdown(data, command, machine)
+    report.write_section(args.out, HEADING, text)
+    report.write_json(args.json, {"machine": machine, **data})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
