@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -154,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = measure.machine()
     threads = args.threads or machine["logical_cores"]
     data = run(args.model_dir, args.test, args.clients, args.warmup, args.requests, threads)
-    command = "python -m benchmarks.load " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(data, command, machine)
-    report.write_section(args.out, HEADING, text)
-    report.write_json(args.json, {"machine": machine, **data})
-    print(text)
+    report.publish("benchmarks.load", argv, HEADING, markdown, data, machine, args.out, args.json)
     return 0
 
 

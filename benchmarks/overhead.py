@@ -125,11 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     machine = measure.machine()
     data = run(args.validated, args.params)
-    command = "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(data, command, machine)
-    report.write_section(args.out, HEADING, text)
-    report.write_json(args.json, {"machine": machine, **data})
-    print(text)
+    report.publish(
+        "benchmarks.overhead", argv, HEADING, markdown, data, machine, args.out, args.json
+    )
     return 0
 
 

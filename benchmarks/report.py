@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,26 @@ def write_section(path: Path, heading: str, body: str) -> None:
     doc = path.read_text(encoding="utf-8") if path.is_file() else TITLE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(replace_section(doc, heading, body), encoding="utf-8")
+
+
+def publish(
+    module: str,
+    argv: list[str] | None,
+    heading: str,
+    render: Callable[[dict[str, Any], str, dict[str, Any]], str],
+    data: dict[str, Any],
+    machine: dict[str, Any],
+    out: Path,
+    json_path: Path,
+) -> str:
+    """Render `data` with the command that made it, write its section of `out` and the JSON
+    report (with the machine), print and return the section."""
+    command = f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = render(data, command, machine)
+    write_section(out, heading, text)
+    write_json(json_path, {"machine": machine, **data})
+    print(text)
+    return text
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

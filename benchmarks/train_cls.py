@@ -14,7 +14,6 @@ is scored on the validation split.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -184,11 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = measure.machine()
     threads = args.threads or machine["logical_cores"]
     data = run(args.validated, args.rows, threads)
-    command = "python -m benchmarks.train_cls " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(data, command, machine)
-    report.write_section(args.out, HEADING, text)
-    report.write_json(args.json, {"machine": machine, **data})
-    print(text)
+    report.publish(
+        "benchmarks.train_cls", argv, HEADING, markdown, data, machine, args.out, args.json
+    )
     return 0
 
 

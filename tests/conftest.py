@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _own_mlflow_store_per_module() -> object:
-    """The same for what module fixtures (a pipeline run once per module) leave behind."""
+def _restoring_mlflow_environment() -> Iterator[None]:
     keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
     saved = {key: os.environ.get(key) for key in keys}
     yield
@@ -32,20 +31,19 @@ def _own_mlflow_store_per_module() -> object:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _own_mlflow_store_per_module() -> Iterator[None]:
+    """The same for what module fixtures (a pipeline run once per module) leave behind."""
+    yield from _restoring_mlflow_environment()
 
 
 @pytest.fixture(autouse=True)
-def _own_mlflow_store() -> object:
+def _own_mlflow_store() -> Iterator[None]:
     """MLflow writes the store and experiment it was pointed at into the environment, where they
     would win over the next test's params; each test starts from the environment it was given."""
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-    saved = {key: os.environ.get(key) for key in keys}
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    yield from _restoring_mlflow_environment()
 
 
 POSITIVE = [

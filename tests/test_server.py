@@ -344,20 +344,30 @@ def test_a_token_guards_every_path_but_health(model: TextClassifier) -> None:
         assert local.get("/metadata", headers=right).status_code == 200
 
 
-def test_a_body_sent_a_byte_at_a_time_is_cut_off_and_others_are_served(
-    model: TextClassifier,
-) -> None:
+@contextlib.contextmanager
+def served(config: uvicorn.Config) -> Iterator[int]:
+    """The port of `config`'s app served by uvicorn in a thread on loopback, until exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    app = create_app(model, body_timeout_s=1.0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    port = sock.getsockname()[1]
     try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_a_body_sent_a_byte_at_a_time_is_cut_off_and_others_are_served(
+    model: TextClassifier,
+) -> None:
+    app = create_app(model, body_timeout_s=1.0)
+    with served(uvicorn.Config(app, log_level="warning")) as port:
         slow = socket.create_connection(("127.0.0.1", port), timeout=10)
         slow.sendall(
             b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -382,10 +392,6 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_off_and_others_are_served(
         assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
         assert time.monotonic() - started < 4
         slow.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def test_binding_another_address_without_a_token_is_a_warning() -> None:
@@ -402,22 +408,13 @@ def test_a_flood_of_slow_header_connections_is_cut_off_and_others_are_served(
     the header deadline they are closed, and a normal client is answered."""
     from bertrt.server import header_deadline
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
         create_app(model), log_level="error", limit_concurrency=16, http=header_deadline(1.0)
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    port = sock.getsockname()[1]
     slow = []
-    try:
+    with served(config) as port, contextlib.ExitStack() as sockets:
         for _ in range(40):
-            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn = sockets.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
             conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
             slow.append(conn)
         started, status = time.monotonic(), None
@@ -438,9 +435,3 @@ def test_a_flood_of_slow_header_connections_is_cut_off_and_others_are_served(
             except OSError:
                 closed += 1
         assert closed == len(slow), f"{len(slow) - closed} slow connections still open"
-    finally:
-        for conn in slow:
-            conn.close()
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
