@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline import entry, lineage, params, tasks, vocabulary
 from pipeline.atomic import atomic_dir, write_json
@@ -39,13 +40,12 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
             f"base.max_length ({p.base.max_length}) so that windows advance"
         )
     stats: dict[str, Any] = {"max_length": p.base.max_length, "splits": {}}
-    train_texts = task.texts(pd.read_parquet(validated_dir / "train.parquet"))
     if p.tokenize.vocab_extension_min_count:
         stats["vocabulary"] = vocabulary.extend(
-            tokenizer, train_texts, p.tokenize.vocab_extension_min_count
+            tokenizer,
+            task.texts(pd.read_parquet(validated_dir / "train.parquet")),
+            p.tokenize.vocab_extension_min_count,
         )
-    else:
-        stats["vocabulary"] = {"unk_rate": round(vocabulary.unk_rate(tokenizer, train_texts), 6)}
     # What else decides the output: the tokenizer itself, the labels and the tokenising code.
     code = [Path(tasks.__file__).parent.glob("*.py"), [Path(__file__)]]
     recipe = hashlib.sha256(
@@ -61,13 +61,18 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
         digest = p.digest(skip=("long_text.aggregate",))
         key = f"{lineage.file_digest(path)}|{digest}|{recipe}|{split}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-        dataset = Dataset.from_parquet(str(path))
-        splits[split], stats["splits"][split] = task.tokenize(
+        # Read into memory: nothing is written to (or reused from) a datasets cache folder.
+        dataset = Dataset(pq.read_table(path), fingerprint=fingerprint)
+        splits[split], split_stats = task.tokenize(
             dataset, tokenizer, labels, p, fingerprint, split
         )
-        texts = task.texts(pd.read_parquet(path))
-        stats["splits"][split]["unk_rate"] = round(vocabulary.unk_rate(tokenizer, texts), 6)
-        log.info("%s: %s", split, stats["splits"][split])
+        if "unk_rate" not in split_stats:  # a task that does not count [UNK] as it encodes
+            texts = task.texts(pd.read_parquet(path))
+            split_stats["unk_rate"] = round(vocabulary.unk_rate(tokenizer, texts), 6)
+        stats["splits"][split] = split_stats
+        log.info("%s: %s", split, split_stats)
+    if not p.tokenize.vocab_extension_min_count:
+        stats["vocabulary"] = {"unk_rate": stats["splits"]["train"]["unk_rate"]}
     with atomic_dir(out_dir) as tmp:
         DatasetDict(splits).save_to_disk(str(tmp))
         if p.tokenize.vocab_extension_min_count:

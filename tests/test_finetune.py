@@ -416,3 +416,33 @@ def test_the_precision_choice_names_why_it_falls_back(tmp_path: Path, caplog) ->
         chosen = precision.training_precision("bf16", cuda=False, cuda_bf16=False, cpu_bf16=False)
     assert chosen == "fp32"
     assert "no native bf16" in caplog.text and "training in fp32" in caplog.text
+
+
+def test_one_encoding_gives_the_same_unk_rate_lengths_and_windows_as_separate_passes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import pyarrow as pa
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from pipeline import params, tasks, vocabulary
+
+    texts = ["a plain review", "☃ snow ☃ and [UNK] here", "", "word " * 80, "émoji 🙂 ok"]
+    data = Dataset(pa.table({"text": texts, "label": ["fresh", "rotten"] * 2 + ["fresh"]}))
+    path = write_params(
+        tmp_path,
+        {"base.model": str(tiny_model_dir), "base.max_length": 32, "tokenize.batch_size": 2},
+    )
+    p = params.load(path, "base", "tokenize", "long_text", "masking")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    out, stats = tasks.get("text-classification").tokenize(
+        data, tokenizer, ["fresh", "rotten"], p, "f" * 16
+    )
+    assert stats["unk_rate"] == round(vocabulary.unk_rate(tokenizer, texts), 6) > 0
+    whole = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    assert stats["token_length"]["p100"] == max(whole) > 32
+    assert stats["windows"] == len(out) == len(texts)  # head+tail: one window a text
+    assert out["doc"] == list(range(len(texts)))
+    assert all(len(ids) <= 32 for ids in out["input_ids"])
+    assert [sum(m) for m in out["attention_mask"]] == [len(ids) for ids in out["input_ids"]]
+    assert out.features["input_ids"].feature.dtype == "int32"

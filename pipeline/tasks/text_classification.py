@@ -16,6 +16,7 @@ from pipeline.params import Params
 from pipeline.tables import SPLITS, TableError, read_table, table_format, text_key
 from pipeline.tasks.base import Task
 from pipeline.tasks.calibration import calibration, expected_calibration_error, softmax
+from pipeline.tasks.columns import Columns
 from pipeline.tasks.confusion import confusion_png
 from pipeline.text_schema import (
     as_label,
@@ -193,34 +194,41 @@ class TextClassification(Task):
             raise ValueError(f"long_text: {'; '.join(problems)} (base.max_length {max_length})")
         has_types = "token_type_ids" in tokenizer.model_input_names
 
-        def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        columns = Columns(["labels", "doc"], token_types=has_types)
+        unk_id, added = tokenizer.unk_token_id, tokenizer.num_special_tokens_to_add()
+        tokens, unk, windows = [], 0, []
+        texts, targets = dataset.data.column(TEXT), dataset.data.column(LABEL)
+        step = p.tokenize.batch_size
+        for start in range(0, len(dataset), step):
             # Whole texts, cut by the same code as the runtime's (bertrt.long_text); `doc`
-            # numbers the text each window comes from, to aggregate them again.
-            whole = tokenizer(batch[TEXT], return_special_tokens_mask=True, verbose=False)
-            out: dict[str, list] = {"input_ids": [], "labels": [], "doc": []}
-            ids_mask = zip(whole["input_ids"], whole["special_tokens_mask"], strict=True)
-            for (ids, special), label, doc in zip(ids_mask, batch[LABEL], indices, strict=True):
-                for window in long_text.split(ids, special, max_length, reading):
-                    out["input_ids"].append(window)
-                    out["labels"].append(label2id[label])
-                    out["doc"].append(doc)
-            out["attention_mask"] = [[1] * len(w) for w in out["input_ids"]]
-            if has_types:
-                out["token_type_ids"] = [[0] * len(w) for w in out["input_ids"]]
-            return out
-
-        tokens = lengths(tokenizer, dataset[TEXT])
-        out = dataset.map(
-            encode,
-            batched=True,
-            with_indices=True,
-            batch_size=p.tokenize.batch_size,
-            remove_columns=dataset.column_names,
-            new_fingerprint=fingerprint,
-            desc="tokenizing",
-        )
+            # numbers the text each window comes from, to aggregate them again. The one
+            # encoding also gives each text's length and its [UNK] count for the report.
+            chunk = texts.slice(start, step).to_pylist()
+            whole = tokenizer(
+                chunk,
+                return_special_tokens_mask=True,
+                return_attention_mask=False,  # built from the windows' lengths
+                return_token_type_ids=False,
+                verbose=False,
+            )
+            cuts: list[list[int]] = []
+            out: dict[str, list] = {"labels": [], "doc": []}
+            pairs = zip(whole["input_ids"], whole["special_tokens_mask"], strict=True)
+            for doc, ((ids, special), label) in enumerate(
+                zip(pairs, targets.slice(start, step).to_pylist(), strict=True), start
+            ):
+                tokens.append(len(ids))
+                unk += ids.count(unk_id)
+                cut = long_text.split(ids, special, max_length, reading)
+                windows.append(len(cut))
+                cuts += cut
+                out["labels"] += [label2id[label]] * len(cut)
+                out["doc"] += [doc] * len(cut)
+            columns.add(cuts, out)
+        out = columns.dataset(fingerprint)
+        tokens, windows = np.asarray(tokens, dtype=np.int64), np.asarray(windows, dtype=np.int64)
+        content = int(tokens.sum()) - added * len(tokens)  # the texts' own tokens
         over = tokens > max_length
-        windows = np.bincount(np.asarray(out["doc"], dtype=np.int64), minlength=len(tokens))
         read = tokens if reading.strategy == long_text.WINDOWS else np.minimum(tokens, max_length)
         return out, {
             "rows": len(dataset),
@@ -231,6 +239,8 @@ class TextClassification(Task):
             "windows_per_text": percentiles(windows),
             # Share of all tokens the model sees (specials counted; 1.0 with windows).
             "tokens_read": round(float(read.sum() / tokens.sum()), 6) if len(tokens) else 1.0,
+            # Share of the texts' own tokens (not the [CLS]/[SEP] added) that are [UNK].
+            "unk_rate": round(unk / content, 6) if content > 0 else 0.0,
         }
 
     def reading(self, p: Params) -> long_text.Reading:
