@@ -141,11 +141,13 @@ def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[st
             frames = split(df, p, task)
     if cfg.heldout:
         frames["test"] = read_extra(
-            task, "heldout", cfg.max_rows, p.base.seed, rows_in, dropped, p
+            task, "heldout", cfg.heldout, cfg.max_rows, p.base.seed, rows_in, dropped, p
         )
-    if cfg.rehearsal:  # old text trained on beside the new, so that it is not forgotten
+    # Old text trained on beside the new, so that it is not forgotten; a sample of each source.
+    for i, rehearsal in enumerate(cfg.rehearsal):
+        key = "rehearsal" if len(cfg.rehearsal) == 1 else f"rehearsal[{i}]"
         extra = read_extra(
-            task, "rehearsal", cfg.rehearsal_rows, p.base.seed + 2, rows_in, dropped, p
+            task, key, rehearsal, cfg.rehearsal_rows, p.base.seed + 2 + i, rows_in, dropped, p
         )
         frames["train"] = pd.concat([frames["train"], extra], ignore_index=True)
     frames = task.finish_splits(frames, p)
@@ -195,15 +197,16 @@ def read(task: tasks.Task, path: Path, p: params.Params) -> pd.DataFrame:
 def read_extra(
     task: tasks.Task,
     key: str,
+    source: str,
     rows: int,
     seed: int,
     rows_in: dict[str, int],
     dropped: dict[str, dict[str, int]],
     p: params.Params,
 ) -> pd.DataFrame:
-    """The file of `ingest.<key>` read, cleaned and sampled to `rows` (0: all); its counts go
-    into `rows_in` and `dropped` under `key`."""
-    df = read(task, resolve_path(getattr(p.ingest, key), f"ingest.{key}"), p)
+    """The file `source` of `ingest.<key>` read, cleaned and sampled to `rows` (0: all); its
+    counts go into `rows_in` and `dropped` under `key`."""
+    df = read(task, resolve_path(source, f"ingest.{key}"), p)
     rows_in[key] = len(df)
     df, dropped[key] = task.clean(df, p)
     return sample(df, rows, seed)

@@ -64,8 +64,8 @@ class Ingest:
     heldout: str  # fill-mask: a separate held-out file becomes the test split ("" for a cut)
     probes: str  # fill-mask: JSONL of texts with [MASK] and their expected fills ("" for none)
     text_format: str  # fill-mask .txt lines: "plain", or "word_pos" (word/TAG tokens, joined)
-    rehearsal: str  # rows of another source added to train only (against forgetting), or ""
-    rehearsal_rows: int  # a seeded sample of that many rehearsal rows; 0 takes all
+    rehearsal: list[str]  # sources whose rows are added to train only (against forgetting)
+    rehearsal_rows: int  # a seeded sample of that many rows of each rehearsal source; 0: all
 
     def check(self) -> list[str]:
         errors = []

@@ -15,7 +15,7 @@ import pytest
 from conftest import synthetic_reviews, write_params, write_splits
 
 from pipeline import ingest, params, tokenize_data, validate
-from pipeline.tables import TableError
+from pipeline.tables import SPLITS, TableError
 from pipeline.tasks import cloze, get
 
 TASK = "fill-mask"
@@ -65,6 +65,35 @@ def test_every_corpus_format_is_read(tmp_path: Path, tiny_model_dir: Path, kind:
     assert sum(report["rows"].values()) == 40
     if kind == "txt":
         assert report["dropped"]["all"]["empty_text"] == 1
+
+
+def test_rehearsal_sources_join_train_only_a_seeded_sample_of_each(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    corpus, old, older = tmp_path / "new.txt", tmp_path / "old.txt", tmp_path / "older.csv"
+    corpus.write_text("\n".join(lines(40)), encoding="utf-8")
+    old.write_text("\n".join(f"old text number {i}" for i in range(50)), encoding="utf-8")
+    pd.DataFrame({"text": [f"older line {i}" for i in range(30)]}).to_csv(older, index=False)
+    p = mlm_params(
+        tmp_path,
+        tiny_model_dir,
+        **{
+            "ingest.source": str(corpus),
+            "ingest.rehearsal": [str(old), str(older)],
+            "ingest.rehearsal_rows": 10,
+        },
+    )
+    report = ingest.run(p, tmp_path / "raw", tmp_path / "ingest.json")
+    assert report["rows_in"]["rehearsal[0]"] == 50 and report["rows_in"]["rehearsal[1]"] == 30
+    frames = {s: pd.read_parquet(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS}
+    train = frames["train"]["text"]
+    assert train.str.startswith("old text").sum() == 10
+    assert train.str.startswith("older line").sum() == 10
+    for split in ("validation", "test"):
+        assert not frames[split]["text"].str.startswith(("old text", "older line")).any(), split
+    assert sum(report["rows"].values()) == 40 + 20
+    again = ingest.run(p, tmp_path / "raw2", tmp_path / "ingest2.json")
+    assert again == report, "the samples are seeded"
 
 
 def test_people_s_daily_word_pos_lines_become_plain_text(tmp_path: Path) -> None:
