@@ -100,9 +100,12 @@ def test_people_s_daily_word_pos_lines_become_plain_text(tmp_path: Path) -> None
     line = "迈向/v  充满/v  希望/n  的/u  [中国/ns  政府/n]nt  。/w"
     assert cloze.strip_tags(line) == "迈向充满希望的中国政府。"
     plain = "诸葛涛是三国时期的一位名将。"
-    (tmp_path / "pd.txt").write_text(f"{line}\n１２月/t  ３１日/t\n{plain}\n", encoding="utf-8")
+    review = "前台的check in/check out都很快."  # one slash-word is not a tagged line
+    (tmp_path / "pd.txt").write_text(
+        f"{line}\n１２月/t  ３１日/t\n{plain}\n{review}\n", encoding="utf-8"
+    )
     df = cloze.read_corpus(tmp_path / "pd.txt", "text", "word_pos")
-    assert df["text"].tolist() == ["迈向充满希望的中国政府。", "１２月３１日", plain]
+    assert df["text"].tolist() == ["迈向充满希望的中国政府。", "１２月３１日", plain, review]
 
 
 BAD_CORPORA = [

@@ -32,6 +32,12 @@ def strip_tags(line: str) -> str:
     return "".join(WORD_POS.findall(line))
 
 
+def tagged(line: str) -> bool:
+    """Whether every token of the line is a word/TAG one (a review's `in/out` is not)."""
+    tokens = line.split()
+    return bool(tokens) and all(WORD_POS.fullmatch(token) for token in tokens)
+
+
 def read_lines(path: Path, column: str, text_format: str = "plain") -> pd.DataFrame:
     """A text file as one row a line (`line` is 1-based); a folder as all its .txt files.
     `word_pos` lines hold word/TAG tokens and become their words joined (lines without any
@@ -48,7 +54,7 @@ def read_lines(path: Path, column: str, text_format: str = "plain") -> pd.DataFr
         except UnicodeDecodeError:
             raise encoding_error(file) from None
         if text_format == "word_pos":  # a line without word/TAG tokens is plain text
-            lines = [strip_tags(line) if WORD_POS.search(line) else line for line in lines]
+            lines = [strip_tags(line) if tagged(line) else line for line in lines]
         frames.append(
             pd.DataFrame({column: lines, "line": np.arange(1, len(lines) + 1), "file": file.name})
         )
