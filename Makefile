@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: help venv lock run repro relog exp test test-fast lint format bench bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
+.PHONY: help venv lock run repro relog exp sweep test test-fast lint format bench bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ relog: $(STAMP) ## after a tracking outage: fill the training run in from report
 
 exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v]
 	$(BIN)/python -m pipeline.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(foreach s,$(SET),--set $(s))
+
+sweep: $(STAMP) ## the classification sweep of configs/sweep-cls.yaml, queued, then ranked by validation macro-F1
+	$(BIN)/python -m pipeline.sweep $(or $(CONFIG),configs/sweep-cls.yaml)
 
 test: $(STAMP) ## run the test suite (offline, CPU)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
