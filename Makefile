@@ -56,7 +56,7 @@ sweep: $(STAMP) ## the classification sweep of configs/sweep-cls.yaml, queued, t
 	$(BIN)/python -m pipeline.sweep $(or $(CONFIG),configs/sweep-cls.yaml)
 
 test: $(STAMP) ## run the test suite (offline, CPU)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
