@@ -52,8 +52,8 @@ relog: $(STAMP) ## after a tracking outage: fill the training run in from report
 exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v]
 	$(BIN)/python -m pipeline.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(foreach s,$(SET),--set $(s))
 
-sweep: $(STAMP) ## the classification sweep of configs/sweep-cls.yaml, queued, then ranked by validation macro-F1
-	$(BIN)/python -m pipeline.sweep $(or $(CONFIG),configs/sweep-cls.yaml)
+sweep: $(STAMP) ## the classification sweep of configs/sweeps/cls.yaml, queued, then ranked by validation macro-F1
+	$(BIN)/python -m pipeline.sweep $(or $(CONFIG),configs/sweeps/cls.yaml)
 
 test: $(STAMP) ## run the test suite (offline, CPU)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15

@@ -1,7 +1,7 @@
 """A hyperparameter sweep as queued DVC experiments, ranked by a validation metric.
 
-    python -m pipeline.sweep configs/sweep-cls.yaml              # queue, run one at a time, rank
-    python -m pipeline.sweep configs/sweep-cls.yaml --rank-only  # rank the ones that have run
+    python -m pipeline.sweep configs/sweeps/cls.yaml              # queue, run one at a time, rank
+    python -m pipeline.sweep configs/sweeps/cls.yaml --rank-only  # rank the ones that have run
 
 The file names the metric (a `validation.` key of reports/metrics.json: a sweep never chooses by
 test), the last stage each experiment runs, values shared by all, and one entry per experiment

@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_the_committed_sweep_file_is_valid_and_chooses_by_validation() -> None:
-    loaded = sweep.load(REPO / "configs" / "sweep-cls.yaml")
+    loaded = sweep.load(REPO / "configs" / "sweeps" / "cls.yaml")
     assert loaded["metric"] == "validation.macro_f1"
     assert loaded["target"] == "evaluate"
     assert len(loaded["experiments"]) >= 8
