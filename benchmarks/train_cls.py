@@ -43,11 +43,6 @@ SETTINGS = {
 }
 
 
-def native_bf16() -> bool:
-    """Whether the CPU computes bf16 itself (AMX or AVX512-BF16)."""
-    return precision.native_bf16_cpu()
-
-
 def train_once(
     name: str,
     setting: tuple[bool, bool, int, bool],
@@ -191,7 +186,7 @@ def run(validated: Path, rows: int, threads: int, params_path: Path) -> dict[str
     data = prepare(validated, rows)
     results, notes = [], []
     for name, setting in SETTINGS.items():
-        if setting[3] and not native_bf16():
+        if setting[3] and not precision.native_bf16_cpu():
             notes.append(f"{name}: skipped, this CPU has no native bf16 (AMX or AVX512-BF16)")
             continue
         results.append(train_once(name, setting, data, threads))
@@ -201,7 +196,7 @@ def run(validated: Path, rows: int, threads: int, params_path: Path) -> dict[str
         row["speedup"] = row["samples_per_s"] / base
     plain = results[0]
     recipe = own_recipe(params_path)
-    ours = (False, True, int(recipe["batch_size"]), native_bf16())
+    ours = (False, True, int(recipe["batch_size"]), precision.native_bf16_cpu())
     to_target = train_once(
         "this pipeline's recipe", ours, data, threads, recipe, plain["validation_accuracy"]
     )

@@ -64,6 +64,12 @@ def _value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, str, bool)) else str(value)
 
 
+def dvc_executable() -> str | None:
+    """The dvc of this environment, also when its bin folder is not on PATH."""
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.is_file() else shutil.which("dvc")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("config", type=Path, help="a YAML file with params.yaml's layout")
@@ -88,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except params.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    # The dvc of this environment, also when its bin folder is not on PATH.
-    beside = Path(sys.executable).parent / "dvc"
-    dvc = str(beside) if beside.is_file() else shutil.which("dvc")
+    dvc = dvc_executable()
     if dvc is None:
         print("error: dvc is not installed here; run `make venv` first", file=sys.stderr)
         return 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import yaml
 
 from pipeline import params
-from pipeline.experiment import _value
+from pipeline.experiment import _value, dvc_executable
 
 METRICS = "reports/metrics.json"
 
@@ -76,8 +75,7 @@ def rank(
     """(name, metric) best first; experiments without the metric (failed, not run) last."""
     scored = [(name, metric_of(m or {}, metric)) for name, m in results.items()]
     done = sorted(
-        (s for s in scored if s[1] is not None),
-        key=lambda s: s[1] if not greater_is_better else -s[1],  # type: ignore[operator]
+        (s for s in scored if s[1] is not None), key=lambda s: s[1], reverse=greater_is_better
     )
     return done + [s for s in scored if s[1] is None]
 
@@ -100,8 +98,7 @@ def experiment_metrics(name: str) -> dict[str, Any] | None:
 
 
 def dvc() -> str:
-    beside = Path(sys.executable).parent / "dvc"
-    found = str(beside) if beside.is_file() else shutil.which("dvc")
+    found = dvc_executable()
     if found is None:
         raise SystemExit("error: dvc is not installed here; run `make venv` first")
     return found

@@ -32,12 +32,14 @@ class Columns:
     def add(self, windows: list[list[int]], scalars: dict[str, list[int]]) -> None:
         lengths = np.fromiter(map(len, windows), dtype=np.int32, count=len(windows))
         total = int(lengths.sum())
-        ids = np.fromiter(chain.from_iterable(windows), dtype=np.int32, count=total)
+        ids = np.fromiter(chain.from_iterable(windows), LIST_TYPES["input_ids"], count=total)
         new = {"input_ids": list_array(lengths, ids)}
         new |= {name: pa.array(scalars[name], type=pa.int64()) for name in self.scalars}
-        new["attention_mask"] = list_array(lengths, np.ones(total, dtype=np.int8))
+        new["attention_mask"] = list_array(lengths, np.ones(total, LIST_TYPES["attention_mask"]))
         if self.token_types:
-            new["token_type_ids"] = list_array(lengths, np.zeros(total, dtype=np.int8))
+            new["token_type_ids"] = list_array(
+                lengths, np.zeros(total, LIST_TYPES["token_type_ids"])
+            )
         for name, array in new.items():
             self.chunks.setdefault(name, []).append(array)
 
