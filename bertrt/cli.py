@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
 from bertrt.bundle import ONNXRUNTIMES, BundleError, build_wheel, resolve_model
-from bertrt.fill_mask import STRATEGIES
+from bertrt.fill_mask import BEAM_SIZE, STRATEGIES
 from bertrt.manifest import IntegrityError
 from bertrt.predictor import Predictor, load
 from bertrt.progress import Progress
@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or independent (one pass; for whole-word-masking models) (default beam)",
     )
     predict.add_argument(
-        "--beam-size", type=int, help="fill-mask: partial fills kept per step (default 4)"
+        "--beam-size",
+        type=int,
+        help=f"fill-mask: partial fills kept per step (default {BEAM_SIZE})",
     )
     predict.add_argument(
         "--progress",

@@ -29,6 +29,7 @@ MASK_TOKENS = ("[MASK]", "<mask>")
 STRATEGIES = ("beam", "greedy", "independent")
 MAX_TOP_K = 100
 MAX_BEAM = 32
+BEAM_SIZE = 4  # the default beam width: the Python API, the CLI, the server and evaluation
 _CJK = (
     "\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
 )
@@ -125,7 +126,7 @@ class FillMask(EngineBacked):
         batch_size: int = 32,
         top_k: int | None = 5,
         strategy: str = "beam",
-        beam_size: int = 4,
+        beam_size: int = BEAM_SIZE,
     ) -> list[Filling]:
         """Per text (each with at least one mask token): fills, as the module describes."""
         top_k = 5 if top_k is None else top_k

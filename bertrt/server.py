@@ -29,6 +29,7 @@ from pydantic import (
 from bertrt import __version__
 from bertrt.batcher import Batcher, DeadlineExceeded, Overloaded
 from bertrt.contract import FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from bertrt.fill_mask import BEAM_SIZE, MAX_BEAM
 from bertrt.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,9 @@ class FillRequest(BaseModel):
         description="joint fills of consecutive masks: beam search or greedy left to right, or "
         "independent (each mask from one pass; for whole-word-masking models)",
     )
-    beam_size: integer(1, 32) = Field(default=4, description="partial fills kept at each step")
+    beam_size: integer(1, MAX_BEAM) = Field(
+        default=BEAM_SIZE, description="partial fills kept at each step"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -74,6 +74,30 @@ def test_beam_search_is_never_worse_than_greedy_and_ranks_its_fills(model: FillM
     assert [r.as_dict() for r in same] == [r.as_dict() for r in greedy]
 
 
+def test_evaluation_fills_probes_as_the_runtime_does(model: FillMask, fill_dir: Path) -> None:
+    """The evaluate stage's probe fills (PyTorch) are the runtime's fills (ONNX) for each
+    strategy, runs of masks and single masks alike, so the probe accuracy it reports is the one
+    a user of the runtime gets."""
+    import pandas as pd
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from pipeline.tasks import cloze
+
+    texts = [
+        "the [MASK] [MASK] [MASK] was good",
+        "a [MASK] [MASK] plot and a [MASK] cast",
+        "[MASK] film",
+    ]
+    torch_model = BertForMaskedLM.from_pretrained(fill_dir.parent / "ft")
+    tokenizer = AutoTokenizer.from_pretrained(fill_dir.parent / "ft")
+    probes = pd.DataFrame({"text": texts, "answer": ["x y z", "x y z", "x"]})
+    fills = cloze.probe_fills(torch_model, tokenizer, probes)
+    for strategy, key in (("independent", "fill"), ("greedy", "greedy"), ("beam", "beam")):
+        served = model.predict(texts, strategy=strategy)
+        for mine, theirs in zip(fills, served, strict=True):
+            assert mine[key] == " ".join(f.candidates[0].token for f in theirs.fills)
+
+
 def test_bad_requests_are_value_errors(model: FillMask) -> None:
     with pytest.raises(ValueError, match=r"text 1 has no \[MASK\]; put one \[MASK\]"):
         model.predict(["the [MASK]", "no mask here"])

@@ -322,40 +322,35 @@ def perplexity(scores: dict[str, float]) -> float:
 
 
 def probe_fills(model: Any, tokenizer: Any, probes: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per probe: its top-1 fill from one pass (each mask's best token, as the runtime's
-    `independent` strategy), right only when every mask is; the same filled greedily left to
-    right (each best token put in before the next mask is read, the runtime's `greedy`); and the
-    top 5 tokens of each mask, right when each answer token is in its mask's top 5.
-
-    A model trained with whole-word masking has seen a word's pieces masked together, never one
-    shown and the next hidden, so its one-pass fills are the ones to read."""
+    """Per probe, its fills as the runtime makes them (`bertrt.fill_mask`), each right only when
+    every mask is: `fill`, each mask's best token from one pass (the `independent` strategy);
+    `greedy`, each run of consecutive masks filled left to right, each best token put in before
+    the next mask is read; `beam`, the same search keeping the runtime's default `beam_size`
+    best partial fills; and the top 5 tokens of each mask, right when each answer token is in
+    its mask's top 5."""
     import torch
+
+    from bertrt.fill_mask import BEAM_SIZE
 
     model.eval()
     out = []
     with torch.no_grad():
         for text, answer in zip(probes["text"], probes["answer"], strict=True):
             enc = tokenizer(text, return_tensors="pt", truncation=True)
-            ids = enc["input_ids"]
-            where = (ids[0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
-            logits = model(**enc).logits[0, where].float()
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.tolist()
-            greedy: list[int] = []
-            for step, position in enumerate(where):
-                if step:
-                    ids = ids.clone()
-                    ids[0, where[step - 1]] = greedy[-1]
-                    row = model(**{**enc, "input_ids": ids}).logits[0, position]
-                else:
-                    row = logits[0]
-                greedy.append(int(row.argmax()))
+            where = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
+            first = torch.log_softmax(model(**enc).logits[0, where].float(), dim=-1)
+            top = first.topk(min(5, first.shape[-1]), dim=-1).indices.tolist()
             best = [t[0] for t in top]
+            greedy = joint_fill(model, enc, where, first, width=1)
+            beam = joint_fill(model, enc, where, first, width=BEAM_SIZE)
             truth = tokenizer(answer, add_special_tokens=False)["input_ids"]
             out.append(
                 {
                     "fill": fill_text(tokenizer, best),
                     "greedy": fill_text(tokenizer, greedy),
                     "greedy_ok": greedy == truth,
+                    "beam": fill_text(tokenizer, beam),
+                    "beam_ok": beam == truth,
                     "top5": [fill_text(tokenizer, t) for t in top],
                     "top1_ok": best == truth,
                     "top5_ok": len(top) == len(truth)
@@ -364,6 +359,39 @@ def probe_fills(model: Any, tokenizer: Any, probes: pd.DataFrame) -> list[dict[s
                 }
             )
     return out
+
+
+def joint_fill(model: Any, enc: Any, where: list[int], first: Any, width: int) -> list[int]:
+    """The best joint fill of every run of consecutive masks, as the runtime searches it: left
+    to right, keeping the `width` best partial fills by summed log-probability; the first mask
+    of a run reads the one pass (`first`, log-probabilities per mask), the others a pass with
+    the run's earlier tokens put in and the other runs still masked."""
+    import torch
+
+    from bertrt.fill_mask import runs
+
+    row_of = {p: r for r, p in enumerate(where)}
+    filled: list[int] = []
+    for group in runs(where):
+        beams: list[tuple[list[int], float]] = [([], 0.0)]
+        for step, position in enumerate(group):
+            if step == 0:
+                rows = first[row_of[position]][None, :].expand(len(beams), -1)
+            else:
+                ids = enc["input_ids"].repeat(len(beams), 1)
+                ids[:, group[:step]] = torch.tensor([tokens for tokens, _ in beams])
+                batch = {k: v.expand(len(beams), -1) for k, v in enc.items()}
+                logits = model(**{**batch, "input_ids": ids}).logits[:, position].float()
+                rows = torch.log_softmax(logits, dim=-1)
+            grown = []
+            for (tokens, score), row in zip(beams, rows, strict=True):
+                values, best = row.topk(width)
+                pairs = zip(values.tolist(), best.tolist(), strict=True)
+                grown += [([*tokens, t], score + v) for v, t in pairs]
+            grown.sort(key=lambda b: -b[1])
+            beams = grown[:width]
+        filled += beams[0][0]
+    return filled
 
 
 def fill_text(tokenizer: Any, ids: list[int]) -> str:

@@ -274,7 +274,9 @@ class MaskedLM(Task):
             for key, rows in (("", fills), ("_before", fills_before)):
                 ok1 = np.array([f["top1_ok"] for f in rows])
                 overall[f"probe_top1{key}"] = float(ok1.mean())
-                overall[f"probe_top1_greedy{key}"] = float(np.mean([f["greedy_ok"] for f in rows]))
+                for strategy in ("greedy", "beam"):
+                    right = [f[f"{strategy}_ok"] for f in rows]
+                    overall[f"probe_top1_{strategy}{key}"] = float(np.mean(right))
                 overall[f"probe_top5{key}"] = float(np.mean([f["top5_ok"] for f in rows]))
                 for part, where in (("single", ~multi), ("multi", multi)):
                     if where.any():
@@ -290,6 +292,8 @@ class MaskedLM(Task):
                 "right_after": [f["top1_ok"] for f in fills],
                 "after_greedy": [f["greedy"] for f in fills],
                 "right_after_greedy": [f["greedy_ok"] for f in fills],
+                "after_beam": [f["beam"] for f in fills],
+                "right_after_beam": [f["beam_ok"] for f in fills],
                 "top5_after": [" | ".join(f["top5"]) for f in fills],
             }
         ).to_csv(plots_dir / "probes.csv", index=False)
