@@ -11,8 +11,9 @@ once for dynamic shapes), its second shows the compiled model's own speed; both 
 
 Then time to accuracy: the plain recipe's validation accuracy after its epoch is the target;
 the pipeline's own recipe (every measure above, with params.yaml's learning rate, warmup and
-weight decay) trains until it first reaches that target on the validation split, checked every
-quarter epoch. Both times count training only (the checks' evaluation time is subtracted).
+weight decay; the warmup scaled to the sample, so that it lasts the same share of an epoch)
+trains until it first reaches that target on the validation split, checked every quarter
+epoch. Both times count training only (the checks' evaluation time is subtracted).
 
     python -m benchmarks.train_cls --validated data/validated --rows 2000 \
         --out docs/benchmarks.md --json reports/bench_train.json
@@ -159,14 +160,17 @@ def accuracy_of(eval_pred: Any) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
-def own_recipe(params_path: Path) -> dict[str, float]:
-    """The pipeline's learning rate, warmup and weight decay, from params.yaml."""
+def own_recipe(params_path: Path, share: float) -> dict[str, float]:
+    """The pipeline's learning rate, warmup and weight decay, from params.yaml; its warmup is
+    scaled by `share`, the sample's share of the training split, so that it lasts the same part
+    of an epoch as in a full run (100 steps of 267 there would be more than an epoch here)."""
     from pipeline import params
 
     cfg = params.load(params_path, "finetune").finetune
     return {
         "learning_rate": cfg.learning_rate,
-        "warmup_steps": cfg.warmup_steps,
+        "warmup_steps": round(cfg.warmup_steps * share),
+        "warmup_steps_full_run": cfg.warmup_steps,
         "weight_decay": cfg.weight_decay,
         "epochs": 4,
         "batch_size": cfg.batch_size,
@@ -181,7 +185,8 @@ def prepare(validated: Path, rows: int) -> dict[str, Any]:
 
     model = resolve_model(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    train = pd.read_parquet(validated / "train.parquet").sample(n=rows, random_state=42)
+    full = pd.read_parquet(validated / "train.parquet")
+    train = full.sample(n=rows, random_state=42)
     validation = pd.read_parquet(validated / "validation.parquet")
     labels = sorted(train["label"].unique())
     ids = {label: i for i, label in enumerate(labels)}
@@ -199,6 +204,7 @@ def prepare(validated: Path, rows: int) -> dict[str, Any]:
         "dynamic": encode(train, False),
         "validation": encode(validation, False),
         "labels": [ids[x] for x in validation["label"]],
+        "share": rows / len(full),
     }
 
 
@@ -224,7 +230,7 @@ def run(validated: Path, rows: int, threads: int, params_path: Path) -> dict[str
     for row in results:
         row["speedup"] = row["samples_per_s"] / base
     plain = results[0]
-    recipe = own_recipe(params_path)
+    recipe = own_recipe(params_path, data["share"])
     ours = (False, True, int(recipe["batch_size"]), precision.native_bf16_cpu(), False)
     to_target = train_once(
         "this pipeline's recipe", ours, data, threads, recipe, plain["validation_accuracy"]
@@ -290,7 +296,9 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
             f"{plain['validation_accuracy']:.4f} after its epoch in {plain['seconds']} s. This "
             f"pipeline's recipe (dynamic padding, length grouping, batch "
             f"{recipe['batch_size']}, bf16 where native, lr {recipe['learning_rate']:g}, "
-            f"warmup {recipe['warmup_steps']} steps, weight decay {recipe['weight_decay']:g}; "
+            f"warmup {recipe['warmup_steps']} steps (params.yaml's "
+            f"{recipe.get('warmup_steps_full_run', recipe['warmup_steps'])} scaled to the "
+            f"sample), weight decay {recipe['weight_decay']:g}; "
             f"checked every quarter epoch, evaluation time not counted) {reached}; its "
             f"validation accuracy when it stopped: {ours['validation_accuracy']:.4f}.",
         ]
