@@ -265,7 +265,8 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
             f"second epoch ({r['samples_per_s'] / by_name[r['added_to']]['samples_per_s']:.2f}× "
             f"the setting without it; accuracy after two epochs); the first, compiling included, "
             f"took {r['first_epoch_seconds']} s ({r['first_epoch_samples_per_s']:.1f} samples/s, "
-            f"{r['first_epoch_samples_per_s'] / data['results'][0]['samples_per_s']:.2f}× plain)."
+            f"{r['first_epoch_samples_per_s'] / data['results'][0]['samples_per_s']:.2f}× plain; "
+            "inductor keeps compiled kernels on disk, so a machine's first run takes longer)."
             for r in data["results"]
             if "first_epoch_seconds" in r
         ],
