@@ -163,7 +163,7 @@ def accuracy_of(eval_pred: Any) -> dict[str, float]:
 def own_recipe(params_path: Path, share: float) -> dict[str, float]:
     """The pipeline's learning rate, warmup and weight decay, from params.yaml; its warmup is
     scaled by `share`, the sample's share of the training split, so that it lasts the same part
-    of an epoch as in a full run (100 steps of 267 there would be more than an epoch here)."""
+    of an epoch as in a full run (100 steps of about 300 there would outlast an epoch here)."""
     from pipeline import params
 
     cfg = params.load(params_path, "finetune").finetune
@@ -210,9 +210,9 @@ def prepare(validated: Path, rows: int) -> dict[str, Any]:
 
 def run(validated: Path, rows: int, threads: int, params_path: Path) -> dict[str, Any]:
     data = prepare(validated, rows)
-    results, notes = [], []
+    results, notes, bf16 = [], [], precision.native_bf16_cpu()
     for name, setting in SETTINGS.items():
-        if setting[3] and not precision.native_bf16_cpu():
+        if setting[3] and not bf16:
             notes.append(f"{name}: skipped, this CPU has no native bf16 (AMX or AVX512-BF16)")
             continue
         results.append(train_once(name, setting, data, threads))
@@ -231,7 +231,7 @@ def run(validated: Path, rows: int, threads: int, params_path: Path) -> dict[str
         row["speedup"] = row["samples_per_s"] / base
     plain = results[0]
     recipe = own_recipe(params_path, data["share"])
-    ours = (False, True, int(recipe["batch_size"]), precision.native_bf16_cpu(), False)
+    ours = (False, True, int(recipe["batch_size"]), bf16, False)
     to_target = train_once(
         "this pipeline's recipe", ours, data, threads, recipe, plain["validation_accuracy"]
     )
@@ -298,7 +298,7 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
             f"pipeline's recipe (dynamic padding, length grouping, batch "
             f"{recipe['batch_size']}, bf16 where native, lr {recipe['learning_rate']:g}, "
             f"warmup {recipe['warmup_steps']} steps (params.yaml's "
-            f"{recipe.get('warmup_steps_full_run', recipe['warmup_steps'])} scaled to the "
+            f"{recipe['warmup_steps_full_run']} scaled to the "
             f"sample), weight decay {recipe['weight_decay']:g}; "
             f"checked every quarter epoch, evaluation time not counted) {reached}; its "
             f"validation accuracy when it stopped: {ours['validation_accuracy']:.4f}.",

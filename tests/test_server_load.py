@@ -66,6 +66,7 @@ def test_schemathesis_finds_no_contract_gap(
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,  # its example cache goes here, not into the repo
         )
     output = done.stdout + done.stderr
     (tmp_path / "schemathesis.txt").write_text(output)
