@@ -70,7 +70,7 @@ format: $(STAMP) ## ruff format and fix
 bench: $(STAMP) ## CPU benchmark: PyTorch pipeline vs ORT variants, written to docs/benchmarks.md
 	$(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu.json
 	$(BIN)/python -m benchmarks.train_mlm --model package:cognition/model --out docs/benchmarks.md
-	$(BIN)/python -m benchmarks.train_cls --validated data/validated --rows 2000 --out docs/benchmarks.md --json reports/bench_train.json
+	$(BIN)/python -m benchmarks.train_cls --validated data/validated --rows 2000 --target-rows 0 --out docs/benchmarks.md --json reports/bench_train.json
 	$(BIN)/python -m benchmarks.serving --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_serving.json
 	$(BIN)/python -m benchmarks.load --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_load.json
 	$(BIN)/python -m benchmarks.overhead --validated data/validated --params params.yaml --out docs/benchmarks.md --json reports/bench_overhead.json
