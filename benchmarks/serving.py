@@ -64,28 +64,38 @@ class Server:
 
 
 async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
-    """`clients` clients, each sending one text at a time, for `seconds`."""
-    import httpx
+    """`clients` clients, each on its own keep-alive connection sending one text at a time,
+    for `seconds`. The client is `benchmarks.http_load`: it costs the shared cores little."""
+    from benchmarks.http_load import Connection
 
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    connections = [Connection(url) for _ in range(clients)]
+    requests = [connections[0].request("/predict", {"texts": [text]}) for text in texts]
     stop = time.monotonic() + seconds
 
-    async def client(i: int, session: httpx.AsyncClient) -> None:
+    async def client(i: int, connection: Connection) -> None:
         n = i
         while time.monotonic() < stop:
             start = time.perf_counter()
-            reply = await session.post("/predict", json={"texts": [texts[n % len(texts)]]})
+            try:
+                status, _ = await connection.send(requests[n % len(requests)])
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                status = 0  # a dropped connection: counted as an error, then reopened
+                await connection.close()
             latencies.append(time.perf_counter() - start)
-            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+            statuses[status] = statuses.get(status, 0) + 1
             n += clients
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as session:
-        await session.post("/predict", json={"texts": texts[:32]})  # warm-up
-        began = time.monotonic()
-        await asyncio.gather(*(client(i, session) for i in range(clients)))
-        elapsed = time.monotonic() - began
+    warm_up = connections[0].request("/predict", {"texts": texts[:32]})
+    status, body = await connections[0].send(warm_up)
+    if status != 200:
+        raise RuntimeError(f"warm-up request failed with {status}: {body[:200]!r}")
+    began = time.monotonic()
+    await asyncio.gather(*(client(i, c) for i, c in enumerate(connections)))
+    elapsed = time.monotonic() - began
+    for connection in connections:
+        await connection.close()
     ms = np.asarray(latencies) * 1000
     return {
         "requests": len(latencies),

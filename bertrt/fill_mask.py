@@ -13,7 +13,7 @@ saw a word's pieces hidden together, never one shown and the next hidden.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,33 @@ def runs(positions: list[int]) -> list[list[int]]:
         else:
             out.append([p])
     return out
+
+
+def beam_search(
+    first: np.ndarray,
+    rescore: Callable[[int, list[list[int]]], np.ndarray] | None,
+    width: int,
+) -> list[tuple[list[int], float]]:
+    """Left-to-right beam search (width 1: greedy) over one run of masks: the fills kept, best
+    first, as (token ids, summed log-probability), at most `width` of them.
+
+    `first[step]` holds the one pass's log-probabilities of the run's mask `step`. For each
+    later mask, `rescore(step, prefixes)` gives its log-probabilities with each kept fill's
+    earlier tokens put in, one row per prefix (None: `first` is all the search reads).
+    """
+    beams: list[tuple[list[int], float]] = [([], 0.0)]
+    for step in range(len(first)):
+        if step == 0 or rescore is None:
+            rows = np.repeat(first[step][None, :], len(beams), axis=0)
+        else:
+            rows = rescore(step, [tokens for tokens, _ in beams])
+        grown = []
+        for (tokens, score), row in zip(beams, rows, strict=True):
+            for t in np.argsort(-row, kind="stable")[:width]:
+                grown.append(([*tokens, int(t)], score + float(row[t])))
+        grown.sort(key=lambda b: -b[1])
+        beams = grown[: max(width, 1)]
+    return beams
 
 
 @dataclass
@@ -219,24 +246,17 @@ class FillMask(EngineBacked):
     ) -> list[tuple[str, float]]:
         """Left-to-right beam search (width 1: greedy) over one run of masks; `first` holds the
         one pass's scores of the run's masks, and without `rerun` they are all it reads."""
-        beams: list[tuple[list[int], float]] = [([], 0.0)]
         base = np.asarray(enc.ids, dtype=np.int64)
-        for step, position in enumerate(group):
-            if step == 0 or not rerun:
-                rows = np.repeat(first[step][None, :], len(beams), axis=0)
-            else:
-                filled = []
-                for tokens, _ in beams:
-                    ids = base.copy()
-                    ids[group[:step]] = tokens
-                    filled.append(ids)
-                rows = self._position_scores(filled, enc, position, batch)
-            grown = []
-            for (tokens, score), row in zip(beams, rows, strict=True):
-                for t in np.argsort(-row, kind="stable")[:width]:
-                    grown.append(([*tokens, int(t)], score + float(row[t])))
-            grown.sort(key=lambda b: -b[1])
-            beams = grown[: max(width, 1)]
+
+        def rescore(step: int, prefixes: list[list[int]]) -> np.ndarray:
+            filled = []
+            for tokens in prefixes:
+                ids = base.copy()
+                ids[group[:step]] = tokens
+                filled.append(ids)
+            return self._position_scores(filled, enc, group[step], batch)
+
+        beams = beam_search(first, rescore if rerun else None, width)
         return [(self._text(tokens), float(np.exp(score))) for tokens, score in beams[:top_k]]
 
     def _position_scores(

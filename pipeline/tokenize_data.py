@@ -62,7 +62,8 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
         key = f"{lineage.file_digest(path)}|{digest}|{recipe}|{split}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         # Read into memory: nothing is written to (or reused from) a datasets cache folder.
-        dataset = Dataset(pq.read_table(path), fingerprint=fingerprint)
+        # One thread: Arrow's pool, started beside the tokenizer's, costs more than it saves.
+        dataset = Dataset(pq.read_table(path, use_threads=False), fingerprint=fingerprint)
         splits[split], split_stats = task.tokenize(
             dataset, tokenizer, labels, p, fingerprint, split
         )

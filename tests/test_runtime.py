@@ -200,6 +200,54 @@ def test_batched_logits_equal_each_text_alone(model: TextClassifier, batch_size:
     assert min(gaps) > 2e-5
 
 
+def _padded_cost(lengths: list[int], groups: list[tuple[int, int]], run_cost: float) -> float:
+    return sum((b - a) * lengths[b - 1] + run_cost for a, b in groups)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_are_the_cheapest_cut_of_the_sorted_lengths(seed: int) -> None:
+    """Against every way to cut the sorted lengths into runs of at most batch_size."""
+    from itertools import combinations, pairwise
+
+    from bertrt.engine import length_groups
+
+    rng = np.random.default_rng(seed)
+    lengths = sorted(rng.integers(3, 90, size=9).tolist())
+    batch_size, run_cost = 4, float(rng.choice([0.0, 8.0, 32.0, 500.0]))
+    groups = length_groups(np.asarray(lengths), batch_size, run_cost)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+    assert all(a < b <= a + batch_size for a, b in groups)
+    assert all(left[1] == right[0] for left, right in pairwise(groups))
+    n = len(lengths)
+    every_cut = [
+        list(pairwise((0, *cuts, n))) for k in range(n) for cuts in combinations(range(1, n), k)
+    ]
+    cheapest = min(
+        _padded_cost(lengths, cut, run_cost)
+        for cut in every_cut
+        if all(b - a <= batch_size for a, b in cut)
+    )
+    assert _padded_cost(lengths, groups, run_cost) == pytest.approx(cheapest)
+
+
+def test_length_groups_split_off_a_long_text_unless_runs_are_dear() -> None:
+    from bertrt.engine import length_groups
+
+    lengths = np.asarray([5, 5, 6, 120])
+    assert length_groups(lengths, 32, 10.0) == [(0, 3), (3, 4)]
+    assert length_groups(lengths, 32, 1000.0) == [(0, 4)]
+    assert length_groups(lengths, 2, 1000.0) == [(0, 2), (2, 4)]
+
+
+def test_cpu_batches_cut_mixed_lengths_and_cover_every_text(model: TextClassifier) -> None:
+    engine = model.engine
+    texts = ["good"] * 6 + ["the plot was dull and the cast was weak " * 8]
+    encodings = [w for windows in engine.encode(texts) for w in windows]
+    batches = engine.batches(encodings, 32)
+    assert sorted(i for b in batches for i in b.tolist()) == list(range(len(texts)))
+    assert [len(b) for b in batches] == [6, 1]
+
+
 def test_chunks_are_stitched_back_in_order(
     model: TextClassifier, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -362,35 +362,27 @@ def probe_fills(model: Any, tokenizer: Any, probes: pd.DataFrame) -> list[dict[s
 
 
 def joint_fill(model: Any, enc: Any, where: list[int], first: Any, width: int) -> list[int]:
-    """The best joint fill of every run of consecutive masks, as the runtime searches it: left
-    to right, keeping the `width` best partial fills by summed log-probability; the first mask
-    of a run reads the one pass (`first`, log-probabilities per mask), the others a pass with
-    the run's earlier tokens put in and the other runs still masked."""
+    """The best joint fill of every run of consecutive masks, by the runtime's own search
+    (`bertrt.fill_mask.beam_search`, `width` best partial fills): the first mask of a run reads
+    the one pass (`first`, log-probabilities per mask), the others a pass with the run's
+    earlier tokens put in and the other runs still masked."""
     import torch
 
-    from bertrt.fill_mask import runs
+    from bertrt.fill_mask import beam_search, runs
 
     row_of = {p: r for r, p in enumerate(where)}
     filled: list[int] = []
     for group in runs(where):
-        beams: list[tuple[list[int], float]] = [([], 0.0)]
-        for step, position in enumerate(group):
-            if step == 0:
-                rows = first[row_of[position]][None, :].expand(len(beams), -1)
-            else:
-                ids = enc["input_ids"].repeat(len(beams), 1)
-                ids[:, group[:step]] = torch.tensor([tokens for tokens, _ in beams])
-                batch = {k: v.expand(len(beams), -1) for k, v in enc.items()}
-                logits = model(**{**batch, "input_ids": ids}).logits[:, position].float()
-                rows = torch.log_softmax(logits, dim=-1)
-            grown = []
-            for (tokens, score), row in zip(beams, rows, strict=True):
-                values, best = row.topk(width)
-                pairs = zip(values.tolist(), best.tolist(), strict=True)
-                grown += [([*tokens, t], score + v) for v, t in pairs]
-            grown.sort(key=lambda b: -b[1])
-            beams = grown[:width]
-        filled += beams[0][0]
+
+        def rescore(step: int, prefixes: list[list[int]], group: list[int] = group) -> Any:
+            ids = enc["input_ids"].repeat(len(prefixes), 1)
+            ids[:, group[:step]] = torch.tensor(prefixes)
+            batch = {k: v.expand(len(prefixes), -1) for k, v in enc.items()}
+            logits = model(**{**batch, "input_ids": ids}).logits[:, group[step]].float()
+            return torch.log_softmax(logits, dim=-1).numpy()
+
+        rows = first[[row_of[p] for p in group]].numpy()
+        filled += beam_search(rows, rescore, width)[0][0]
     return filled
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain
 from typing import Any
 
@@ -11,6 +13,25 @@ import pyarrow as pa
 # The Arrow types datasets' own writer picks for these columns, so that the saved dataset is
 # the same whichever way it was built; every other column is int64.
 LIST_TYPES = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8}
+
+
+@contextmanager
+def plain_encoding(tokenizer: Any) -> Iterator[Any]:
+    """The fast tokenizer's Rust backend set to no truncation and no padding, as
+    `tokenizer(texts)` encodes: `encode_batch` on it gives the same ids without the per-text
+    conversion of every field to Python lists that the transformers call does. The backend's
+    own settings come back afterwards (the transformers call also sets them on each call)."""
+    backend = tokenizer.backend_tokenizer
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        yield backend
+    finally:
+        if truncation:
+            backend.enable_truncation(**truncation)
+        if padding:
+            backend.enable_padding(**padding)
 
 
 def list_array(lengths: np.ndarray, values: np.ndarray) -> pa.Array:

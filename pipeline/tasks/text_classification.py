@@ -16,7 +16,7 @@ from pipeline.params import Params
 from pipeline.tables import SPLITS, TableError, read_table, table_format, text_key
 from pipeline.tasks.base import Task
 from pipeline.tasks.calibration import calibration, expected_calibration_error, softmax
-from pipeline.tasks.columns import Columns
+from pipeline.tasks.columns import Columns, plain_encoding
 from pipeline.tasks.confusion import confusion_png
 from pipeline.text_schema import (
     as_label,
@@ -203,23 +203,22 @@ class TextClassification(Task):
             # Whole texts, cut by the same code as the runtime's (bertrt.long_text); `doc`
             # numbers the text each window comes from, to aggregate them again. The one
             # encoding also gives each text's length and its [UNK] count for the report.
-            chunk = texts.slice(start, step).to_pylist()
-            whole = tokenizer(
-                chunk,
-                return_special_tokens_mask=True,
-                return_attention_mask=False,  # built from the windows' lengths
-                return_token_type_ids=False,
-                verbose=False,
-            )
+            with plain_encoding(tokenizer) as encoder:
+                encodings = encoder.encode_batch(texts.slice(start, step).to_pylist())
             cuts: list[list[int]] = []
             out: dict[str, list] = {"labels": [], "doc": []}
-            pairs = zip(whole["input_ids"], whole["special_tokens_mask"], strict=True)
-            for doc, ((ids, special), label) in enumerate(
-                zip(pairs, targets.slice(start, step).to_pylist(), strict=True), start
+            for doc, (encoding, label) in enumerate(
+                zip(encodings, targets.slice(start, step).to_pylist(), strict=True), start
             ):
+                ids = encoding.ids
                 tokens.append(len(ids))
                 unk += ids.count(unk_id)
-                cut = long_text.split(ids, special, max_length, reading)
+                # A text that fits is its one window (what long_text.split returns for it).
+                cut = (
+                    [ids]
+                    if len(ids) <= max_length
+                    else long_text.split(ids, encoding.special_tokens_mask, max_length, reading)
+                )
                 windows.append(len(cut))
                 cuts += cut
                 out["labels"] += [label2id[label]] * len(cut)
