@@ -279,9 +279,10 @@ def markdown(data: dict[str, Any]) -> str:
         )
     lines.append(
         "PyTorch is `pipeline('text-classification', device=-1)`; ONNX Runtime goes through "
-        "`bertrt.load(..., device='cpu', variant=...)`, which sorts texts by length before "
-        "batching. Peak RSS is the rise in the process's resident memory from just before a "
-        "backend loads to the end of its runs, sampled every 10 ms in one process after the "
+        "`bertrt.load(..., device='cpu', variant=...)`, which sorts texts by length and cuts "
+        "batches (of at most the batch size) where padding would cost more than a run. Peak "
+        "RSS is the rise in the process's resident memory from just before a backend loads "
+        "to the end of its runs, sampled every 10 ms in one process after the "
         "libraries were imported (importing onnxruntime added "
         f"{data['import_rss_mb']['onnxruntime']:.0f} MB, torch and transformers "
         f"{data['import_rss_mb']['torch+transformers']:.0f} MB); memory a previous backend "
