@@ -238,11 +238,11 @@ def run(
     timed = prepare(validated, target_rows) if target_rows != rows else data
     plain_name = next(iter(SETTINGS))
     if timed is data:
-        plain = results[0]
+        plain = results[0]  # printed above
     else:
         plain = train_once(plain_name, SETTINGS[plain_name], timed, threads)
+        print(plain, flush=True)
     plain["rows"] = timed["rows"]
-    print(plain, flush=True)
     recipe = own_recipe(params_path, timed["share"])
     ours = (False, True, int(recipe["batch_size"]), bf16, False)
     to_target = train_once(
