@@ -56,10 +56,10 @@ sweep: $(STAMP) ## the classification sweep of configs/sweeps/cls.yaml, queued, 
 	$(BIN)/python -m pipeline.sweep $(or $(CONFIG),configs/sweeps/cls.yaml)
 
 test: $(STAMP) ## run the test suite (offline, CPU)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --durations=15
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope -m "not slow"
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
