@@ -67,6 +67,8 @@ def split(
     and trailing ones frame every window; what lies between is the content that is cut. A text
     with no content (an empty string) is one window of its special tokens.
     """
+    if len(ids) <= max_length:  # a text that fits is its one window
+        return [list(ids)]
     content = [i for i, flag in enumerate(special) if not flag]
     if not content:
         return [list(ids)]

@@ -26,7 +26,17 @@ OPT_LEVEL = 1
 # Unfused Softmax and LayerNormalization nodes (a model whose fusion was partial) overflow or lose
 # precision in fp16; the fused Attention and SkipLayerNormalization kernels accumulate in fp32.
 FP16_KEEP_FP32 = ("Softmax", "LayerNormalization", "SimplifiedLayerNormalization")
+# The fusions the fp16 (CUDA) graph gets: all of them.
 FUSED_CORE = ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu")
+# The CPU graphs (fp32-optimized, int8) leave attention and the residual adds unfused: ORT's CPU
+# kernels for the fused Attention and SkipLayerNormalization are slower than the ops they
+# replace. Profiled on the default model (2 cores, AVX-512), the fully fused graph spent 1.40 s in
+# Attention and 0.59 s in SkipLayerNormalization where the unfused one spent about 0.34 s in Add
+# plus LayerNormalization, and ran 360 texts/s against 418 without these two fusions (the plain
+# graph: 400). The fully fused graph was also slower than the plain one on an AVX2 machine.
+# Unfused, int8 quantises Q, K and V separately, so the int8 search can keep fewer in fp32.
+CPU_UNFUSED = ("enable_attention", "enable_skip_layer_norm", "enable_bias_skip_layer_norm")
+CPU_FUSED_CORE = ("LayerNormalization", "BiasGelu")
 # Accuracy drop is compared as a fraction; this absorbs float noise in 1/n steps.
 EPS = 1e-9
 # The operators dynamic quantisation turns into int8 kernels (when they have a weight input).
@@ -35,10 +45,17 @@ INT8_OPS = ("MatMul", "Attention", "EmbedLayerNormalization", "Gemm", "Gather")
 Calibration = tuple[list[Any], np.ndarray, np.ndarray]
 
 
-def optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """Write the fused fp32 graph of `src` to `dst`; return the non-zero fused-operator counts."""
+def optimize(
+    src: Path, dst: Path, num_heads: int, hidden_size: int, for_cpu: bool = False
+) -> dict[str, int]:
+    """Write the fused fp32 graph of `src` to `dst` (with the CPU's fusions only when `for_cpu`);
+    return the non-zero fused-operator counts."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    for name in CPU_UNFUSED if for_cpu else ():
+        setattr(options, name, False)
     # num_heads and hidden_size come from the HF config: on this exporter's graphs the optimizer
     # fails to detect them ("Failed to detect num_heads") and leaves Attention unfused.
     model = optimize_model(
@@ -46,14 +63,15 @@ def optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str
         model_type="bert",
         num_heads=num_heads,
         hidden_size=hidden_size,
+        optimization_options=options,
         opt_level=OPT_LEVEL,
         use_gpu=False,
     )
     counts = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
-    missing = [op for op in FUSED_CORE if not counts.get(op)]
+    missing = [op for op in (CPU_FUSED_CORE if for_cpu else FUSED_CORE) if not counts.get(op)]
     if missing:
         log.warning("optimised graph lacks %s (fused: %s); the gate decides", missing, counts)
-    log.info("fused operators: %s", counts)
+    log.info("fused operators (%s graph): %s", "CPU" if for_cpu else "full", counts)
     model.save_model_to_file(str(dst))
     return counts
 
@@ -102,12 +120,16 @@ def quantizable(src: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(src), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    return [
-        node.name
-        for node in graph.node
-        if node.op_type in INT8_OPS and any(name in weights for name in node.input)
-    ]
+    weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+
+    def weighted(node: Any) -> bool:
+        if node.op_type == "Gather":  # an embedding table, not a shape lookup
+            return node.input[0] in weights
+        if node.op_type in ("MatMul", "Gemm"):
+            return len(node.input) > 1 and node.input[1] in weights
+        return any(name in weights for name in node.input)
+
+    return [node.name for node in graph.node if node.op_type in INT8_OPS and weighted(node)]
 
 
 def search_int8(
@@ -255,8 +277,9 @@ def add_variants(
     unknown = [name for name in names if name not in OPTIONAL_VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(OPTIONAL_VARIANTS)}")
+    base = folder / VARIANT_FILES[BASE_VARIANT]
     optimized = folder / VARIANT_FILES["fp32-optimized"]
-    fused = optimize(folder / VARIANT_FILES[BASE_VARIANT], optimized, num_heads, hidden_size)
+    fused = optimize(base, optimized, num_heads, hidden_size, for_cpu=True)
     candidates: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(names):
         candidates[name] = {
@@ -269,7 +292,12 @@ def add_variants(
     manifest.variants.update(candidates)
     manifest_io.write(folder, manifest)
     if "fp16" in candidates:
-        to_fp16(optimized, folder / VARIANT_FILES["fp16"])
+        full = folder / "model.fused.tmp.onnx"  # not shipped: the fp16 graph's fp32 source
+        try:
+            candidates["fp16"]["fused_operators"] = optimize(base, full, num_heads, hidden_size)
+            to_fp16(full, folder / VARIANT_FILES["fp16"])
+        finally:
+            full.unlink(missing_ok=True)
     if "int8" in candidates:
         if calibration is not None and int8_search_agreement > 0:
             candidates["int8"]["search"] = search_int8(

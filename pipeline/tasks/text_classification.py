@@ -199,31 +199,32 @@ class TextClassification(Task):
         tokens, unk, windows = [], 0, []
         texts, targets = dataset.data.column(TEXT), dataset.data.column(LABEL)
         step = p.tokenize.batch_size
-        for start in range(0, len(dataset), step):
-            # Whole texts, cut by the same code as the runtime's (bertrt.long_text); `doc`
-            # numbers the text each window comes from, to aggregate them again. The one
-            # encoding also gives each text's length and its [UNK] count for the report.
-            with plain_encoding(tokenizer) as encoder:
+        with plain_encoding(tokenizer) as encoder:
+            for start in range(0, len(dataset), step):
+                # Whole texts, cut by the same code as the runtime's (bertrt.long_text); `doc`
+                # numbers the text each window comes from, to aggregate them again. The one
+                # encoding also gives each text's length and its [UNK] count for the report.
                 encodings = encoder.encode_batch(texts.slice(start, step).to_pylist())
-            cuts: list[list[int]] = []
-            out: dict[str, list] = {"labels": [], "doc": []}
-            for doc, (encoding, label) in enumerate(
-                zip(encodings, targets.slice(start, step).to_pylist(), strict=True), start
-            ):
-                ids = encoding.ids
-                tokens.append(len(ids))
-                unk += ids.count(unk_id)
-                # A text that fits is its one window (what long_text.split returns for it).
-                cut = (
-                    [ids]
-                    if len(ids) <= max_length
-                    else long_text.split(ids, encoding.special_tokens_mask, max_length, reading)
-                )
-                windows.append(len(cut))
-                cuts += cut
-                out["labels"] += [label2id[label]] * len(cut)
-                out["doc"] += [doc] * len(cut)
-            columns.add(cuts, out)
+                cuts: list[list[int]] = []
+                out: dict[str, list] = {"labels": [], "doc": []}
+                for doc, (encoding, label) in enumerate(
+                    zip(encodings, targets.slice(start, step).to_pylist(), strict=True), start
+                ):
+                    ids = encoding.ids
+                    tokens.append(len(ids))
+                    unk += ids.count(unk_id)
+                    # long_text.split returns a text that fits as its one window; checked here
+                    # too so that the special-tokens mask is built only for the texts it cuts.
+                    if len(ids) <= max_length:
+                        cut = [ids]
+                    else:
+                        special = encoding.special_tokens_mask
+                        cut = long_text.split(ids, special, max_length, reading)
+                    windows.append(len(cut))
+                    cuts += cut
+                    out["labels"] += [label2id[label]] * len(cut)
+                    out["doc"] += [doc] * len(cut)
+                columns.add(cuts, out)
         out = columns.dataset(fingerprint)
         tokens, windows = np.asarray(tokens, dtype=np.int64), np.asarray(windows, dtype=np.int64)
         content = int(tokens.sum()) - added * len(tokens)  # the texts' own tokens
