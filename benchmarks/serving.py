@@ -33,6 +33,7 @@ class Server:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
+        self.variant: str | None = None  # from /health once it answers
         self.cmd = [
             sys.executable,
             *("-m", "bertrt", "--log-level", "warning", "serve"),
@@ -48,7 +49,9 @@ class Server:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                health = httpx.get(f"{url}/health", timeout=1)
+                if health.status_code == 200:
+                    self.variant = health.json()["variant"]  # the graph it serves
                     return url
             except httpx.HTTPError:
                 time.sleep(0.2)
@@ -111,6 +114,8 @@ def run(model_dir: Path, test: Path, clients: int, seconds: float, threads: int)
     import bertrt
 
     texts = pd.read_parquet(test)["text"].astype(str).tolist()
+    # The variant the runtime picks here, pinned for both servers: each would otherwise time the
+    # variants at its own start, and on shared cores the two modes could run different graphs.
     variant = bertrt.load(model_dir, device="cpu").variant
     modes = {
         "one request per run": ["--gather-texts", "1", "--gather-ms", "0"],
@@ -118,7 +123,10 @@ def run(model_dir: Path, test: Path, clients: int, seconds: float, threads: int)
     }
     results = {}
     for name, extra in modes.items():
-        with Server(model_dir, threads, extra) as url:
+        server = Server(model_dir, threads, [*extra, "--variant", variant])
+        with server as url:
+            if server.variant != variant:
+                raise RuntimeError(f"{name}: the server runs {server.variant}, not {variant}")
             results[name] = asyncio.run(load(url, texts, clients, seconds))
     base, ours = (results[name] for name in modes)
     return {
