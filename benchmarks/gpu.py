@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 REFERENCE = "pytorch fp32"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# ONNX Runtime on CUDA: fp16 is the variant the runtime picks there, fp32-optimized its fallback.
+# ONNX Runtime on CUDA: fp16 (every fusion) is the variant the runtime picks there;
+# fp32-optimized (fused for the CPU: attention unfused) its fallback.
 ORT_VARIANTS = ("fp16", "fp32-optimized")
 COLUMNS = {
     "backend": "backend",
