@@ -279,25 +279,28 @@ def add_variants(
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(OPTIONAL_VARIANTS)}")
     base = folder / VARIANT_FILES[BASE_VARIANT]
     optimized = folder / VARIANT_FILES["fp32-optimized"]
-    fused = optimize(base, optimized, num_heads, hidden_size, for_cpu=True)
-    candidates: dict[str, dict[str, Any]] = {}
-    for name in dict.fromkeys(names):
-        candidates[name] = {
-            "file": VARIANT_FILES[name],
-            "precision": PRECISIONS[name],
-            "providers": PROVIDERS[name],
-            "fused_operators": fused,
-        }
-    # The runtime reads the manifest, so the candidates are listed before they are built.
-    manifest.variants.update(candidates)
-    manifest_io.write(folder, manifest)
-    if "fp16" in candidates:
+    fused = {"cpu": optimize(base, optimized, num_heads, hidden_size, for_cpu=True)}
+    names = list(dict.fromkeys(names))
+    if "fp16" in names:
         full = folder / "model.fused.tmp.onnx"  # not shipped: the fp16 graph's fp32 source
         try:
-            candidates["fp16"]["fused_operators"] = optimize(base, full, num_heads, hidden_size)
+            fused["fp16"] = optimize(base, full, num_heads, hidden_size)
             to_fp16(full, folder / VARIANT_FILES["fp16"])
         finally:
             full.unlink(missing_ok=True)
+    candidates = {
+        name: {
+            "file": VARIANT_FILES[name],
+            "precision": PRECISIONS[name],
+            "providers": PROVIDERS[name],
+            "fused_operators": fused.get(name, fused["cpu"]),
+        }
+        for name in names
+    }
+    # The runtime reads the manifest, so the candidates are listed before int8 is searched for
+    # and each variant is gated.
+    manifest.variants.update(candidates)
+    manifest_io.write(folder, manifest)
     if "int8" in candidates:
         if calibration is not None and int8_search_agreement > 0:
             candidates["int8"]["search"] = search_int8(
