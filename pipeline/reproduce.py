@@ -33,12 +33,16 @@ DATA_STAGES = ("ingest", "validate", "tokenize")  # byte-identical on any machin
 
 
 def default_remote() -> tuple[str, str] | None:
-    """(name, resolved url) of the default DVC remote of this repo."""
-    for line in _run(["dvc", "remote", "list"]).splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and "(default)" in line:
-            return parts[0], parts[1]
-    return None
+    """(name, resolved url) of the default DVC remote of this repo, read from its merged config
+    as `dvc remote list` reads it: that command's output wraps at 80 columns when it is not a
+    terminal, which moves "(default)" of a long url onto a line of its own."""
+    from dvc.config import Config
+
+    conf = Config.from_cwd(validate=False).read(None)
+    name = conf["core"].get("remote")
+    if not name or name not in conf["remote"]:
+        return None
+    return name, str(conf["remote"][name]["url"])
 
 
 def checkout(tag: str, where: Path) -> Path:

@@ -238,3 +238,20 @@ def test_the_mlflow_ui_shows_the_run_its_metrics_and_the_registered_model(
         ui.terminate()
         ui.wait(timeout=30)
     assert mlflow.get_tracking_uri().startswith("sqlite")
+
+
+def test_the_default_remote_is_found_whatever_the_length_of_its_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.reproduce import default_remote
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh(["git", "init", "-q"], repo)
+    sh(["dvc", "init", "-q"], repo)
+    monkeypatch.chdir(repo)
+    assert default_remote() is None
+    url = str(tmp_path / ("a-long-folder-name-" * 6) / "remote")  # past 80 columns
+    sh(["dvc", "remote", "add", "-d", "storage", url], repo)
+    sh(["dvc", "remote", "add", "other", str(tmp_path / "other")], repo)
+    assert default_remote() == ("storage", url)
