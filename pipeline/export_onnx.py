@@ -114,13 +114,15 @@ def build_model_folder(
     temperature: float = 1.0,
     calibration_texts: list[str] | None = None,
     int8_search_agreement: float = 0.0,
+    int8_smooth_alpha: float = 0.0,
 ) -> dict[str, Any]:
     """Export, check parity on `texts`, and write the complete model folder atomically.
 
     Args:
         calibration_texts: texts (not the test split's) on which the int8 variant's search for
             nodes to keep in fp32 measures agreement with the fp32 graph, up to
-            `int8_search_agreement` (0: no search, everything int8).
+            `int8_search_agreement` (0: no search, everything int8), and whose activation
+            ranges set the smoothing before int8 (`int8_smooth_alpha`; 0: none).
         score: the task metric of runtime outputs on `texts`, for the variants' metric-drop gate.
         long_text: how a classifier reads long texts (bertrt.long_text.Reading), as evaluated.
         temperature: divides a classifier's logits before the softmax (fitted on validation).
@@ -174,7 +176,11 @@ def build_model_folder(
         parity = check_parity(got, reference, mask, len(texts), parity_atol)
         manifest.variants[BASE_VARIANT].update(gate=parity, shipped=True)
         calibration = None
-        if calibration_texts and "int8" in variants and int8_search_agreement > 0:
+        if (
+            calibration_texts
+            and "int8" in variants
+            and (int8_search_agreement > 0 or int8_smooth_alpha > 0)
+        ):
             cal = [w for per_text in engine.encode(calibration_texts) for w in per_text]
             calibration = (cal, *engine.infer(cal, batch_size))
         if variants:
@@ -193,6 +199,7 @@ def build_model_folder(
                 batch_size=batch_size,
                 calibration=calibration,
                 int8_search_agreement=int8_search_agreement,
+                int8_smooth_alpha=int8_smooth_alpha,
             )
             manifest.files = manifest_io.file_entries(tmp, files)
         manifest_io.write(tmp, manifest)
@@ -294,6 +301,7 @@ def run(
                 task.export_texts(pd.read_parquet(calibration_path)) if calibration_path else None
             ),
             int8_search_agreement=p.export.int8_search_agreement,
+            int8_smooth_alpha=p.export.int8_smooth_alpha,
         )
         manifest = manifest_io.read(out_dir)
         model_card.write(out_dir, manifest)

@@ -43,6 +43,9 @@ EPS = 1e-9
 INT8_OPS = ("MatMul", "Attention", "EmbedLayerNormalization", "Gemm", "Gather")
 # Texts (their windows), fp32 outputs and valid positions the int8 search measures against.
 Calibration = tuple[list[Any], np.ndarray, np.ndarray]
+# Bounds on a smoothing factor, so that a dead channel (max 0) or a tiny weight row cannot push
+# an activation or a weight out of fp32's comfortable range.
+SMOOTH_BOUNDS = (1e-2, 1e2)
 
 
 def optimize(
@@ -113,6 +116,109 @@ def to_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> None:
         )
     finally:
         root.setLevel(level)
+
+
+def _smoothable(graph: Any) -> dict[str, list[Any]]:
+    """Activation tensor -> the MatMuls that multiply it by a weight no other node reads."""
+    from collections import Counter, defaultdict
+
+    weights = {i.name for i in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    groups: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.node:
+        # A weight shared with another node (a tied embedding table) cannot be rescaled.
+        if node.op_type == "MatMul" and node.input[1] in weights and uses[node.input[1]] == 1:
+            groups[node.input[0]].append(node)
+    return dict(groups)
+
+
+def activation_ranges(
+    folder: Path, src: Path, encodings: list[Any], batch_size: int
+) -> dict[str, np.ndarray]:
+    """Per input channel, the largest |value| of each smoothable activation of `src` over
+    `encodings` (every position of each padded batch: the quantiser sees those too)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src))
+    names = list(_smoothable(model.graph))
+    for name in names:
+        model.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    # An engine over the folder's base graph only for its feeds and length-sorted batching.
+    engine = open_engine(folder, device="cpu", variant=BASE_VARIANT, verify=False)
+    first = engine.output_name
+    ranges: dict[str, np.ndarray] = {}
+
+    def forward(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        outputs = session.run([first, *names], feeds)
+        for name, value in zip(names, outputs[1:], strict=True):
+            peak = np.abs(value.reshape(-1, value.shape[-1])).max(0)
+            ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
+        return outputs[0]
+
+    engine.collect(encodings, batch_size, forward)
+    return ranges
+
+
+def smooth(src: Path, dst: Path, ranges: dict[str, np.ndarray], alpha: float) -> dict[str, Any]:
+    """Write `src` with activation outliers moved into the weights (SmoothQuant, Xiao et al.
+    2023): each smoothable activation X is divided per channel by s = max|X|^alpha /
+    max|W|^(1-alpha) (a Mul node before its MatMuls) and each of their weights W is multiplied
+    by s along its input rows, so X @ W is unchanged in exact arithmetic while X's channels,
+    which dynamic int8 quantises with one scale per tensor, become even. Returns a summary."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    groups = _smoothable(graph)
+    muls: dict[str, Any] = {}
+    spread_before, spread_after = [], []
+    for act, nodes in groups.items():
+        peak = ranges.get(act)
+        if peak is None:
+            continue
+        weights = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]
+        row_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        scale = np.clip(
+            np.maximum(peak, 1e-8) ** alpha / np.maximum(row_peak, 1e-8) ** (1 - alpha),
+            *SMOOTH_BOUNDS,
+        ).astype(np.float32)
+        for node, weight in zip(nodes, weights, strict=True):
+            scaled = (weight * scale[:, None]).astype(np.float32)
+            initializers[node.input[1]].CopyFrom(numpy_helper.from_array(scaled, node.input[1]))
+        inverse = f"{act}/smooth_inverse"
+        graph.initializer.append(numpy_helper.from_array(1 / scale, inverse))
+        out = f"{act}/smoothed"
+        muls[act] = onnx.helper.make_node("Mul", [act, inverse], [out], name=f"{act}/SmoothMul")
+        for node in nodes:
+            node.input[0] = out
+        median = max(float(np.median(peak)), 1e-8)
+        spread_before.append(float(peak.max()) / median)
+        smoothed = peak / scale
+        spread_after.append(float(smoothed.max()) / max(float(np.median(smoothed)), 1e-8))
+    # Each Mul goes right after the node that makes its input (graph inputs: at the front).
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(m for act, m in muls.items() if not any(act in n.output for n in nodes))
+    for node in nodes:
+        graph.node.append(node)
+        graph.node.extend(muls[o] for o in node.output if o in muls)
+    onnx.save(model, str(dst))
+    return {
+        "alpha": alpha,
+        "activations": len(muls),
+        "max_over_median_before": round(float(np.median(spread_before)), 3) if muls else None,
+        "max_over_median_after": round(float(np.median(spread_after)), 3) if muls else None,
+    }
 
 
 def quantizable(src: Path) -> list[str]:
@@ -268,6 +374,7 @@ def add_variants(
     batch_size: int = 32,
     calibration: Calibration | None = None,
     int8_search_agreement: float = 0.0,
+    int8_smooth_alpha: float = 0.0,
 ) -> list[str]:
     """Build, gate and keep or delete each named variant in `folder`; return the shipped files.
 
@@ -302,12 +409,24 @@ def add_variants(
     manifest.variants.update(candidates)
     manifest_io.write(folder, manifest)
     if "int8" in candidates:
-        if calibration is not None and int8_search_agreement > 0:
-            candidates["int8"]["search"] = search_int8(
-                folder, optimized, calibration, int8_search_agreement, batch_size
-            )
-        else:
-            to_int8(optimized, folder / VARIANT_FILES["int8"])
+        source = optimized
+        try:
+            if calibration is not None and int8_smooth_alpha > 0:
+                source = folder / "model.smoothed.tmp.onnx"  # not shipped: int8's fp32 source
+                ranges = activation_ranges(folder, optimized, calibration[0], batch_size)
+                candidates["int8"]["smoothing"] = smooth(
+                    optimized, source, ranges, int8_smooth_alpha
+                )
+                log.info("int8: smoothed activations %s", candidates["int8"]["smoothing"])
+            if calibration is not None and int8_search_agreement > 0:
+                candidates["int8"]["search"] = search_int8(
+                    folder, source, calibration, int8_search_agreement, batch_size
+                )
+            else:
+                to_int8(source, folder / VARIANT_FILES["int8"])
+        finally:
+            if source != optimized:
+                source.unlink(missing_ok=True)
     if "fp32-optimized" not in candidates:
         optimized.unlink()
     shipped = []

@@ -261,9 +261,12 @@ class Export:
     min_agreement: float
     max_metric_drop: float
     int8_search_agreement: float
+    int8_smooth_alpha: float
 
     def check(self) -> list[str]:
         errors = []
+        if not 0.0 <= self.int8_smooth_alpha <= 1.0:
+            errors.append(f"export.int8_smooth_alpha: {self.int8_smooth_alpha} must be in [0, 1]")
         if not 0.0 <= self.int8_search_agreement <= 1.0:
             errors.append(
                 f"export.int8_search_agreement: {self.int8_search_agreement} must be in [0, 1]"

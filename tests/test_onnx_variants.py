@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,103 @@ def test_int8_search_keeps_the_most_moving_nodes_in_fp32_and_records_them(
         ops = {node.name: node.op_type for node in graph.node}
         fp32 = ("MatMul", "Attention", "EmbedLayerNormalization", "Gemm", "Gather")
         assert all(ops.get(name) in fp32 for name in kept), {n: ops.get(n) for n in kept}
+
+
+def _spread(peaks: np.ndarray) -> float:
+    return float(peaks.max() / np.median(peaks))
+
+
+def test_smoothing_keeps_the_fp32_outputs_and_evens_the_activation_channels(
+    variant_dir: Path, tmp_path: Path
+) -> None:
+    """Outliers move from the activations into the weights: the smoothed graph computes the
+    same logits, and what each MatMul now reads has flatter channels (measured, not assumed)."""
+    from bertrt.engine import open_engine
+
+    src = variant_dir / "model.optimized.onnx"
+    engine = open_engine(variant_dir, device="cpu", variant="fp32-optimized", verify=False)
+    windows = [w for per in engine.encode(_data(40, seed=3)[0]) for w in per]
+    before = onnx_variants.activation_ranges(variant_dir, src, windows, 16)
+    # 2 layers: Q/K/V share one input; attention output, FFN in and FFN out one each; plus the
+    # classifier head's dense layer.
+    assert len(before) >= 8
+    dst = tmp_path / "smoothed.onnx"
+    summary = onnx_variants.smooth(src, dst, before, alpha=0.75)
+    assert summary["activations"] == len(before) and summary["alpha"] == 0.75
+    want, _ = engine.infer(windows, 16)
+    shutil.copy(dst, tmp_path / "model.optimized.onnx")
+    for name in ("manifest.json", "tokenizer.json", "labels.json", "model.onnx"):
+        shutil.copy(variant_dir / name, tmp_path / name)
+    smoothed = open_engine(tmp_path, device="cpu", variant="fp32-optimized", verify=False)
+    got, _ = smoothed.infer(windows, 16)
+    assert np.abs(got - want).max() < ATOL["fp32"]
+    after = onnx_variants.activation_ranges(tmp_path, dst, windows, 16)
+    # The MatMuls now read the Mul outputs: each measured spread is the one the summary claims.
+    assert set(after) == {f"{name}/smoothed" for name in before}
+    assert np.median([_spread(p) for p in after.values()]) == pytest.approx(
+        summary["max_over_median_after"], rel=1e-2
+    )
+    flatter = [_spread(after[f"{n}/smoothed"]) < _spread(before[n]) for n in before]
+    assert sum(flatter) > len(flatter) / 2, "smoothing should flatten most activations"
+
+
+def test_smoothing_leaves_a_shared_weight_alone(tmp_path: Path) -> None:
+    """A weight read by two nodes (a tied embedding table) is not rescaled for one of them."""
+    helper, tp = onnx.helper, onnx.TensorProto
+    shared = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "W")
+    own = onnx.numpy_helper.from_array(np.ones((3, 2), dtype=np.float32), "V")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"], name="tied"),
+            helper.make_node("Gather", ["W", "ids"], ["g"], name="lookup"),
+            helper.make_node("MatMul", ["h", "V"], ["y"], name="own"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", tp.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("ids", tp.INT64, [1])],
+        [helper.make_tensor_value_info("y", tp.FLOAT, [1, 2]),
+         helper.make_tensor_value_info("g", tp.FLOAT, [1, 3])],
+        [shared, own],
+    )  # fmt: skip
+    src = tmp_path / "g.onnx"
+    onnx.save(
+        helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]),
+        str(src),
+    )
+    assert set(onnx_variants._smoothable(onnx.load(str(src)).graph)) == {"h"}
+    dst = tmp_path / "s.onnx"
+    summary = onnx_variants.smooth(src, dst, {"h": np.array([8.0, 1.0, 1.0])}, alpha=0.5)
+    assert summary["activations"] == 1
+    out = onnx.load(str(dst)).graph
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in out.initializer}
+    np.testing.assert_array_equal(weights["W"], onnx.numpy_helper.to_array(shared))
+    assert not np.array_equal(weights["V"], np.ones((3, 2)))
+    import onnxruntime as ort
+
+    x = np.array([[1.0, -2.0, 0.5, 3.0]], dtype=np.float32)
+    feeds = {"x": x, "ids": np.array([1])}
+    run = [ort.InferenceSession(str(p)).run(None, feeds) for p in (src, dst)]
+    np.testing.assert_allclose(run[1][0], run[0][0], rtol=1e-5)
+
+
+def test_smoothed_int8_is_recorded_and_its_source_removed(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    texts, labels = _data(48, seed=1)
+    calibration = [r["text"] for r in synthetic_reviews(40, seed=8)]
+    out = tmp_path / "int8"
+    build_model_folder(
+        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("int8",),
+        min_agreement=0.0, max_metric_drop=0.9, calibration_texts=calibration,
+        int8_smooth_alpha=0.6,
+    )  # fmt: skip
+    entry = _manifest(out)["variants"]["int8"]
+    assert entry["smoothing"]["alpha"] == 0.6 and entry["smoothing"]["activations"] >= 8
+    assert "search" not in entry
+    ops = [n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node]
+    assert ops.count("Mul") >= entry["smoothing"]["activations"]
+    assert not list(out.glob("*.tmp.onnx")) and not (out / "model.optimized.onnx").exists()
+    got = load(out, device="cpu", variant="int8").predict(texts)
+    fp32 = load(out, device="cpu", variant="fp32").predict(texts)
+    agree = np.mean([a.label == b.label for a, b in zip(got, fp32, strict=True)])
+    assert agree >= 0.9
