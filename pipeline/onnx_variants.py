@@ -167,6 +167,11 @@ def activation_ranges(
     return ranges
 
 
+def _spread(peaks: np.ndarray) -> float:
+    """How far the largest channel stands out: max over median."""
+    return float(peaks.max()) / max(float(np.median(peaks)), 1e-8)
+
+
 def smooth(src: Path, dst: Path, ranges: dict[str, np.ndarray], alpha: float) -> dict[str, Any]:
     """Write `src` with activation outliers moved into the weights (SmoothQuant, Xiao et al.
     2023): each smoothable activation X is divided per channel by s = max|X|^alpha /
@@ -201,10 +206,8 @@ def smooth(src: Path, dst: Path, ranges: dict[str, np.ndarray], alpha: float) ->
         muls[act] = onnx.helper.make_node("Mul", [act, inverse], [out], name=f"{act}/SmoothMul")
         for node in nodes:
             node.input[0] = out
-        median = max(float(np.median(peak)), 1e-8)
-        spread_before.append(float(peak.max()) / median)
-        smoothed = peak / scale
-        spread_after.append(float(smoothed.max()) / max(float(np.median(smoothed)), 1e-8))
+        spread_before.append(_spread(peak))
+        spread_after.append(_spread(peak / scale))
     # Each Mul goes right after the node that makes its input (graph inputs: at the front).
     nodes = list(graph.node)
     del graph.node[:]

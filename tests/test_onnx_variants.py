@@ -279,6 +279,17 @@ def test_gate_refuses_mismatched_shapes_and_records_empty_input() -> None:
     }
 
 
+def _calibrated_int8(tiny_model_dir: Path, out: Path, **int8: float) -> Path:
+    """A folder with only the int8 variant, tuned on calibration texts apart from the gate's."""
+    texts, labels = _data(48, seed=1)
+    calibration = [r["text"] for r in synthetic_reviews(40, seed=8)]
+    build_model_folder(
+        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("int8",),
+        min_agreement=0.0, max_metric_drop=0.9, calibration_texts=calibration, **int8,
+    )  # fmt: skip
+    return out
+
+
 # 1.01 cannot be reached (the tiny model's labels never flip): the search runs to its end.
 @pytest.mark.parametrize("target", [0.5, 1.01])
 def test_int8_search_keeps_the_most_moving_nodes_in_fp32_and_records_them(
@@ -286,14 +297,7 @@ def test_int8_search_keeps_the_most_moving_nodes_in_fp32_and_records_them(
 ) -> None:
     """The search measures on calibration texts (not the gate's); what it kept in fp32 is in
     the manifest and is fp32 in the shipped graph."""
-    texts, labels = _data(48, seed=1)
-    calibration = [r["text"] for r in synthetic_reviews(40, seed=8)]
-    out = tmp_path / "int8"
-    build_model_folder(
-        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("int8",),
-        min_agreement=0.0, max_metric_drop=0.9, calibration_texts=calibration,
-        int8_search_agreement=target,
-    )  # fmt: skip
+    out = _calibrated_int8(tiny_model_dir, tmp_path / "int8", int8_search_agreement=target)
     manifest = _manifest(out)
     entry = {**manifest["variants"], **manifest["rejected_variants"]}["int8"]
     search = entry["search"]
@@ -393,14 +397,8 @@ def test_smoothing_leaves_a_shared_weight_alone(tmp_path: Path) -> None:
 def test_smoothed_int8_is_recorded_and_its_source_removed(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    texts, labels = _data(48, seed=1)
-    calibration = [r["text"] for r in synthetic_reviews(40, seed=8)]
-    out = tmp_path / "int8"
-    build_model_folder(
-        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("int8",),
-        min_agreement=0.0, max_metric_drop=0.9, calibration_texts=calibration,
-        int8_smooth_alpha=0.6,
-    )  # fmt: skip
+    out = _calibrated_int8(tiny_model_dir, tmp_path / "int8", int8_smooth_alpha=0.6)
+    texts = _data(48, seed=1)[0]
     entry = _manifest(out)["variants"]["int8"]
     assert entry["smoothing"]["alpha"] == 0.6 and entry["smoothing"]["activations"] >= 8
     assert "search" not in entry
