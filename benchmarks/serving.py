@@ -110,13 +110,35 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict
     }
 
 
+def ceiling(predictor: Any, texts: list[str], group: int, seconds: float) -> dict[str, float]:
+    """What batching can gain at most, with no HTTP: the same predictor in this process run on
+    one text at a time, then on runs of `group` consecutive texts (the most that `group`
+    clients with one text each can have waiting at once), each for about `seconds`."""
+
+    def rate(size: int) -> float:
+        done, at = 0, 0
+        began = time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            chunk = [texts[(at + i) % len(texts)] for i in range(size)]
+            predictor.predict(chunk, batch_size=size)
+            done, at = done + size, at + size
+        return done / (time.perf_counter() - began)
+
+    predictor.predict(texts[:group], batch_size=group)  # warm-up
+    one, grouped = rate(1), rate(group)
+    return {"one_per_s": one, "grouped_per_s": grouped, "ratio": grouped / one}
+
+
 def run(model_dir: Path, test: Path, clients: int, seconds: float, threads: int) -> dict:
     import bertrt
 
     texts = pd.read_parquet(test)["text"].astype(str).tolist()
     # The variant the runtime picks here, pinned for both servers: each would otherwise time the
     # variants at its own start, and on shared cores the two modes could run different graphs.
-    variant = bertrt.load(model_dir, device="cpu").variant
+    predictor = bertrt.load(model_dir, device="cpu", threads=threads)
+    variant = predictor.variant
+    bound = ceiling(predictor, texts, clients, seconds / 4)
+    del predictor  # its sessions' threads and memory are not the servers' to share
     modes = {
         "one request per run": ["--gather-texts", "1", "--gather-ms", "0"],
         "dynamic batching (5 ms, 64 texts)": ["--gather-texts", "64", "--gather-ms", "5"],
@@ -129,17 +151,21 @@ def run(model_dir: Path, test: Path, clients: int, seconds: float, threads: int)
                 raise RuntimeError(f"{name}: the server runs {server.variant}, not {variant}")
             results[name] = asyncio.run(load(url, texts, clients, seconds))
     base, ours = (results[name] for name in modes)
+    ratio = ours["texts_per_s"] / base["texts_per_s"] if base["texts_per_s"] else None
     return {
         "clients": clients,
         "seconds": seconds,
         "variant": variant,
         "threads": threads,
         "results": results,
-        "ratio": ours["texts_per_s"] / base["texts_per_s"] if base["texts_per_s"] else None,
+        "ratio": ratio,
+        "ceiling": bound,
+        "share_of_ceiling": ratio / bound["ratio"] if ratio else None,
     }
 
 
 def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+    bound = data["ceiling"]
     rows = [{"mode": name, **values} for name, values in data["results"].items()]
     return "\n".join(
         [
@@ -151,6 +177,13 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
             f"{data['variant']}) in its own process; the clients share its cores.",
             f"- Dynamic batching against one request per run: **{data['ratio']:.2f}×** "
             "the texts per second.",
+            f"- Ceiling, measured first in the benchmark's process with no HTTP (the same "
+            f"variant and threads, {data['seconds'] / 4:g} s each): one text per run "
+            f"{bound['one_per_s']:.1f} texts/s, runs of {data['clients']} consecutive test "
+            f"texts (the most {data['clients']} one-text clients can have waiting) "
+            f"{bound['grouped_per_s']:.1f} texts/s, **{bound['ratio']:.2f}×**. The server's ratio "
+            f"is {data['share_of_ceiling']:.0%} of this ceiling: batching saves only what a "
+            "run of one text costs beyond its share of a batch.",
             "",
             report.table(
                 rows,
@@ -186,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<36} {values['texts_per_s']:8.1f} texts/s  p50 {values['p50_ms']:7.1f} ms  "
             f"p99 {values['p99_ms']:7.1f} ms  non-200 {values['errors']}"
         )
-    print(f"dynamic batching: {data['ratio']:.2f}x")
+    bound = data["ceiling"]["ratio"]
+    print(f"dynamic batching: {data['ratio']:.2f}x; in-process ceiling {bound:.2f}x")
     return 0
 
 

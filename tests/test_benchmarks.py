@@ -162,4 +162,9 @@ def test_serving_benchmark_runs_both_modes_on_loopback(
     for values in data["results"].values():
         assert values["requests"] > 0 and values["server_errors"] == 0
         assert 0 < values["p50_ms"] <= values["p99_ms"]
-    assert "## Serving (CPU, HTTP on loopback)" in out.read_text(encoding="utf-8")
+    bound = data["ceiling"]
+    assert bound["one_per_s"] > 0 and bound["grouped_per_s"] > 0
+    assert bound["ratio"] == pytest.approx(bound["grouped_per_s"] / bound["one_per_s"])
+    assert data["share_of_ceiling"] == pytest.approx(data["ratio"] / bound["ratio"])
+    text = out.read_text(encoding="utf-8")
+    assert "## Serving (CPU, HTTP on loopback)" in text and "Ceiling, measured first" in text
