@@ -76,8 +76,9 @@ bench: $(STAMP) ## CPU benchmark: PyTorch pipeline vs ORT variants, written to d
 	$(BIN)/python -m benchmarks.overhead --validated data/validated --params params.yaml --out docs/benchmarks.md --json reports/bench_overhead.json
 	$(BIN)/python -m benchmarks.long_documents --raw data/raw --model-dir models/onnx --out docs/benchmarks.md --json reports/long_documents.json
 
-bench-gpu: $(STAMP) ## GPU benchmark (needs CUDA): torch fp32/fp16 vs ORT CUDA fp16 with IO binding
+bench-gpu: $(STAMP) ## GPU benchmarks (need CUDA): inference torch vs ORT CUDA fp16 with IO binding; fine-tuning speed, memory and MFU
 	$(BIN)/python -m benchmarks.gpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_gpu.json
+	$(BIN)/python -m benchmarks.train_cls --device cuda --validated data/validated --rows 0 --target-rows 0 --out docs/benchmarks.md --json reports/bench_train_gpu.json
 
 package: $(STAMP) ## build an installable wheel with the runtime and the exported model into dist/
 	$(BIN)/python -m bertrt package --model models/onnx --out dist

@@ -129,3 +129,44 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, matched in
+# order against torch.cuda.get_device_name(): the first name part found wins.
+BF16_DENSE_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+)
+
+
+def bf16_peak_tflops(gpu_name: str) -> float | None:
+    """The GPU's dense bf16 peak in TFLOP/s, or None when it is not in the table."""
+    for part, peak in BF16_DENSE_TFLOPS:
+        if part in gpu_name:
+            return peak
+    return None
+
+
+def encoder_training_flops(config: Any, lengths: Sequence[int], num_labels: int) -> float:
+    """Model FLOPs of one training step (forward and backward, 3× the forward's matrix
+    products) over sequences of these token counts, for a BERT-style encoder classifier:
+    the layers' weight products (2·L·weights), attention's scores and weighted sum
+    (4·L²·hidden per layer), the pooler and the classifier on the first token. Padding is
+    not counted, so a padded run scores what it computes to no use as lost utilisation."""
+    hidden = config.hidden_size
+    layers = config.num_hidden_layers
+    ffn = config.intermediate_size
+    weights = layers * (4 * hidden * hidden + 2 * hidden * ffn)
+    head = hidden * hidden + hidden * num_labels
+    lengths = np.asarray(lengths, dtype=np.float64)
+    forward = 2 * weights * lengths + 4 * layers * hidden * lengths**2 + 2 * head
+    return float(3 * forward.sum())

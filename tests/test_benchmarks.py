@@ -168,3 +168,65 @@ def test_serving_benchmark_runs_both_modes_on_loopback(
     assert data["share_of_ceiling"] == pytest.approx(data["ratio"] / bound["ratio"])
     text = out.read_text(encoding="utf-8")
     assert "## Serving (CPU, HTTP on loopback)" in text and "Ceiling, measured first" in text
+
+
+def test_encoder_training_flops_match_torchs_count_of_a_training_step() -> None:
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from benchmarks import measure
+
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=160,
+        num_labels=3,
+        attn_implementation="eager",
+    )
+    model = BertForSequenceClassification(config)
+    lengths = [7, 19, 33]
+    counted = 0
+    for length in lengths:  # one text per step: no padding for either count
+        ids = torch.randint(5, 120, (1, length))
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids, labels=torch.tensor([1])).loss.backward()
+        counted += counter.get_total_flops()
+    ours = measure.encoder_training_flops(config, lengths, num_labels=3)
+    assert ours == pytest.approx(counted, rel=1e-9)
+    # Quadratic in length: one text of 66 tokens costs more than two of 33.
+    assert measure.encoder_training_flops(config, [66], 3) > measure.encoder_training_flops(
+        config, [33, 33], 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A10G", 70.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA GeForce GTX 1080", None),
+    ],
+)
+def test_bf16_peak_is_looked_up_by_the_most_specific_name(name: str, peak: float | None) -> None:
+    from benchmarks import measure
+
+    assert measure.bf16_peak_tflops(name) == peak
+
+
+def test_gpu_training_benchmark_exits_with_the_reason_without_cuda(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from benchmarks import train_cls
+
+    argv = ["--device", "cuda", "--validated", str(tmp_path), "--out", str(tmp_path / "b.md")]
+    with pytest.raises(SystemExit, match=r"--device cuda: no CUDA device visible to torch"):
+        train_cls.main([*argv, "--json", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.md").exists()
