@@ -1,4 +1,13 @@
-"""GPU benchmark: PyTorch fp32 and fp16 against ONNX Runtime CUDA with IO binding, batch 1-256."""
+"""GPU benchmark: PyTorch fp32, fp16 and bf16 against ONNX Runtime CUDA with IO binding (and
+TensorRT where its libraries load), on the test texts' own lengths and on texts of a fixed 128
+tokens, batch 1 to 256; then the model alone (token ids already on the GPU) at 128 tokens.
+
+    python -m benchmarks.gpu --model-dir models/onnx --finetuned models/finetuned \
+        --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_gpu.json
+
+`--device cpu` runs the same harness on the CPU (every GPU-only row left out) to check it on a
+machine without a GPU; its numbers say nothing about a GPU and it writes no section.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import itertools
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,16 +26,20 @@ from typing import Any
 import numpy as np
 
 from benchmarks import measure, report
-from benchmarks.cpu import Predict, ort_predictor, pytorch_predictor, token_lengths
-from bertrt.session import DeviceError
+from benchmarks.cpu import Predict, pytorch_predictor, token_lengths
+from bertrt.session import TENSORRT, DeviceError
 
 log = logging.getLogger(__name__)
 
 REFERENCE = "pytorch fp32"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FIXED_BATCH_SIZES = (1, 32, 256)
+MODEL_ONLY_BATCH_SIZES = (32, 256, 1024)
+FIXED_TOKENS = 128
 # ONNX Runtime on CUDA: fp16 (every fusion) is the variant the runtime picks there;
 # fp32-optimized (fused for the CPU: attention unfused) its fallback.
 ORT_VARIANTS = ("fp16", "fp32-optimized")
+TRT = "ort tensorrt fp16"
 COLUMNS = {
     "backend": "backend",
     "batch": "batch",
@@ -37,10 +51,20 @@ COLUMNS = {
     "agreement": "agreement",
     "ratio": "× PyTorch fp32",
 }
+MODEL_ONLY_COLUMNS = {
+    "backend": "backend",
+    "batch": "batch",
+    "ms_per_batch": "ms/batch",
+    "sequences_per_s": "sequences/s",
+}
 
 
 class NoCudaError(SystemExit):
     """No CUDA device, or a stack that cannot use it; the message says which."""
+
+
+class Unavailable(RuntimeError):
+    """A backend this machine cannot run as asked (TensorRT without its libraries)."""
 
 
 def require_cuda() -> str:
@@ -70,6 +94,33 @@ def device_used_bytes() -> int:
     return total - free
 
 
+def fixed_length_texts(
+    texts: list[str], model_dir: Path, tokens: int, count: int
+) -> tuple[list[str], int]:
+    """Up to `count` texts of exactly `tokens` tokens (special tokens included), each made of
+    consecutive test texts joined and cut at a token's end, and how many came out right."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    stream = itertools.cycle(texts)
+    made: list[str] = []
+    for _ in range(count * 2):
+        text = next(stream)
+        while len(tokenizer.encode(text).ids) < tokens + 8:
+            text = f"{text} {next(stream)}"
+        encoding = tokenizer.encode(text)
+        content = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+        specials = len(encoding.ids) - len(content)
+        cut = text[: encoding.offsets[content[tokens - specials - 1]][1]]
+        if len(tokenizer.encode(cut).ids) == tokens:  # a cut inside a word can re-tokenise
+            made.append(cut)
+        if len(made) == count:
+            break
+    return made, len(made)
+
+
 def batches_of(texts: list[str], size: int, count: int) -> list[list[str]]:
     """`count` consecutive batches of `size`, cycling through `texts` when they run out."""
     stream = itertools.cycle(texts)
@@ -77,44 +128,167 @@ def batches_of(texts: list[str], size: int, count: int) -> list[list[str]]:
 
 
 def sweep(
-    make: Callable[[], Predict],
-    texts: list[str],
-    batch_sizes: Sequence[int],
-    batches: int,
-) -> tuple[list[dict[str, Any]], list[str], float]:
-    """Per-batch latency and throughput at each size; labels at batch 32; peak GPU memory."""
-    with measure.PeakMemory(device_used_bytes) as memory:
-        predict = make()
-        rows = []
-        for size in batch_sizes:
-            work = batches_of(texts, size, batches)
-            # One untimed call per size: CUDA picks kernels and grows its pools per shape.
-            predict(work[0], size)
-            seconds = measure.timed_calls(lambda b, size=size: predict(b, size), work)
-            rows.append(
-                {
-                    "batch": size,
-                    **measure.percentiles_ms(seconds),
-                    "texts_per_s": size * len(work) / sum(seconds),
-                }
+    predict: Predict, texts: list[str], batch_sizes: Sequence[int], batches: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per-batch latency and throughput at each size, and the labels of `texts` at batch 32."""
+    rows = []
+    for size in batch_sizes:
+        work = batches_of(texts, size, batches)
+        # One untimed call per size: CUDA picks kernels and grows its pools per shape.
+        predict(work[0], size)
+        seconds = measure.timed_calls(lambda b, size=size: predict(b, size), work)
+        rows.append(
+            {
+                "batch": size,
+                **measure.percentiles_ms(seconds),
+                "texts_per_s": size * len(work) / sum(seconds),
+            }
+        )
+    return rows, predict(texts, 32)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed_runs(step: Callable[[], Any], runs: int, sync: Callable[[], Any]) -> float:
+    """Seconds per call of `step` over `runs` calls, after two untimed ones; `sync` waits for
+    the device to finish what was queued."""
+    for _ in range(2):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(runs):
+        step()
+    sync()
+    return (time.perf_counter() - start) / runs
+
+
+def token_ids(batch: int, tokens: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """Ids of ordinary tokens (past the first 1,000, where BERT vocabularies keep specials)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(min(1000, vocab - 1), vocab, size=(batch, tokens), dtype=np.int64)
+
+
+class OrtBackend:
+    """A variant through the runtime: texts end to end, or the graph alone on bound ids."""
+
+    def __init__(self, model_dir: Path, variant: str, device: str, tensorrt: bool) -> None:
+        from bertrt.predictor import load
+
+        # device="cuda" raises DeviceError rather than falling back to the CPU.
+        self.runtime = load(model_dir, device=device, variant=variant, tensorrt=tensorrt)
+        self.device = device
+        if tensorrt and self.runtime.provider != TENSORRT:
+            raise Unavailable(
+                f"TensorRT did not load (the session runs on {self.runtime.provider}); install "
+                "TensorRT's libraries where onnxruntime-gpu finds them to measure it"
             )
-        labels = predict(texts, 32)
-    return rows, labels, memory.delta_mb
+
+    def predict(self, texts: list[str], batch_size: int) -> list[str]:
+        return [p.label for p in self.runtime.predict(texts, batch_size)]
+
+    def model_only(self, batch: int, tokens: int, runs: int) -> float:
+        """Seconds per run of the graph on `batch` x `tokens` ids bound where it computes."""
+        import onnxruntime as ort
+
+        engine = self.runtime.engine
+        session = engine.session
+        vocab = engine.tokenizer.get_vocab_size()
+        arrays = {
+            "input_ids": token_ids(batch, tokens, vocab),
+            "attention_mask": np.ones((batch, tokens), dtype=np.int64),
+            "token_type_ids": np.zeros((batch, tokens), dtype=np.int64),
+        }
+        place = "cuda" if self.device == "cuda" else "cpu"
+        binding = session.io_binding()
+        for name in engine.input_names:  # bound once: no copies in the timed runs
+            binding.bind_ortvalue_input(
+                name, ort.OrtValue.ortvalue_from_numpy(arrays[name], place, 0)
+            )
+        binding.bind_output(engine.output_name, place, 0)
+        return timed_runs(
+            lambda: session.run_with_iobinding(binding), runs, binding.synchronize_outputs
+        )
+
+
+class TorchBackend:
+    """The fine-tuned model in PyTorch: the pipeline end to end, or the module on tensors."""
+
+    def __init__(self, finetuned: Path, max_length: int, dtype: Any, device: str) -> None:
+        self.pipeline = pytorch_predictor(
+            finetuned, max_length, 0 if device == "cuda" else -1, dtype
+        )
+        self.finetuned, self.dtype, self.device = finetuned, dtype, device
+
+    def predict(self, texts: list[str], batch_size: int) -> list[str]:
+        return self.pipeline(texts, batch_size)
+
+    def model_only(self, batch: int, tokens: int, runs: int) -> float:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        if not hasattr(self, "module"):
+            self.module = AutoModelForSequenceClassification.from_pretrained(
+                self.finetuned, dtype=self.dtype
+            ).to(self.device)
+            self.module.eval()
+        vocab = self.module.config.vocab_size
+        ids = torch.from_numpy(token_ids(batch, tokens, vocab)).to(self.device)
+        mask = torch.ones_like(ids)
+
+        def step() -> Any:
+            with torch.inference_mode():
+                return self.module(input_ids=ids, attention_mask=mask).logits
+
+        return timed_runs(step, runs, lambda: synchronize(self.device))
+
+
+def backends(
+    model_dir: Path, finetuned: Path, max_length: int, shipped: Sequence[str], device: str
+) -> dict[str, Callable[[], Any]]:
+    """Name -> loader, ONNX Runtime first: a CUDA provider that cannot start fails before the
+    long PyTorch runs. TensorRT, bf16 and the GPU-only rows only where they can run."""
+    import onnxruntime as ort
+    import torch
+
+    made: dict[str, Callable[[], Any]] = {
+        f"ort {'cuda' if device == 'cuda' else 'cpu'} {v}": (
+            lambda v=v: OrtBackend(model_dir, v, device, tensorrt=False)
+        )
+        for v in ORT_VARIANTS
+        if v in shipped
+    }
+    if device == "cuda" and TENSORRT in ort.get_available_providers() and "fp16" in shipped:
+        made[TRT] = lambda: OrtBackend(model_dir, "fp16", device, tensorrt=True)
+    made[REFERENCE] = lambda: TorchBackend(finetuned, max_length, torch.float32, device)
+    made["pytorch fp16"] = lambda: TorchBackend(finetuned, max_length, torch.float16, device)
+    if device != "cuda" or torch.cuda.is_bf16_supported():
+        made["pytorch bf16"] = lambda: TorchBackend(finetuned, max_length, torch.bfloat16, device)
+    return made
 
 
 def run(
     model_dir: Path,
     finetuned: Path,
     test: Path,
-    out: Path,
-    json_path: Path,
+    out: Path | None,
+    json_path: Path | None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     batches: int = 20,
     max_texts: int = 0,
     command: str = "",
+    device: str = "cuda",
+    fixed_batch_sizes: Sequence[int] = FIXED_BATCH_SIZES,
+    model_only_batch_sizes: Sequence[int] = MODEL_ONLY_BATCH_SIZES,
+    model_only_runs: int = 50,
 ) -> dict[str, Any]:
-    """Sweep batch sizes for PyTorch fp32/fp16 and ONNX Runtime CUDA; write both reports."""
-    gpu = require_cuda()
+    """Sweep batch sizes for PyTorch and ONNX Runtime on both workloads, time the model alone
+    at FIXED_TOKENS; write both reports (on CUDA only)."""
+    gpu = require_cuda() if device == "cuda" else "none: the harness run on the CPU"
     import pandas as pd
     import torch
 
@@ -126,32 +300,65 @@ def run(
     if not texts:
         raise ValueError(f"{test}: no texts in column 'text'")
     max_length = manifest.max_length
-    # ONNX Runtime first: a CUDA provider that cannot start fails before the long PyTorch runs.
-    backends: dict[str, Callable[[], Predict]] = {
-        **{
-            f"ort cuda {v}": (lambda v=v: ort_predictor(model_dir, v, "cuda"))
-            for v in ORT_VARIANTS
-            if v in manifest.variants
-        },
-        REFERENCE: lambda: pytorch_predictor(finetuned, max_length, 0, torch.float32),
-        "pytorch fp16": lambda: pytorch_predictor(finetuned, max_length, 0, torch.float16),
+    tokens = min(FIXED_TOKENS, max_length)
+    fixed, _ = fixed_length_texts(texts, model_dir, tokens, max(fixed_batch_sizes) * 4)
+    if not fixed:
+        raise ValueError(f"no text of exactly {tokens} tokens could be made from {test}")
+    workloads = {
+        "test texts": (texts, batch_sizes),
+        f"{tokens} tokens": (fixed, fixed_batch_sizes),
     }
-    rows, labels, memory = [], {}, {}
-    for name, make in backends.items():
-        log.info("%s: batches %s, %d each", name, list(batch_sizes), batches)
-        got, labels[name], memory[name] = sweep(make, texts, batch_sizes, batches)
-        rows += [{"backend": name, **row} for row in got]
-        gc.collect()
-        torch.cuda.empty_cache()
-    reference = np.array(labels[REFERENCE])
-    speed = {r["batch"]: r["texts_per_s"] for r in rows if r["backend"] == REFERENCE}
+    read = device_used_bytes if device == "cuda" else measure.rss_bytes
+    rows, model_rows, labels, notes = [], [], {}, []
+    for name, make in backends(
+        model_dir, finetuned, max_length, list(manifest.variants), device
+    ).items():
+        log.info("%s: %s", name, {w: list(b) for w, (_, b) in workloads.items()})
+        try:
+            with measure.PeakMemory(read) as memory:
+                backend = make()
+                for workload, (work, sizes) in workloads.items():
+                    if name == TRT and workload == "test texts":
+                        continue  # a TensorRT engine is built per new shape: fixed shapes only
+                    got, labels[name, workload] = sweep(backend.predict, work, sizes, batches)
+                    rows += [{"backend": name, "workload": workload, **row} for row in got]
+                for size in model_only_batch_sizes:
+                    seconds = backend.model_only(size, tokens, model_only_runs)
+                    model_rows.append(
+                        {
+                            "backend": name,
+                            "batch": size,
+                            "ms_per_batch": seconds * 1e3,
+                            "sequences_per_s": size / seconds,
+                        }
+                    )
+        except Unavailable as exc:
+            notes.append(f"{name}: left out: {exc}")
+            continue
+        finally:
+            backend = None
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        for row in rows:
+            if row["backend"] == name:
+                row["peak_device_mb"] = memory.delta_mb
     for row in rows:
-        row["agreement"] = float((np.array(labels[row["backend"]]) == reference).mean())
-        row["peak_device_mb"] = memory[row["backend"]]
-        row["ratio"] = row["texts_per_s"] / speed[row["batch"]]
+        reference = labels[REFERENCE, row["workload"]]
+        got = labels[row["backend"], row["workload"]]
+        row["agreement"] = float((np.array(got) == np.array(reference)).mean())
+        speed = next(
+            r["texts_per_s"]
+            for r in rows
+            if r["backend"] == REFERENCE
+            and r["workload"] == row["workload"]
+            and r["batch"] == row["batch"]
+        )
+        row["ratio"] = row["texts_per_s"] / speed
     data = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
+        "device": device,
         "machine": {**measure.machine(), "gpu": gpu, "cuda": torch.version.cuda},
         "versions": measure.versions(),
         "model": {
@@ -162,20 +369,25 @@ def run(
             "tokens": token_lengths(model_dir, texts, max_length),
         },
         "texts": len(texts),
+        "fixed_tokens": tokens,
+        "fixed_texts": len(fixed),
         "batches_per_size": batches,
+        "model_only_runs": model_only_runs,
         "results": rows,
+        "model_only": model_rows,
+        "notes": notes,
     }
     body = markdown(data)
     print(body)
-    report.write_section(out, "GPU", body)
-    report.write_json(json_path, data)
+    if device == "cuda" and out is not None and json_path is not None:
+        report.write_section(out, "GPU", body)
+        report.write_json(json_path, data)
     return data
 
 
 def markdown(data: dict[str, Any]) -> str:
-    """The GPU section: how it was measured, the table, and what it means."""
+    """The GPU section: how it was measured, the tables, and what they mean."""
     m, model = data["machine"], data["model"]
-    at32 = {r["backend"]: r for r in data["results"] if r["batch"] == 32}
     lines = [
         f"Measured {data['date']} with",
         "",
@@ -185,28 +397,49 @@ def markdown(data: dict[str, Any]) -> str:
         f"{m['memory_gib']} GiB, {m['os']}, Python {m['python']}.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
         f"- Model: `{model['folder']}` (base {model['base_model'] or 'not recorded'}), labels "
-        f"{model['labels']}, max_length "
-        f"{model['max_length']}; texts from the {data['texts']} test texts "
-        f"({model['tokens']['mean']:.1f} tokens on average), {data['batches_per_size']} timed "
-        "batches per size after one untimed one.",
-        "",
-        report.table(data["results"], COLUMNS),
+        f"{model['labels']}, max_length {model['max_length']}. Workloads: the "
+        f"{data['texts']} test texts ({model['tokens']['mean']:.1f} tokens on average), and "
+        f"{data['fixed_texts']} texts of exactly {data['fixed_tokens']} tokens (test texts "
+        f"joined and cut at a token); {data['batches_per_size']} timed batches per size after "
+        "one untimed one.",
+        *[f"- {note}" for note in data["notes"]],
     ]
-    for name, row in at32.items():
-        if name.startswith("ort"):
-            torch16 = at32.get("pytorch fp16", {}).get("texts_per_s")
-            lines.append(
-                f"At batch 32, {name} runs at {row['ratio']:.2f}× PyTorch fp32"
-                + (f" and {row['texts_per_s'] / torch16:.2f}× PyTorch fp16." if torch16 else ".")
-            )
-    lines.append(
-        "PyTorch is `pipeline('text-classification', device=0, dtype=...)`; ONNX Runtime goes "
-        "through `bertrt.load(..., device='cuda', variant=...)`, which binds inputs and outputs "
-        "on the GPU (IO binding) and sorts texts by length before batching. Latency is per batch, "
-        "tokenisation included. Peak GPU memory is the rise in the device's used memory "
-        "(`torch.cuda.mem_get_info`) while a backend loads and runs. Agreement: the share of all "
-        "test texts given the same label as PyTorch fp32, at batch 32."
-    )
+    workloads = list(dict.fromkeys(r["workload"] for r in data["results"]))
+    for workload in workloads:
+        rows = [r for r in data["results"] if r["workload"] == workload]
+        lines += ["", f"### {workload.capitalize()}", "", report.table(rows, COLUMNS).rstrip()]
+        at32 = {r["backend"]: r for r in rows if r["batch"] == 32}
+        torch16 = at32.get("pytorch fp16", {}).get("texts_per_s")
+        said = [
+            f"At batch 32, {name} runs at {row['ratio']:.2f}× PyTorch fp32"
+            + (f" and {row['texts_per_s'] / torch16:.2f}× PyTorch fp16." if torch16 else ".")
+            for name, row in at32.items()
+            if name.startswith("ort")
+        ]
+        lines += ["", *said] if said else []
+    if data["model_only"]:
+        best = max(data["model_only"], key=lambda r: r["sequences_per_s"])
+        lines += [
+            "",
+            f"### The model alone, {data['fixed_tokens']} tokens",
+            "",
+            report.table(data["model_only"], MODEL_ONLY_COLUMNS).rstrip(),
+            "",
+            f"Token ids already where the model computes (ONNX Runtime: bound once with IO "
+            f"binding; PyTorch: tensors on the device), the mean of {data['model_only_runs']} "
+            f"runs after two untimed ones. Fastest: {best['backend']} at batch {best['batch']}, "
+            f"{best['sequences_per_s']:,.0f} sequences/s.",
+        ]
+    lines += [
+        "",
+        "PyTorch end to end is `pipeline('text-classification', device=0, dtype=...)`; ONNX "
+        "Runtime goes through `bertrt.load(..., device='cuda', variant=...)` (TensorRT: "
+        "`tensorrt=True`), which binds inputs and outputs on the GPU (IO binding) and sorts "
+        "texts by length before batching. Latency is per batch, tokenisation included. Peak GPU "
+        "memory is the rise in the device's used memory (`torch.cuda.mem_get_info`) while a "
+        "backend loads and runs. Agreement: the share of the workload's texts given the same "
+        "label as PyTorch fp32, at batch 32.",
+    ]
     return "\n".join(lines)
 
 
@@ -218,8 +451,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="markdown file to update")
     parser.add_argument("--json", type=Path, required=True, help="JSON report to write")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
+    parser.add_argument(
+        "--fixed-batch-sizes", type=int, nargs="+", default=list(FIXED_BATCH_SIZES)
+    )
+    parser.add_argument(
+        "--model-only-batch-sizes", type=int, nargs="+", default=list(MODEL_ONLY_BATCH_SIZES)
+    )
     parser.add_argument("--batches", type=int, default=20, help="timed batches per size")
+    parser.add_argument("--model-only-runs", type=int, default=50)
     parser.add_argument("--max-texts", type=int, default=0, help="0 uses every test text")
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: check the harness without a GPU (prints, writes nothing)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv_used = sys.argv[1:] if argv is None else argv
@@ -234,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             args.batches,
             args.max_texts,
             shlex.join(["python", "-m", "benchmarks.gpu", *argv_used]),
+            args.device,
+            args.fixed_batch_sizes,
+            args.model_only_batch_sizes,
+            args.model_only_runs,
         )
     except DeviceError as exc:
         raise NoCudaError(f"benchmarks.gpu: {exc}") from None

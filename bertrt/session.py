@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,22 @@ def _options(threads: int) -> ort.SessionOptions:
     return options
 
 
+def tensorrt_options() -> dict[str, Any]:
+    """TensorRT in fp16, with its engines and kernel timings kept on disk: a new input shape
+    costs an engine build (seconds to minutes), once per machine rather than once per load.
+    The folder is `BERTRT_TENSORRT_CACHE`, else ~/.cache/bertrt/tensorrt."""
+    cache = Path(
+        os.environ.get("BERTRT_TENSORRT_CACHE") or Path.home() / ".cache" / "bertrt" / "tensorrt"
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    return {
+        "trt_fp16_enable": True,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+    }
+
+
 @functools.cache
 def cuda_driver() -> bool:
     """Whether the NVIDIA driver library is present. Without it no CUDA session can start, so
@@ -65,7 +82,7 @@ def start_session(
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers() and cuda_driver():
         providers: list[Any] = [CUDA, CPU]
         if tensorrt and TENSORRT in ort.get_available_providers():
-            providers.insert(0, (TENSORRT, {"trt_fp16_enable": True}))
+            providers.insert(0, (TENSORRT, tensorrt_options()))
         try:
             session = _start(path, providers, threads)
         except Exception as exc:  # reported below with the cause

@@ -230,3 +230,66 @@ def test_gpu_training_benchmark_exits_with_the_reason_without_cuda(tmp_path: Pat
     with pytest.raises(SystemExit, match=r"--device cuda: no CUDA device visible to torch"):
         train_cls.main([*argv, "--json", str(tmp_path / "b.json")])
     assert not (tmp_path / "b.md").exists()
+
+
+@pytest.fixture(scope="module")
+def gpu_variants_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model with the two variants the GPU benchmark runs."""
+    from pipeline.export_onnx import build_model_folder
+
+    out = tmp_path_factory.mktemp("gpu-variants") / "model"
+    texts = [r["text"] for r in synthetic_reviews(48, seed=3)]
+    build_model_folder(
+        tiny_model_dir, out, texts, 64, 17, variants=("fp32-optimized", "fp16"), batch_size=16
+    )
+    return out
+
+
+def test_fixed_length_texts_have_exactly_that_many_tokens(gpu_variants_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    texts = [r["text"] for r in synthetic_reviews(30, seed=4)]
+    made, count = gpu.fixed_length_texts(texts, gpu_variants_dir, 40, 25)
+    assert count == len(made) == 25
+    tokenizer = Tokenizer.from_file(str(gpu_variants_dir / "tokenizer.json"))
+    tokenizer.no_truncation()
+    assert {len(tokenizer.encode(t).ids) for t in made} == {40}
+    assert all(len(t) > max(map(len, texts)) // 2 for t in made)  # joined, not one short text
+
+
+def test_gpu_benchmark_harness_runs_on_the_cpu(
+    tmp_path: Path, tiny_model_dir: Path, gpu_variants_dir: Path
+) -> None:
+    test = tmp_path / "test.parquet"
+    pd.DataFrame(synthetic_reviews(40, seed=7)).to_parquet(test)
+    out, out_json = tmp_path / "b.md", tmp_path / "b.json"
+    data = gpu.run(
+        gpu_variants_dir,
+        tiny_model_dir,
+        test,
+        out,
+        out_json,
+        batch_sizes=(1, 8),
+        batches=2,
+        device="cpu",
+        fixed_batch_sizes=(1, 4),
+        model_only_batch_sizes=(2, 4),
+        model_only_runs=2,
+    )
+    backends = ["ort cpu fp16", "ort cpu fp32-optimized", "pytorch fp32", "pytorch fp16"]
+    backends += ["pytorch bf16"]
+    assert sorted({r["backend"] for r in data["results"]}) == sorted(backends)
+    assert data["fixed_tokens"] == 64 and data["fixed_texts"] > 0
+    for workload, sizes in (("test texts", [1, 8]), ("64 tokens", [1, 4])):
+        rows = [r for r in data["results"] if r["workload"] == workload]
+        assert len(rows) == len(backends) * len(sizes)
+        for row in rows:
+            assert row["texts_per_s"] > 0 and 0.0 <= row["agreement"] <= 1.0
+            if row["backend"] == "pytorch fp32":
+                assert row["agreement"] == 1.0 and row["ratio"] == 1.0
+    model_only = data["model_only"]
+    assert len(model_only) == len(backends) * 2
+    assert all(r["sequences_per_s"] > 0 for r in model_only)
+    text = gpu.markdown(data)
+    assert "### 64 tokens" in text and "### The model alone, 64 tokens" in text
+    assert not out.exists() and not out_json.exists()  # a CPU run writes no GPU section

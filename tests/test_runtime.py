@@ -17,7 +17,7 @@ from bertrt import predictor as predictor_module
 from bertrt.contract import LABELS_FILE, MANIFEST_FILE, TOKENIZER_FILE
 from bertrt.manifest import IntegrityError
 from bertrt.predictor import ModelFolderError, TextClassifier
-from bertrt.session import CPU, CUDA, DeviceError, start_session
+from bertrt.session import CPU, CUDA, TENSORRT, DeviceError, start_session, tensorrt_options
 
 HEAVY = ["torch", "transformers", "pipeline", "sklearn", "pandas", "mlflow", "dvc"]
 SERVER_STACK = ["fastapi", "uvicorn", "starlette", "pydantic"]
@@ -91,6 +91,60 @@ def test_cuda_device_refuses_to_fall_back(onnx_model_dir: Path) -> None:
         pytest.skip("a CUDA device is present")
     with pytest.raises(DeviceError, match=r"device='cuda' was asked for .* device='cpu'"):
         bertrt.load(onnx_model_dir, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def cuda_variants_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, onnx_model_dir: Path
+) -> Path:
+    """The tiny model with its fp16 variant (built only where CUDA starts)."""
+    if not cuda_starts(onnx_model_dir / "model.onnx"):
+        pytest.skip("no CUDA device on this machine")
+    from pipeline.export_onnx import build_model_folder
+
+    out = tmp_path_factory.mktemp("cuda-variants") / "model"
+    texts = [r["text"] for r in synthetic_reviews(48, seed=3)]
+    build_model_folder(tiny_model_dir, out, texts, 64, 17, variants=("fp16",), batch_size=16)
+    return out
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_is_the_default_there_and_matches_cpu(
+    cuda_variants_dir: Path, model: TextClassifier
+) -> None:
+    gpu = bertrt.load(cuda_variants_dir, device="cuda")
+    assert (gpu.variant, gpu.provider) == ("fp16", CUDA)
+    gate = json.loads((cuda_variants_dir / MANIFEST_FILE).read_text())["variants"]["fp16"]
+    assert gate["gate"]["provider"] == CUDA  # gated where it runs, and the manifest says so
+    texts = [r["text"] for r in synthetic_reviews(40, seed=3)]
+    np.testing.assert_allclose(gpu.logits(texts), model.logits(texts), atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_tensorrt_runs_fp16_and_keeps_its_engines(
+    cuda_variants_dir: Path, model: TextClassifier, tmp_path: Path, monkeypatch
+) -> None:
+    import onnxruntime as ort
+
+    if TENSORRT not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no TensorRT provider")
+    monkeypatch.setenv("BERTRT_TENSORRT_CACHE", str(tmp_path / "trt"))
+    gpu = bertrt.load(cuda_variants_dir, device="cuda", variant="fp16", tensorrt=True)
+    if gpu.provider != TENSORRT:
+        pytest.skip(f"TensorRT's libraries did not load (the session runs on {gpu.provider})")
+    texts = [r["text"] for r in synthetic_reviews(40, seed=3)]
+    np.testing.assert_allclose(gpu.logits(texts), model.logits(texts), atol=2e-2)
+    assert any((tmp_path / "trt").iterdir()), "no engine was written to the cache"
+
+
+def test_tensorrt_options_keep_engines_where_the_environment_says(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("BERTRT_TENSORRT_CACHE", str(tmp_path / "cache" / "trt"))
+    options = tensorrt_options()
+    assert options["trt_fp16_enable"] and options["trt_engine_cache_enable"]
+    assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / "trt")
+    assert (tmp_path / "cache" / "trt").is_dir()
 
 
 def test_unknown_device_names_the_choices(onnx_model_dir: Path) -> None:
