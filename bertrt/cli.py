@@ -116,7 +116,7 @@ def predict_options(args: argparse.Namespace, model: Predictor) -> dict[str, Any
 
 def open_model(args: argparse.Namespace) -> Predictor:
     """Load the folder or bundled model named by --model with the device options."""
-    return load(resolve_model(args.model), args.device, args.variant, args.threads)
+    return load(resolve_model(args.model), args.device, args.variant, args.threads, args.tensorrt)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -225,6 +225,11 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--variant", help="fp32, fp32-optimized, fp16 or int8 (default: best)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: ORT decides)")
+    parser.add_argument(
+        "--tensorrt",
+        action="store_true",
+        help="on CUDA, try TensorRT first (fp16; engines cached in BERTRT_TENSORRT_CACHE)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
 
 

@@ -46,6 +46,24 @@ def test_predict_texts_print_json_lines(
     assert all(set(line) == {"label", "score"} for line in got)
 
 
+def test_tensorrt_flag_reaches_the_loader_and_the_cpu_ignores_it(
+    onnx_model_dir: Path,
+    model: TextClassifier,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bertrt import cli
+
+    asked = []
+    real = cli.load
+    monkeypatch.setattr(cli, "load", lambda *a: asked.append(a[4]) or real(*a))
+    texts = ["a wonderful film", "dull and boring"]
+    argv = ["predict", "--model", str(onnx_model_dir), "--device", "cpu", "--tensorrt", *texts]
+    assert main(argv) == 0
+    assert asked == [True]
+    assert_same(read_jsonl(capsys.readouterr().out), expected_lines(model, texts))
+
+
 def test_predict_top_k(
     onnx_model_dir: Path, model: TextClassifier, capsys: pytest.CaptureFixture[str]
 ) -> None:
