@@ -20,7 +20,7 @@ from bertrt import long_text
 from bertrt import manifest as manifest_io
 from bertrt.contract import BASE_VARIANT, INPUT_NAMES, LABELS_FILE, TOKENIZER_FILE
 from bertrt.manifest import Manifest
-from bertrt.session import CPU, DeviceError, run, start_session
+from bertrt.session import CPU, CUDA, DeviceError, run, start_session
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ def _encodable(text: str) -> bool:
 
 def choose_variant(manifest: Manifest, provider: str, variant: str | None) -> str:
     """The asked-for variant, else the first shipped of a fixed preference (fp16 on CUDA, the
-    optimised graph on CPU); `open_engine` then measures the CPU ones against each other."""
+    optimised graph on CPU); `open_engine` then measures the provider's variants against each
+    other (`fastest_here`)."""
     shipped = manifest.variants
     if variant is not None:
         if variant not in shipped:
@@ -294,8 +295,8 @@ def open_engine(
         raise ModelFolderError(f"{path}: not a readable tokenizer ({exc}); re-export") from None
     engine = Engine(folder, manifest, chosen, session, provider, tokenizer)
     del session  # the engine holds it; the probe may replace both
-    if variant is None and provider == CPU:
-        engine = fastest_on_cpu(engine, threads)
+    if variant is None and provider in (CPU, CUDA):
+        engine = fastest_here(engine, threads)
         _release_memory()  # the sessions not kept: about 100 MB each on the default model
     log.info("loaded %s variant %s on %s", folder, engine.variant, provider)
     return engine
@@ -319,13 +320,18 @@ def _release_memory() -> None:
             ctypes.CDLL(libc).malloc_trim(0)
 
 
-def fastest_on_cpu(engine: Engine, threads: int) -> Engine:
-    """Of the shipped variants that run on the CPU, the one that runs a probe batch fastest
-    here: which one wins depends on the CPU (the optimised graph was slower than the plain one
-    on two machines; int8 gains most with VNNI), so it is measured, not assumed. The preferred
-    one stays unless another is PROBE_MARGIN faster; pass `variant=` to pin one. The seconds
-    per run are kept in `engine.probe_s`."""
-    names = [n for n, e in engine.manifest.variants.items() if CPU in e.get("providers", [CPU])]
+def fastest_here(engine: Engine, threads: int) -> Engine:
+    """Of the shipped variants built for the engine's provider (CPU or CUDA), the one that runs
+    a probe batch fastest here: which one wins depends on the machine (on the CPU the optimised
+    graph was slower than the plain one on two machines, and int8 gains most with VNNI; on a GPU
+    fp16 is expected to win, and is checked), so it is measured, not assumed. The preferred one
+    stays unless another is PROBE_MARGIN faster; pass `variant=` to pin one. The seconds per run
+    are kept in `engine.probe_s`. TensorRT is not probed: each variant would cost an engine
+    build."""
+    provider = engine.provider
+    names = [
+        n for n, e in engine.manifest.variants.items() if provider in e.get("providers", [CPU])
+    ]
     if len(names) < 2:
         return engine
     probe = engine.encode([PROBE_TEXT] * PROBE_BATCH)
@@ -335,9 +341,12 @@ def fastest_on_cpu(engine: Engine, threads: int) -> Engine:
     for name in names:
         if name not in engines:
             path = _path(engine.folder, engine.manifest, name)
-            session, _ = start_session(path, "cpu", threads, False)
+            device = "cpu" if provider == CPU else "cuda"
+            session, started = start_session(path, device, threads, False)
+            if started != provider:
+                continue  # not where the others run: not comparable
             engines[name] = Engine(
-                engine.folder, engine.manifest, name, session, CPU, engine.tokenizer
+                engine.folder, engine.manifest, name, session, provider, engine.tokenizer
             )
         candidate = engines[name]
         candidate.infer(batch, PROBE_BATCH)
@@ -351,7 +360,12 @@ def fastest_on_cpu(engine: Engine, threads: int) -> Engine:
     keep = timings[fastest] * PROBE_MARGIN >= timings[engine.variant]
     best = engine if keep else engines[fastest]
     best.probe_s = {name: round(seconds, 6) for name, seconds in timings.items()}
-    log.info("CPU variants timed on a probe batch (s): %s; using %s", best.probe_s, best.variant)
+    log.info(
+        "variants timed on a probe batch on %s (s): %s; using %s",
+        provider,
+        best.probe_s,
+        best.variant,
+    )
     return best
 
 

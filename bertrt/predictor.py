@@ -146,8 +146,8 @@ def load(
 
     Args:
         device: "auto" (CUDA when a CUDA session really starts, else CPU), "cuda" or "cpu".
-        variant: "fp32", "fp32-optimized", "fp16" or "int8"; by default the best shipped one for
-            the provider (fp16 on CUDA, optimised fp32 on CPU).
+        variant: "fp32", "fp32-optimized", "fp16" or "int8"; by default the shipped one built
+            for the provider that runs a probe batch fastest at load (`engine.probe_s`).
         threads: intra-op threads on CPU; 0 lets ONNX Runtime decide.
         tensorrt: try TensorRT before CUDA where it loads.
         verify: check every file's sha256 against the manifest first.

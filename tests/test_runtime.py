@@ -109,10 +109,18 @@ def cuda_variants_dir(
 
 
 @pytest.mark.gpu
-def test_cuda_fp16_is_the_default_there_and_matches_cpu(
+def test_cuda_times_its_variants_and_fp16_matches_cpu(
     cuda_variants_dir: Path, model: TextClassifier
 ) -> None:
-    gpu = bertrt.load(cuda_variants_dir, device="cuda")
+    from bertrt.engine import PROBE_MARGIN
+
+    timed = bertrt.load(cuda_variants_dir, device="cuda")
+    assert timed.provider == CUDA
+    probe = timed.engine.probe_s
+    assert set(probe) == {"fp32", "fp16"}  # the graphs built for CUDA in this folder
+    fastest = min(probe, key=probe.__getitem__)
+    assert timed.variant == (fastest if probe[fastest] * PROBE_MARGIN < probe["fp16"] else "fp16")
+    gpu = bertrt.load(cuda_variants_dir, device="cuda", variant="fp16")
     assert (gpu.variant, gpu.provider) == ("fp16", CUDA)
     gate = json.loads((cuda_variants_dir / MANIFEST_FILE).read_text())["variants"]["fp16"]
     assert gate["gate"]["provider"] == CUDA  # gated where it runs, and the manifest says so
