@@ -132,24 +132,28 @@ def versions() -> dict[str, str]:
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, matched in
-# order against torch.cuda.get_device_name(): the first name part found wins.
-BF16_DENSE_TFLOPS = (
+# order against torch.cuda.get_device_name(): the first name part found wins, so a longer name
+# comes before any name it contains. None: no published figure (pass --peak-tflops).
+BF16_DENSE_TFLOPS: tuple[tuple[str, float | None], ...] = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),
     ("GH200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("GB200", 2500.0),
     ("B200", 2250.0),
     ("A100", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
-    ("A10G", 70.0),
+    ("A10G", None),  # AWS's variant of the A10: no data sheet
     ("A10", 125.0),
 )
 
 
 def bf16_peak_tflops(gpu_name: str) -> float | None:
-    """The GPU's dense bf16 peak in TFLOP/s, or None when it is not in the table."""
+    """The GPU's dense bf16 peak in TFLOP/s, or None when it is not known."""
     for part, peak in BF16_DENSE_TFLOPS:
         if part in gpu_name:
             return peak

@@ -160,12 +160,21 @@ def run(model_dir: Path, test: Path, clients: int, seconds: float, threads: int)
         "results": results,
         "ratio": ratio,
         "ceiling": bound,
-        "share_of_ceiling": ratio / bound["ratio"] if ratio else None,
+        "share_of_gain": (ratio - 1) / (bound["ratio"] - 1)
+        if ratio and bound["ratio"] > 1
+        else None,
     }
 
 
 def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
     bound = data["ceiling"]
+    share = (
+        f"The server's gain ({data['ratio'] - 1:+.0%}) is {data['share_of_gain']:.0%} of the "
+        f"ceiling's ({bound['ratio'] - 1:+.0%}): batching saves only what a run of one text "
+        "costs beyond its share of a batch."
+        if data["share_of_gain"] is not None
+        else "Runs of several texts were no faster per text than runs of one here."
+    )
     rows = [{"mode": name, **values} for name, values in data["results"].items()]
     return "\n".join(
         [
@@ -181,9 +190,7 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
             f"variant and threads, {data['seconds'] / 4:g} s each): one text per run "
             f"{bound['one_per_s']:.1f} texts/s, runs of {data['clients']} consecutive test "
             f"texts (the most {data['clients']} one-text clients can have waiting) "
-            f"{bound['grouped_per_s']:.1f} texts/s, **{bound['ratio']:.2f}×**. The server's ratio "
-            f"is {data['share_of_ceiling']:.0%} of this ceiling: batching saves only what a "
-            "run of one text costs beyond its share of a batch.",
+            f"{bound['grouped_per_s']:.1f} texts/s, **{bound['ratio']:.2f}×**. {share}",
             "",
             report.table(
                 rows,

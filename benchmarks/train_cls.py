@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import tempfile
 import time
 from dataclasses import dataclass
@@ -144,6 +145,9 @@ def train_once(
 
     stop, epoch_times = StopAtTarget(), EpochTimes()
     if cuda:
+        # Set here for every row: the Trainer's own switch runs once per process and value.
+        set_tf32(setting.tf32)
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,6 +189,7 @@ def train_once(
         trainer.train()
         if cuda:
             torch.cuda.synchronize()
+            peak_mib = torch.cuda.max_memory_allocated() / 2**20  # training's, not predict's
         seconds = time.perf_counter() - start - stop.eval_s
         # With length grouping the Trainer reorders evaluation batches too, so predictions are
         # compared with the labels it returns beside them, not with the split's order.
@@ -196,6 +201,10 @@ def train_once(
         "samples_per_s": (trainer.state.epoch or 0) * len(train) / seconds,
         "validation_accuracy": accuracy,
     }
+    if compiled:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # its graphs and caches are not the next row's
     if compiled and len(epoch_times.seconds) > 1:
         first, second = epoch_times.seconds[:2]
         row["first_epoch_seconds"] = round(first, 1)
@@ -208,10 +217,21 @@ def train_once(
         row["accuracy_at_target"] = stop.reached[2] if stop.reached else None
         row["epochs_run"] = round(trainer.state.epoch or 0, 2)
     if cuda:
-        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row["peak_gpu_mib"] = peak_mib
         # FLOPs of the texts trained on: samples/s over the epoch's mean FLOPs per text.
         row["model_tflops"] = row["samples_per_s"] * data["flops_per_text"] / 1e12
     return row
+
+
+def set_tf32(enable: bool) -> None:
+    """TF32 for CUDA matrix products and convolutions, on or off."""
+    import torch
+
+    if hasattr(torch.backends, "fp32_precision"):  # torch 2.9 and later
+        torch.backends.fp32_precision = "tf32" if enable else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enable
+        torch.backends.cudnn.allow_tf32 = enable
 
 
 def accuracy_of(eval_pred: Any) -> dict[str, float]:
@@ -279,8 +299,17 @@ def bf16_available(device: str) -> tuple[bool, str]:
     if device == "cuda":
         import torch
 
-        return torch.cuda.is_bf16_supported(), "this GPU has no bf16 (before Ampere)"
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return native, "this GPU has no native bf16 (before Ampere)"
     return precision.native_bf16_cpu(), "this CPU has no native bf16 (AMX or AVX512-BF16)"
+
+
+def tf32_available(device: str) -> bool:
+    if device != "cuda":
+        return False
+    import torch
+
+    return torch.cuda.get_device_capability()[0] >= 8
 
 
 def run(
@@ -294,9 +323,13 @@ def run(
     data = prepare(validated, rows)
     results, notes = [], []
     bf16, no_bf16 = bf16_available(device)
+    tf32 = tf32_available(device)
     for name, setting in SETTINGS[device].items():
         if setting.bf16 and not bf16:
             notes.append(f"{name}: skipped, {no_bf16}")
+            continue
+        if setting.tf32 and not tf32:
+            notes.append(f"{name}: skipped, this GPU has no TF32 (before Ampere)")
             continue
         results.append(train_once(name, setting, data, threads, device=device))
         print(results[-1], flush=True)
@@ -325,7 +358,7 @@ def run(
     recipe = own_recipe(params_path, timed["share"])
     # What the fine-tune stage itself sets: bf16 where native, and on CUDA TF32 and the
     # Trainer's default (fused) AdamW.
-    ours = Setting(False, True, int(recipe["batch_size"]), bf16, tf32=device == "cuda")
+    ours = Setting(False, True, int(recipe["batch_size"]), bf16, tf32=tf32)
     to_target = train_once(
         "this pipeline's recipe",
         ours,

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +41,38 @@ def _options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def tensorrt_options() -> dict[str, Any]:
-    """TensorRT in fp16, with its engines and kernel timings kept on disk: a new input shape
-    costs an engine build (seconds to minutes), once per machine rather than once per load.
-    The folder is `BERTRT_TENSORRT_CACHE`, else ~/.cache/bertrt/tensorrt."""
+# The largest batch a TensorRT engine is built for (its optimisation profile's maximum).
+TRT_MAX_BATCH = 1024
+
+
+def tensorrt_options(inputs: Sequence[str] = (), max_length: int = 0) -> dict[str, Any]:
+    """TensorRT in fp16, with its engines and kernel timings kept on disk: an engine build costs
+    seconds to minutes, once per machine rather than once per load. The folder is
+    `BERTRT_TENSORRT_CACHE`, else ~/.cache/bertrt/tensorrt. Given the graph's inputs and
+    max_length, one optimisation profile covers every batch up to TRT_MAX_BATCH and every
+    length, so that no new shape rebuilds the engine while serving."""
     cache = Path(
         os.environ.get("BERTRT_TENSORRT_CACHE") or Path.home() / ".cache" / "bertrt" / "tensorrt"
     )
     cache.mkdir(parents=True, exist_ok=True)
-    return {
+    options: dict[str, Any] = {
         "trt_fp16_enable": True,
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(cache),
         "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
     }
+    if inputs and max_length:
+
+        def shapes(batch: int, length: int) -> str:
+            return ",".join(f"{name}:{batch}x{length}" for name in inputs)
+
+        options |= {
+            "trt_profile_min_shapes": shapes(1, 1),
+            "trt_profile_opt_shapes": shapes(32, max_length),
+            "trt_profile_max_shapes": shapes(TRT_MAX_BATCH, max_length),
+        }
+    return options
 
 
 @functools.cache
@@ -74,15 +93,20 @@ def _start(path: Path, providers: list[Any], threads: int) -> ort.InferenceSessi
 
 
 def start_session(
-    path: Path, device: str = "auto", threads: int = 0, tensorrt: bool = False
+    path: Path,
+    device: str = "auto",
+    threads: int = 0,
+    tensorrt: bool = False,
+    profile: tuple[Sequence[str], int] | None = None,
 ) -> tuple[ort.InferenceSession, str]:
-    """Start a session on `device` and return it with the provider that actually runs it."""
+    """Start a session on `device` and return it with the provider that actually runs it;
+    `profile` (the graph's inputs and max_length) sizes a TensorRT engine."""
     if device not in DEVICES:
         raise DeviceError(f"device {device!r} is not one of {list(DEVICES)}")
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers() and cuda_driver():
         providers: list[Any] = [CUDA, CPU]
         if tensorrt and TENSORRT in ort.get_available_providers():
-            providers.insert(0, (TENSORRT, tensorrt_options()))
+            providers.insert(0, (TENSORRT, tensorrt_options(*(profile or ((), 0)))))
         try:
             session = _start(path, providers, threads)
         except Exception as exc:  # reported below with the cause
