@@ -101,7 +101,7 @@ def test_shipped_variant_matches_pytorch_through_the_runtime(
 
 def test_runtime_times_the_cpu_variants_and_keeps_the_fastest(variant_dir: Path) -> None:
     from bertrt.engine import choose_variant
-    from bertrt.session import CPU, CUDA
+    from bertrt.session import CPU, CUDA, TENSORRT
 
     manifest = manifest_io.read(variant_dir)
     on_cpu = {n for n, e in manifest.variants.items() if CPU in e["providers"]}
@@ -117,6 +117,8 @@ def test_runtime_times_the_cpu_variants_and_keeps_the_fastest(variant_dir: Path)
     assert load(variant_dir, device="cpu", variant="fp32").variant == "fp32", "asked: no probe"
     assert choose_variant(manifest, CUDA, None) == "fp16"
     assert choose_variant(manifest, CPU, None) == "fp32-optimized"
+    # TensorRT parses no fused ONNX Runtime operators: it gets the plain graph.
+    assert choose_variant(manifest, TENSORRT, None) == "fp32"
 
 
 def test_manifest_sha256_covers_variant_files(variant_dir: Path, tmp_path: Path) -> None:

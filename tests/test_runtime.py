@@ -153,6 +153,11 @@ def test_tensorrt_options_keep_engines_where_the_environment_says(
     assert options["trt_fp16_enable"] and options["trt_engine_cache_enable"]
     assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / "trt")
     assert (tmp_path / "cache" / "trt").is_dir()
+    assert "trt_profile_max_shapes" not in options  # no graph given: TensorRT's own ranges
+    sized = tensorrt_options(["input_ids", "attention_mask"], 128)
+    assert sized["trt_profile_min_shapes"] == "input_ids:1x1,attention_mask:1x1"
+    assert sized["trt_profile_opt_shapes"] == "input_ids:32x128,attention_mask:32x128"
+    assert sized["trt_profile_max_shapes"] == "input_ids:1024x128,attention_mask:1024x128"
 
 
 def test_unknown_device_names_the_choices(onnx_model_dir: Path) -> None:
