@@ -120,7 +120,10 @@ def train_once(
     epochs = recipe.get("epochs", 2 if compiled else 1)
     set_seed(42)
     torch.set_num_threads(threads)
-    model = AutoModelForSequenceClassification.from_pretrained(data["model"], num_labels=2)
+    # fp32 weights whatever the checkpoint stores: bf16 is autocast's, per row.
+    model = AutoModelForSequenceClassification.from_pretrained(
+        data["model"], num_labels=data["num_labels"], dtype=torch.float32
+    )
     train = data["fixed" if fixed else "dynamic"]
     checks = max(1, len(train) // batch // 4)
 
@@ -256,21 +259,19 @@ def own_recipe(params_path: Path, share: float) -> dict[str, float]:
     }
 
 
-def prepare(validated: Path, rows: int) -> dict[str, Any]:
+def prepare(validated: Path, rows: int, model_id: str = MODEL) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from pipeline.sources import resolve_model
 
-    model = resolve_model(MODEL)
+    model = resolve_model(model_id)
     tokenizer = AutoTokenizer.from_pretrained(model)
     full = pd.read_parquet(validated / "train.parquet")
     train = full.sample(n=rows, random_state=42) if 0 < rows < len(full) else full
     validation = pd.read_parquet(validated / "validation.parquet")
     labels = sorted(train["label"].unique())
     ids = {label: i for i, label in enumerate(labels)}
-
-    from transformers import AutoConfig
 
     def encode(frame: pd.DataFrame, padding: bool | str) -> Any:
         enc = tokenizer(
@@ -279,7 +280,7 @@ def prepare(validated: Path, rows: int) -> dict[str, Any]:
         return Dataset.from_dict({**enc, "labels": [ids[x] for x in frame["label"]]})
 
     dynamic = encode(train, False)
-    lengths = [len(ids) for ids in dynamic["input_ids"]]
+    lengths = [len(row) for row in dynamic["input_ids"]]
     flops = measure.encoder_training_flops(AutoConfig.from_pretrained(model), lengths, len(labels))
     return {
         "model": model,
@@ -289,6 +290,7 @@ def prepare(validated: Path, rows: int) -> dict[str, Any]:
         "flops_per_text": flops / len(lengths),
         "validation": encode(validation, False),
         "labels": [ids[x] for x in validation["label"]],
+        "num_labels": len(labels),
         "share": len(train) / len(full),
         "rows": len(train),
     }
@@ -319,8 +321,9 @@ def run(
     threads: int,
     params_path: Path,
     device: str = "cpu",
+    model_id: str = MODEL,
 ) -> dict[str, Any]:
-    data = prepare(validated, rows)
+    data = prepare(validated, rows, model_id)
     results, notes = [], []
     bf16, no_bf16 = bf16_available(device)
     tf32 = tf32_available(device)
@@ -348,7 +351,7 @@ def run(
     base = results[0]["samples_per_s"]
     for row in results:
         row["speedup"] = row["samples_per_s"] / base
-    timed = prepare(validated, target_rows) if target_rows != rows else data
+    timed = prepare(validated, target_rows, model_id) if target_rows != rows else data
     if timed is data:
         plain = results[0]  # printed above
     else:
@@ -373,6 +376,7 @@ def run(
     print(to_target, flush=True)
     return {
         "device": device,
+        "model": model_id,
         "rows": data["rows"],
         "threads": threads,
         "results": results,
@@ -416,8 +420,8 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
         f"Measured with `{command}` on {where}.",
         "",
         f"- One epoch over a seeded sample of {data['rows']:,} training texts of the default "
-        f"data, `{MODEL}`, lr 5e-5, the same initial weights for every row; accuracy on the "
-        "whole validation split.",
+        f"data, `{data.get('model', MODEL)}`, lr 5e-5, the same initial weights for every row; "
+        "accuracy on the whole validation split.",
         f"- Fastest: **{best['setting']}**, {best['speedup']:.2f}× the plain recipe's samples/s.",
         *[f"- {note}" for note in data["notes"]],
         *[
@@ -499,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="0: as many as cores")
     parser.add_argument("--device", choices=sorted(HEADINGS), default="cpu")
     parser.add_argument(
+        "--model", default=MODEL, help="base checkpoint: a hub id, local folder or package:NAME"
+    )
+    parser.add_argument(
         "--peak-tflops", type=float, help="the GPU's dense bf16 peak, for one not in the table"
     )
     parser.add_argument("--out", type=Path, required=True)
@@ -508,7 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         machine |= cuda_machine(args.peak_tflops)
     threads = args.threads or machine["logical_cores"]
-    data = run(args.validated, args.rows, args.target_rows, threads, args.params, args.device)
+    data = run(
+        args.validated,
+        args.rows,
+        args.target_rows,
+        threads,
+        args.params,
+        args.device,
+        args.model,
+    )
     peak = machine.get("bf16_peak_tflops")
     for row in [*data["results"], *data["time_to_accuracy"].values()]:
         if peak and "model_tflops" in row:
