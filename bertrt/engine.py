@@ -20,7 +20,15 @@ from bertrt import long_text
 from bertrt import manifest as manifest_io
 from bertrt.contract import BASE_VARIANT, INPUT_NAMES, LABELS_FILE, TOKENIZER_FILE
 from bertrt.manifest import Manifest
-from bertrt.session import CPU, CUDA, TENSORRT, DeviceError, run, start_session
+from bertrt.session import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    DeviceError,
+    int8_kernels,
+    run,
+    start_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +343,9 @@ def fastest_here(engine: Engine, threads: int) -> Engine:
     build."""
     provider = engine.provider
     names = [
-        n for n, e in engine.manifest.variants.items() if provider in e.get("providers", [CPU])
+        n
+        for n, e in engine.manifest.variants.items()
+        if provider in e.get("providers", [CPU]) and not _int8_untested_here(n, e, provider)
     ]
     if len(names) < 2:
         return engine
@@ -374,6 +384,21 @@ def fastest_here(engine: Engine, threads: int) -> Engine:
         best.variant,
     )
     return best
+
+
+def _int8_untested_here(name: str, entry: dict[str, Any], provider: str) -> bool:
+    """An int8 graph gated where int8 products are exact (VNNI, AMX), on a CPU whose kernels
+    saturate: its gate says nothing about this machine, so it is not picked unless pinned."""
+    if name != "int8" or provider != CPU:
+        return False
+    gated, here = entry.get("gated_int8_kernels"), int8_kernels()
+    if gated == "exact" and here == "saturating":
+        log.warning(
+            "int8 not used: its gate ran on a CPU with VNNI or AMX, and this one has neither "
+            "(its int8 products can saturate); pass variant='int8' to use it anyway"
+        )
+        return True
+    return False
 
 
 def _path(folder: Path, manifest: Manifest, variant: str) -> Path:

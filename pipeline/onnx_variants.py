@@ -13,7 +13,7 @@ from bertrt import manifest as manifest_io
 from bertrt.contract import BASE_VARIANT, OPTIONAL_VARIANTS, VARIANT_FILES
 from bertrt.engine import Engine, open_engine
 from bertrt.manifest import Manifest
-from bertrt.session import CPU, CUDA, DeviceError
+from bertrt.session import CPU, CUDA, DeviceError, int8_kernels
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +412,8 @@ def add_variants(
     manifest.variants.update(candidates)
     manifest_io.write(folder, manifest)
     if "int8" in candidates:
+        # The gate's int8 arithmetic is this CPU's: the runtime compares it with its own.
+        candidates["int8"]["gated_int8_kernels"] = int8_kernels()
         source = optimized
         try:
             if calibration is not None and int8_smooth_alpha > 0:

@@ -121,6 +121,27 @@ def test_runtime_times_the_cpu_variants_and_keeps_the_fastest(variant_dir: Path)
     assert choose_variant(manifest, TENSORRT, None) == "fp32"
 
 
+def test_int8_gated_with_exact_kernels_is_not_picked_where_they_saturate(
+    variant_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from bertrt import engine as engine_module
+    from bertrt.session import int8_kernels
+
+    recorded = _manifest(variant_dir)["variants"]["int8"]["gated_int8_kernels"]
+    assert recorded == int8_kernels()  # the export's own CPU
+    copy = shutil.copytree(variant_dir, tmp_path / "model")
+    manifest = _manifest(copy)
+    manifest["variants"]["int8"]["gated_int8_kernels"] = "exact"
+    (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    monkeypatch.setattr(engine_module, "int8_kernels", lambda: "saturating")
+    assert "int8" not in load(copy, device="cpu").engine.probe_s
+    assert load(copy, device="cpu", variant="int8").variant == "int8", "pinned: used anyway"
+    monkeypatch.setattr(engine_module, "int8_kernels", lambda: "exact")
+    assert "int8" in load(copy, device="cpu").engine.probe_s
+
+
 def test_manifest_sha256_covers_variant_files(variant_dir: Path, tmp_path: Path) -> None:
     import shutil
 
