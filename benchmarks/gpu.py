@@ -94,11 +94,9 @@ def device_used_bytes() -> int:
     return total - free
 
 
-def fixed_length_texts(
-    texts: list[str], model_dir: Path, tokens: int, count: int
-) -> tuple[list[str], int]:
+def fixed_length_texts(texts: list[str], model_dir: Path, tokens: int, count: int) -> list[str]:
     """Up to `count` texts of exactly `tokens` tokens (special tokens included), each made of
-    consecutive test texts joined and cut at a token's end, and how many came out right."""
+    consecutive test texts joined and cut at a token's end."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -108,9 +106,10 @@ def fixed_length_texts(
     made: list[str] = []
     for _ in range(count * 2):
         text = next(stream)
-        while len(tokenizer.encode(text).ids) < tokens + 8:
-            text = f"{text} {next(stream)}"
         encoding = tokenizer.encode(text)
+        while len(encoding.ids) < tokens + 8:
+            text = f"{text} {next(stream)}"
+            encoding = tokenizer.encode(text)
         content = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
         specials = len(encoding.ids) - len(content)
         cut = text[: encoding.offsets[content[tokens - specials - 1]][1]]
@@ -118,7 +117,7 @@ def fixed_length_texts(
             made.append(cut)
         if len(made) == count:
             break
-    return made, len(made)
+    return made
 
 
 def batches_of(texts: list[str], size: int, count: int) -> list[list[str]]:
@@ -305,7 +304,7 @@ def run(
         raise ValueError(f"{test}: no texts in column 'text'")
     max_length = manifest.max_length
     tokens = min(FIXED_TOKENS, max_length)
-    fixed, _ = fixed_length_texts(texts, model_dir, tokens, max(fixed_batch_sizes) * 4)
+    fixed = fixed_length_texts(texts, model_dir, tokens, max(fixed_batch_sizes) * 4)
     if not fixed:
         raise ValueError(f"no text of exactly {tokens} tokens could be made from {test}")
     workloads = {

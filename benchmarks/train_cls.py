@@ -108,24 +108,17 @@ def train_once(
         set_seed,
     )
 
-    fixed, grouped, batch, bf16, compiled = (
-        setting.fixed,
-        setting.grouped,
-        setting.batch,
-        setting.bf16,
-        setting.compiled,
-    )
     cuda = device == "cuda"
     recipe = recipe or {"learning_rate": 5e-5, "warmup_steps": 0, "weight_decay": 0.0}
-    epochs = recipe.get("epochs", 2 if compiled else 1)
+    epochs = recipe.get("epochs", 2 if setting.compiled else 1)
     set_seed(42)
     torch.set_num_threads(threads)
     # fp32 weights whatever the checkpoint stores: bf16 is autocast's, per row.
     model = AutoModelForSequenceClassification.from_pretrained(
         data["model"], num_labels=data["num_labels"], dtype=torch.float32
     )
-    train = data["fixed" if fixed else "dynamic"]
-    checks = max(1, len(train) // batch // 4)
+    train = data["fixed" if setting.fixed else "dynamic"]
+    checks = max(1, len(train) // setting.batch // 4)
 
     class StopAtTarget(TrainerCallback):
         eval_s, reached = 0.0, None
@@ -158,7 +151,7 @@ def train_once(
             output_dir=tmp,
             num_train_epochs=epochs,
             learning_rate=recipe["learning_rate"],
-            per_device_train_batch_size=batch,
+            per_device_train_batch_size=setting.batch,
             per_device_eval_batch_size=128,
             warmup_steps=int(recipe["warmup_steps"]),
             weight_decay=recipe["weight_decay"],
@@ -171,13 +164,13 @@ def train_once(
             # Set either way on CUDA: the Trainer would turn TF32 on by itself for compiling.
             tf32=setting.tf32 if cuda else None,
             **({"optim": setting.optim} if setting.optim else {}),
-            bf16=bf16,
+            bf16=setting.bf16,
             seed=42,
             data_seed=42,
             disable_tqdm=True,
             dataloader_num_workers=0,
-            train_sampling_strategy="group_by_length" if grouped else "sequential",
-            torch_compile=compiled,
+            train_sampling_strategy="group_by_length" if setting.grouped else "sequential",
+            torch_compile=setting.compiled,
         )
         trainer = Trainer(
             model=model,
@@ -204,11 +197,11 @@ def train_once(
         "samples_per_s": (trainer.state.epoch or 0) * len(train) / seconds,
         "validation_accuracy": accuracy,
     }
-    if compiled:
+    if setting.compiled:
         import torch._dynamo
 
         torch._dynamo.reset()  # its graphs and caches are not the next row's
-    if compiled and len(epoch_times.seconds) > 1:
+    if setting.compiled and len(epoch_times.seconds) > 1:
         first, second = epoch_times.seconds[:2]
         row["first_epoch_seconds"] = round(first, 1)
         row["first_epoch_samples_per_s"] = len(train) / first

@@ -131,7 +131,8 @@ def start_session(
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers() and cuda_driver():
         providers: list[Any] = [CUDA, CPU]
         if tensorrt and TENSORRT in ort.get_available_providers():
-            providers.insert(0, (TENSORRT, tensorrt_options(*(profile or ((), 0)))))
+            options = tensorrt_options(*profile) if profile else tensorrt_options()
+            providers.insert(0, (TENSORRT, options))
         try:
             session = _start(path, providers, threads)
         except Exception as exc:  # reported below with the cause
