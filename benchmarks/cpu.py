@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 PYTORCH = "pytorch"
 # fp16 is a CUDA variant: the CPU provider wraps its nodes in casts, so it is not served here.
-ORT_VARIANTS = ("fp32", "fp32-optimized", "int8")
+ORT_VARIANTS = ("fp32", "fp32-optimized", "int8", "int8-portable")
 REFERENCE_BATCH = 32
 # A 1-minute load average above this share of the threads used means the CPU was not ours.
 BUSY = 0.5

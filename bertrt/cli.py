@@ -223,7 +223,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         help="exported model folder, or `bundled` / `bundled:NAME` for a model in this wheel",
     )
     parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument("--variant", help="fp32, fp32-optimized, fp16 or int8 (default: best)")
+    parser.add_argument(
+        "--variant", help="fp32, fp32-optimized, fp16, int8 or int8-portable (default: best)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: ORT decides)")
     parser.add_argument(
         "--tensorrt",

@@ -41,11 +41,17 @@ VARIANT_FILES: dict[str, str] = {
     "fp32-optimized": "model.optimized.onnx",
     "fp16": "model.fp16.onnx",
     "int8": "model.int8.onnx",
+    "int8-portable": "model.int8-portable.onnx",
 }
 BASE_VARIANT = "fp32"
 VARIANTS: tuple[str, ...] = tuple(VARIANT_FILES)
 # The variants export may add on top of the plain graph, each behind its gate.
 OPTIONAL_VARIANTS: tuple[str, ...] = tuple(v for v in VARIANTS if v != BASE_VARIANT)
+# int8 variant -> the type of its weights. ONNX Runtime's uint8 x int8 kernels are the fast ones
+# with VNNI or AMX, but without them (AVX2) they add pairs of products in 16 bits, which can
+# saturate; its uint8 x uint8 kernels sum exactly on every x86 CPU, so int8-portable's gate holds
+# on any of them.
+INT8_WEIGHTS: dict[str, str] = {"int8": "int8", "int8-portable": "uint8"}
 
 
 def output_names(task: str) -> tuple[str, ...]:

@@ -387,15 +387,19 @@ def fastest_here(engine: Engine, threads: int) -> Engine:
 
 
 def _int8_untested_here(name: str, entry: dict[str, Any], provider: str) -> bool:
-    """An int8 graph gated where int8 products are exact (VNNI, AMX), on a CPU whose kernels
-    saturate: its gate says nothing about this machine, so it is not picked unless pinned."""
-    if name != "int8" or provider != CPU:
+    """An int8-weight graph gated where its products are exact (VNNI, AMX), on a CPU whose
+    kernels saturate: its gate says nothing about this machine, so it is not picked unless
+    pinned. uint8 weights (int8-portable) are summed exactly on every CPU."""
+    if provider != CPU or entry.get("precision") != "int8":
+        return False
+    if entry.get("int8_weights", "int8") != "int8":
         return False
     gated, here = entry.get("gated_int8_kernels"), int8_kernels()
     if gated == "exact" and here == "saturating":
         log.warning(
             "int8 not used: its gate ran on a CPU with VNNI or AMX, and this one has neither "
-            "(its int8 products can saturate); pass variant='int8' to use it anyway"
+            "(its int8 products can saturate); pass variant=%r to use it anyway",
+            name,
         )
         return True
     return False

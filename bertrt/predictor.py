@@ -146,8 +146,9 @@ def load(
 
     Args:
         device: "auto" (CUDA when a CUDA session really starts, else CPU), "cuda" or "cpu".
-        variant: "fp32", "fp32-optimized", "fp16" or "int8"; by default the shipped one built
-            for the provider that runs a probe batch fastest at load (`engine.probe_s`).
+        variant: "fp32", "fp32-optimized", "fp16", "int8" or "int8-portable"; by default the
+            shipped one built for the provider that runs a probe batch fastest at load
+            (`engine.probe_s`).
         threads: intra-op threads on CPU; 0 lets ONNX Runtime decide.
         tensorrt: try TensorRT before CUDA where it loads.
         verify: check every file's sha256 against the manifest first.

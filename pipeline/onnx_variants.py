@@ -10,16 +10,16 @@ from typing import Any
 import numpy as np
 
 from bertrt import manifest as manifest_io
-from bertrt.contract import BASE_VARIANT, OPTIONAL_VARIANTS, VARIANT_FILES
+from bertrt.contract import BASE_VARIANT, INT8_WEIGHTS, OPTIONAL_VARIANTS, VARIANT_FILES
 from bertrt.engine import Engine, open_engine
 from bertrt.manifest import Manifest
 from bertrt.session import CPU, CUDA, DeviceError, int8_kernels
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32-optimized": "fp32", "fp16": "fp16", "int8": "int8"}
+PRECISIONS = {"fp32-optimized": "fp32", "fp16": "fp16", "int8": "int8", "int8-portable": "int8"}
 # The providers each variant is built for; the runtime picks fp16 on CUDA, fp32-optimized on CPU.
-PROVIDERS = {"fp32-optimized": [CUDA, CPU], "fp16": [CUDA], "int8": [CPU]}
+PROVIDERS = {"fp32-optimized": [CUDA, CPU], "fp16": [CUDA], "int8": [CPU], "int8-portable": [CPU]}
 # Level 1 (ORT's basic, provider-neutral rewrites) before the Python fusions: levels 2 and 99
 # bake CPU-only layouts (NchwcTransformer) into the file, and the session applies those at load.
 OPT_LEVEL = 1
@@ -92,11 +92,11 @@ def to_fp16(src: Path, dst: Path) -> None:
     model.save_model_to_file(str(dst))
 
 
-def to_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> None:
-    """Write a dynamically quantised (int8 weights, uint8 activations) copy of `src`; the nodes
-    named in `keep_fp32` stay in fp32."""
+def to_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = (), weights: str = "int8") -> None:
+    """Write a dynamically quantised copy of `src` (uint8 activations; `weights` "int8" or
+    "uint8"); the nodes named in `keep_fp32` stay in fp32."""
     import onnx
-    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Its "consider pre-processing" warning can be ignored: `src` is already ORT-optimised.
     # Without DefaultTensorType, shape inference cannot type tensors next to the fused
@@ -111,6 +111,7 @@ def to_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> None:
             str(src),
             str(dst),
             per_channel=True,
+            weight_type=QuantType.QUInt8 if weights == "uint8" else QuantType.QInt8,
             nodes_to_exclude=list(keep_fp32),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -242,19 +243,27 @@ def quantizable(src: Path) -> list[str]:
 
 
 def search_int8(
-    folder: Path, optimized: Path, calibration: Calibration, target: float, batch_size: int
+    folder: Path,
+    optimized: Path,
+    calibration: Calibration,
+    target: float,
+    batch_size: int,
+    variant: str = "int8",
+    shift: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Quantise everything; while label agreement with fp32 on the calibration texts is below
-    `target`, keep in fp32 the node whose int8 alone moves the outputs most (each node measured
-    on its own), up to half of them. Returns what was measured, for the manifest."""
-    dst = folder / VARIANT_FILES["int8"]
+    """Quantise everything into `variant`'s file; while label agreement with fp32 on the
+    calibration texts is below `target`, keep in fp32 the node whose int8 alone moves the outputs
+    most (each node measured on its own, unless `shift` gives those figures from another int8
+    variant's search), up to half of them. Returns what was measured, for the manifest."""
+    dst = folder / VARIANT_FILES[variant]
+    weights = INT8_WEIGHTS[variant]
     encodings, reference, mask = calibration
 
     nodes = quantizable(optimized)
 
     def measure(keep: Sequence[str] = (), only: str | None = None) -> tuple[float, float]:
-        to_int8(optimized, dst, [n for n in nodes if n != only] if only else keep)
-        engine = open_engine(folder, device="cpu", variant="int8", verify=False)
+        to_int8(optimized, dst, [n for n in nodes if n != only] if only else keep, weights)
+        engine = open_engine(folder, device="cpu", variant=variant, verify=False)
         outputs, _ = engine.infer(encodings, batch_size)
         got, want = (outputs[mask], reference[mask]) if outputs.ndim == 3 else (outputs, reference)
         return float((got.argmax(-1) == want.argmax(-1)).mean()), float(np.abs(got - want).mean())
@@ -264,19 +273,25 @@ def search_int8(
     if agreement >= target:
         result["agreement"] = agreement
         return result
-    shift = {node: measure(only=node)[1] for node in nodes}
-    result["mean_abs_logit_shift"] = {n: round(v, 6) for n, v in shift.items()}
+    if shift is None:
+        shift = {node: measure(only=node)[1] for node in nodes}
+        result["mean_abs_logit_shift"] = {n: round(v, 6) for n, v in shift.items()}
+    else:  # the same nodes, ranked by another variant's figures
+        result["shift_measured_on"] = "int8"
+        shift = {node: shift.get(node, 0.0) for node in nodes}
     keep: list[str] = []
     for node in sorted(nodes, key=shift.__getitem__, reverse=True)[: len(nodes) // 2]:
         keep.append(node)
         agreement, _ = measure(keep)
-        log.info("int8: %s kept in fp32 -> agreement %.4f on calibration", node, agreement)
+        log.info("%s: %s kept in fp32 -> agreement %.4f on calibration", variant, node, agreement)
         if agreement >= target:
             break
     if agreement < target:
-        log.warning("int8: agreement %.4f < %.4f, %d nodes in fp32", agreement, target, len(keep))
+        log.warning(
+            "%s: agreement %.4f < %.4f, %d nodes in fp32", variant, agreement, target, len(keep)
+        )
     result.update(kept_fp32=keep, agreement=agreement)
-    to_int8(optimized, dst, keep)
+    to_int8(optimized, dst, keep, weights)
     return result
 
 
@@ -411,24 +426,40 @@ def add_variants(
     # and each variant is gated.
     manifest.variants.update(candidates)
     manifest_io.write(folder, manifest)
-    if "int8" in candidates:
-        # The gate's int8 arithmetic is this CPU's: the runtime compares it with its own.
-        candidates["int8"]["gated_int8_kernels"] = int8_kernels()
+    int8s = [name for name in INT8_WEIGHTS if name in candidates]
+    if int8s:
         source = optimized
         try:
+            smoothing = None
             if calibration is not None and int8_smooth_alpha > 0:
                 source = folder / "model.smoothed.tmp.onnx"  # not shipped: int8's fp32 source
                 ranges = activation_ranges(folder, optimized, calibration[0], batch_size)
-                candidates["int8"]["smoothing"] = smooth(
-                    optimized, source, ranges, int8_smooth_alpha
-                )
-                log.info("int8: smoothed activations %s", candidates["int8"]["smoothing"])
-            if calibration is not None and int8_search_agreement > 0:
-                candidates["int8"]["search"] = search_int8(
-                    folder, source, calibration, int8_search_agreement, batch_size
-                )
-            else:
-                to_int8(source, folder / VARIANT_FILES["int8"])
+                smoothing = smooth(optimized, source, ranges, int8_smooth_alpha)
+                log.info("int8: smoothed activations %s", smoothing)
+            shift = None
+            for name in int8s:
+                entry = candidates[name]
+                entry["int8_weights"] = INT8_WEIGHTS[name]
+                # The gate's int8 arithmetic is this CPU's, which the runtime compares with its
+                # own; uint8 weights are summed exactly everywhere.
+                entry["gated_int8_kernels"] = int8_kernels() if name == "int8" else "exact"
+                if smoothing is not None:
+                    entry["smoothing"] = smoothing
+                if calibration is not None and int8_search_agreement > 0:
+                    entry["search"] = search_int8(
+                        folder,
+                        source,
+                        calibration,
+                        int8_search_agreement,
+                        batch_size,
+                        name,
+                        shift,
+                    )
+                    # int8-portable ranks its nodes by int8's figures: the same nodes and
+                    # activations, only the weights' rounding differs.
+                    shift = shift or entry["search"].get("mean_abs_logit_shift")
+                else:
+                    to_int8(source, folder / VARIANT_FILES[name], weights=INT8_WEIGHTS[name])
         finally:
             if source != optimized:
                 source.unlink(missing_ok=True)

@@ -18,9 +18,11 @@ from bertrt.predictor import load
 from pipeline import onnx_variants
 from pipeline.export_onnx import build_model_folder
 
-VARIANTS = ("fp32-optimized", "fp16", "int8")
+VARIANTS = ("fp32-optimized", "fp16", "int8", "int8-portable")
+INT8 = ("int8", "int8-portable")
+INT8_PRODUCTS = ("DynamicQuantizeMatMul", "MatMulInteger")
 # Max |dlogit| each variant may show against PyTorch on the tiny model (its logits are ~1e-2).
-ATOL = {"fp32": 1e-5, "fp32-optimized": 1e-5, "fp16": 1e-3, "int8": 5e-3}
+ATOL = {"fp32": 1e-5, "fp32-optimized": 1e-5, "fp16": 1e-3, "int8": 5e-3, "int8-portable": 5e-3}
 
 
 def _data(n: int = 48, seed: int = 1) -> tuple[list[str], list[int]]:
@@ -67,7 +69,7 @@ def reference(tiny_model_dir: Path) -> np.ndarray:
 
 def test_every_variant_is_built_gated_and_shipped(variant_dir: Path) -> None:
     manifest = _manifest(variant_dir)
-    assert sorted(manifest["variants"]) == ["fp16", "fp32", "fp32-optimized", "int8"]
+    assert sorted(manifest["variants"]) == ["fp16", "fp32", "fp32-optimized", *INT8]
     assert manifest["rejected_variants"] == {}
     for name in VARIANTS:
         entry = manifest["variants"][name]
@@ -85,6 +87,7 @@ def test_every_variant_is_built_gated_and_shipped(variant_dir: Path) -> None:
     # unfused graph's extra nodes weigh too much to order int8 against fp16.
     sizes = {n: manifest["files"][manifest["variants"][n]["file"]]["bytes"] for n in VARIANTS}
     assert sizes["int8"] < 0.75 * sizes["fp32-optimized"]
+    assert sizes["int8-portable"] < 0.75 * sizes["fp32-optimized"]
     assert sizes["fp16"] < 0.75 * sizes["fp32-optimized"]
 
 
@@ -105,7 +108,7 @@ def test_runtime_times_the_cpu_variants_and_keeps_the_fastest(variant_dir: Path)
 
     manifest = manifest_io.read(variant_dir)
     on_cpu = {n for n, e in manifest.variants.items() if CPU in e["providers"]}
-    assert on_cpu == {"fp32", "fp32-optimized", "int8"}  # fp16 is CUDA's
+    assert on_cpu == {"fp32", "fp32-optimized", *INT8}  # fp16 is CUDA's
     engine = load(variant_dir, device="cpu").engine
     assert set(engine.probe_s) == on_cpu
     from bertrt.engine import PROBE_MARGIN
@@ -136,10 +139,26 @@ def test_int8_gated_with_exact_kernels_is_not_picked_where_they_saturate(
     manifest["variants"]["int8"]["gated_int8_kernels"] = "exact"
     (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     monkeypatch.setattr(engine_module, "int8_kernels", lambda: "saturating")
-    assert "int8" not in load(copy, device="cpu").engine.probe_s
+    probed = load(copy, device="cpu").engine.probe_s
+    assert "int8" not in probed
+    assert "int8-portable" in probed, "uint8 weights are summed exactly on every CPU"
     assert load(copy, device="cpu", variant="int8").variant == "int8", "pinned: used anyway"
     monkeypatch.setattr(engine_module, "int8_kernels", lambda: "exact")
     assert "int8" in load(copy, device="cpu").engine.probe_s
+
+
+def test_int8_variants_store_the_weight_types_they_record(variant_dir: Path) -> None:
+    variants = _manifest(variant_dir)["variants"]
+    want = {"int8": onnx.TensorProto.INT8, "int8-portable": onnx.TensorProto.UINT8}
+    for name, dtype in want.items():
+        entry = variants[name]
+        assert entry["int8_weights"] == onnx.helper.tensor_dtype_to_np_dtype(dtype).name
+        graph = onnx.load(str(variant_dir / entry["file"])).graph
+        # The weights the int8 matrix products read (embedding tables are only looked up).
+        read = {n.input[1] for n in graph.node if n.op_type in INT8_PRODUCTS}
+        assert read, name
+        assert {i.data_type for i in graph.initializer if i.name in read} == {dtype}, name
+    assert variants["int8-portable"]["gated_int8_kernels"] == "exact"
 
 
 def test_manifest_sha256_covers_variant_files(variant_dir: Path, tmp_path: Path) -> None:
@@ -158,7 +177,8 @@ def test_optimised_graphs_fuse_bert_with_the_config_heads(variant_dir: Path) -> 
     # embeddings, 2 per layer) and GELUs, and leaves attention and the residual adds unfused.
     cpu_fused = {"LayerNormalization": 5, "BiasGelu": 2}
     assert variants["fp32-optimized"]["fused_operators"] == cpu_fused
-    assert variants["int8"]["fused_operators"] == variants["fp32-optimized"]["fused_operators"]
+    for name in INT8:
+        assert variants[name]["fused_operators"] == variants["fp32-optimized"]["fused_operators"]
     cpu_ops = {n.op_type for n in onnx.load(str(variant_dir / "model.optimized.onnx")).graph.node}
     assert not cpu_ops & {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"}
     # The fp16 (CUDA) graph fuses everything: one embedding, 2 attentions, 2 GELUs, 2 skip-norms
@@ -204,8 +224,8 @@ def test_failing_variants_are_deleted_and_recorded(
 ) -> None:
     real_int8, real_load = onnx_variants.to_int8, onnx_variants.open_engine
 
-    def corrupted_int8(src: Path, dst: Path) -> None:
-        real_int8(src, dst)
+    def corrupted_int8(src: Path, dst: Path, weights: str = "int8") -> None:
+        real_int8(src, dst, weights=weights)
         _negate_output(dst)
 
     def no_fp16_on_cpu(folder: Path, device: str, variant: str, verify: bool) -> Any:
@@ -302,12 +322,14 @@ def test_gate_refuses_mismatched_shapes_and_records_empty_input() -> None:
     }
 
 
-def _calibrated_int8(tiny_model_dir: Path, out: Path, **int8: float) -> Path:
-    """A folder with only the int8 variant, tuned on calibration texts apart from the gate's."""
+def _calibrated_int8(
+    tiny_model_dir: Path, out: Path, variants: tuple[str, ...] = ("int8",), **int8: float
+) -> Path:
+    """A folder with only int8 variants, tuned on calibration texts apart from the gate's."""
     texts, labels = _data(48, seed=1)
     calibration = [r["text"] for r in synthetic_reviews(40, seed=8)]
     build_model_folder(
-        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("int8",),
+        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=variants,
         min_agreement=0.0, max_metric_drop=0.9, calibration_texts=calibration, **int8,
     )  # fmt: skip
     return out
@@ -320,14 +342,20 @@ def test_int8_search_keeps_the_most_moving_nodes_in_fp32_and_records_them(
 ) -> None:
     """The search measures on calibration texts (not the gate's); what it kept in fp32 is in
     the manifest and is fp32 in the shipped graph."""
-    out = _calibrated_int8(tiny_model_dir, tmp_path / "int8", int8_search_agreement=target)
+    out = _calibrated_int8(tiny_model_dir, tmp_path / "int8", INT8, int8_search_agreement=target)
     manifest = _manifest(out)
-    entry = {**manifest["variants"], **manifest["rejected_variants"]}["int8"]
+    entries = {**manifest["variants"], **manifest["rejected_variants"]}
+    entry, portable = entries["int8"], entries["int8-portable"]["search"]
     search = entry["search"]
     assert search["target"] == target and 0.0 <= search["all_int8_agreement"] <= 1.0
     if target == 0.5:  # reached with every node int8: nothing is measured further
         assert search["kept_fp32"] == [] and "mean_abs_logit_shift" not in search
+        assert portable["kept_fp32"] == []
         return
+    # int8-portable ranks the same nodes by int8's figures instead of measuring them again.
+    assert portable["shift_measured_on"] == "int8" and "mean_abs_logit_shift" not in portable
+    ranked = sorted(search["mean_abs_logit_shift"].items(), key=lambda kv: -kv[1])
+    assert portable["kept_fp32"] == [name for name, _ in ranked[: len(portable["kept_fp32"])]]
     shifts = search["mean_abs_logit_shift"]
     kept = search["kept_fp32"]
     assert 1 <= len(kept) <= len(shifts) // 2
