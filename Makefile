@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: help venv lock run repro relog exp sweep test test-fast test-gpu lint format bench bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
+.PHONY: help venv lock run repro relog exp sweep test test-fast test-gpu lint format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ bench: $(STAMP) ## CPU benchmark: PyTorch pipeline vs ORT variants, written to d
 	$(BIN)/python -m benchmarks.load --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_load.json
 	$(BIN)/python -m benchmarks.overhead --validated data/validated --params params.yaml --out docs/benchmarks.md --json reports/bench_overhead.json
 	$(BIN)/python -m benchmarks.long_documents --raw data/raw --model-dir models/onnx --out docs/benchmarks.md --json reports/long_documents.json
+
+bench-avx2: $(STAMP) ## CPU benchmark with AVX-512, VNNI and AMX hidden from CPUID: what and how fast an AVX2-only server computes
+	$(BIN)/python -m benchmarks.isa avx2 -- $(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu_avx2.json --section "CPU, AVX2 kernels"
 
 bench-gpu: $(STAMP) ## GPU benchmarks (need CUDA): inference torch vs ORT CUDA fp16 with IO binding; fine-tuning speed, memory and MFU
 	$(BIN)/python -m benchmarks.gpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_gpu.json

@@ -150,6 +150,7 @@ def run(
     max_texts: int = 0,
     threads: int = 0,
     command: str = "",
+    section: str = "CPU",
 ) -> dict[str, Any]:
     """Benchmark PyTorch and every shipped CPU variant on the test texts; write both reports."""
     # Import cost is measured apart, so each backend's memory is its model and its runs.
@@ -234,7 +235,7 @@ def run(
     }
     body = markdown(data)
     print(body)
-    report.write_section(out, "CPU", body)
+    report.write_section(out, section, body)
     report.write_json(json_path, data)
     return data
 
@@ -252,6 +253,12 @@ def markdown(data: dict[str, Any]) -> str:
         f"{m['physical_cores']} cores / {m['logical_cores']} threads, {m['memory_gib']} GiB, "
         f"{m['os']}, Python {m['python']}; 1-minute load average {m['load_average_1min']:.2f} "
         "when it started"
+        + (
+            f", run under `python -m benchmarks.isa avx2`: CPUID hid "
+            f"{', '.join(m['masked_flags'])}, so every library ran its AVX2 kernels"
+            if m.get("masked_flags")
+            else ""
+        )
         + (
             " (**the CPU was shared with other processes: timings are distorted**)."
             if m["load_average_1min"] > BUSY * data["threads"]
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--max-texts", type=int, default=0, help="0 uses every test text")
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
+    parser.add_argument("--section", default="CPU", help="heading of the section to replace")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = shlex.join(
@@ -318,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_texts,
         args.threads,
         command,
+        args.section,
     )
     return 0
 

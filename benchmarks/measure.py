@@ -96,13 +96,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def masked_flags() -> list[str]:
+    """The flags `benchmarks.isa` hid from CPUID for this process (none when not run under it)."""
+    from benchmarks.isa import MASKED_ENV
+
+    return [f for f in os.environ.get(MASKED_ENV, "").split(",") if f]
+
+
 def cpu_flags() -> list[str]:
+    """The FLAGS this CPU has, less those hidden from CPUID (the kernels the libraries chose)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         return []
     for line in cpuinfo.read_text().splitlines():
         if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
+            present = set(line.split(":", 1)[1].split()) - set(masked_flags())
             return [flag for flag in FLAGS if flag in present]
     return []
 
@@ -112,6 +120,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "masked_flags": masked_flags(),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

@@ -300,3 +300,52 @@ def test_gpu_benchmark_harness_runs_on_the_cpu(
     text = gpu.markdown(data)
     assert "### 64 tokens" in text and "### The model alone, 64 tokens" in text
     assert not out.exists() and not out_json.exists()  # a CPU run writes no GPU section
+
+
+LEAF7 = r"""
+#include <stdio.h>
+int main(void) {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    printf("avx2=%u avx512f=%u avx512_vnni=%u amx_int8=%u\n",
+           (b >> 5) & 1, (b >> 16) & 1, (c >> 11) & 1, (d >> 25) & 1);
+    return 0;
+}
+"""
+
+
+def test_isa_hides_avx512_vnni_and_amx_from_cpuid_and_keeps_avx2(tmp_path: Path) -> None:
+    """What a program reads from CPUID under `benchmarks.isa avx2`, compared with without it;
+    Python with numpy and ONNX Runtime runs under it, and the benchmarks leave the hidden
+    flags out of what they report."""
+    import subprocess
+    import sys
+
+    from benchmarks import isa
+
+    reason = isa.unavailable()
+    if reason:
+        pytest.skip(reason)
+    source, probe = tmp_path / "leaf7.c", tmp_path / "leaf7"
+    source.write_text(LEAF7)
+    subprocess.run(["cc", "-O2", "-o", str(probe), str(source)], check=True)
+
+    def read(env: dict[str, str] | None = None) -> dict[str, int]:
+        out = subprocess.run([str(probe)], env=env, capture_output=True, text=True, check=True)
+        return {k: int(v) for k, v in (f.split("=") for f in out.stdout.split())}
+
+    native, hidden = read(), read(isa.environment())
+    assert hidden == {**native, "avx512f": 0, "avx512_vnni": 0, "amx_int8": 0}
+    assert hidden["avx2"] == native["avx2"]
+    code = (
+        "import numpy, onnxruntime; from benchmarks import measure;"
+        "a = numpy.ones((64, 64), numpy.float32); assert (a @ a)[0, 0] == 64;"
+        "print(','.join(measure.cpu_flags()))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=isa.environment(), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    flags = run.stdout.strip().split(",")
+    assert not set(flags) & set(isa.MASKED)
+    assert ("avx2" in flags) == bool(native["avx2"])
