@@ -455,9 +455,12 @@ def add_variants(
                         name,
                         shift,
                     )
-                    # int8-portable ranks its nodes by int8's figures: the same nodes and
-                    # activations, only the weights' rounding differs.
-                    shift = shift or entry["search"].get("mean_abs_logit_shift")
+                    # int8-portable ranks its nodes by int8's figures where int8's sums were
+                    # exact: the same nodes and activations, only the weights' rounding differs.
+                    # Where they saturate, int8's figures measure the saturation: it measures
+                    # its own.
+                    if name == "int8" and entry["gated_int8_kernels"] == "exact":
+                        shift = entry["search"].get("mean_abs_logit_shift")
                 else:
                     to_int8(source, folder / VARIANT_FILES[name], weights=INT8_WEIGHTS[name])
         finally:

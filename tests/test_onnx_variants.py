@@ -336,12 +336,20 @@ def _calibrated_int8(
 
 
 # 1.01 cannot be reached (the tiny model's labels never flip): the search runs to its end.
-@pytest.mark.parametrize("target", [0.5, 1.01])
+# The exporting CPU's int8 kernels are set, to cover both kinds on any machine.
+@pytest.mark.parametrize(
+    ("target", "kernels"), [(0.5, "exact"), (1.01, "exact"), (1.01, "saturating")]
+)
 def test_int8_search_keeps_the_most_moving_nodes_in_fp32_and_records_them(
-    tmp_path: Path, tiny_model_dir: Path, target: float
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    target: float,
+    kernels: str,
 ) -> None:
     """The search measures on calibration texts (not the gate's); what it kept in fp32 is in
     the manifest and is fp32 in the shipped graph."""
+    monkeypatch.setattr(onnx_variants, "int8_kernels", lambda: kernels)
     out = _calibrated_int8(tiny_model_dir, tmp_path / "int8", INT8, int8_search_agreement=target)
     manifest = _manifest(out)
     entries = {**manifest["variants"], **manifest["rejected_variants"]}
@@ -352,10 +360,14 @@ def test_int8_search_keeps_the_most_moving_nodes_in_fp32_and_records_them(
         assert search["kept_fp32"] == [] and "mean_abs_logit_shift" not in search
         assert portable["kept_fp32"] == []
         return
-    # int8-portable ranks the same nodes by int8's figures instead of measuring them again.
-    assert portable["shift_measured_on"] == "int8" and "mean_abs_logit_shift" not in portable
-    ranked = sorted(search["mean_abs_logit_shift"].items(), key=lambda kv: -kv[1])
-    assert portable["kept_fp32"] == [name for name, _ in ranked[: len(portable["kept_fp32"])]]
+    assert entry["gated_int8_kernels"] == kernels
+    if kernels == "exact":  # int8-portable ranks the same nodes by int8's figures
+        assert portable["shift_measured_on"] == "int8" and "mean_abs_logit_shift" not in portable
+        ranked = sorted(search["mean_abs_logit_shift"].items(), key=lambda kv: -kv[1])
+        assert portable["kept_fp32"] == [n for n, _ in ranked[: len(portable["kept_fp32"])]]
+    else:  # int8's figures include its saturation: int8-portable measures its own
+        assert "shift_measured_on" not in portable
+        assert set(portable["mean_abs_logit_shift"]) == set(search["mean_abs_logit_shift"])
     shifts = search["mean_abs_logit_shift"]
     kept = search["kept_fp32"]
     assert 1 <= len(kept) <= len(shifts) // 2
