@@ -3,7 +3,8 @@
  * their AVX2 ones at native speed. Linux's ARCH_SET_CPUID makes every CPUID of the process (and
  * of the threads it starts later) raise SIGSEGV; the handler executes the real one with
  * faulting off for that thread, clears the feature bits and steps over the instruction.
- * Code that reads /proc/cpuinfo instead still sees the real flags. */
+ * Code that reads /proc/cpuinfo instead still sees the real flags. Where the masking cannot be
+ * set up, the process exits at once rather than run unmasked under a masked label. */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <signal.h>
@@ -30,17 +31,20 @@ static void answer(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
         r[3] &= ~(BIT(2) | BIT(3) | BIT(8) | BIT(22) | BIT(23) | BIT(24) | BIT(25));
     } else if (leaf == 7 && sub == 1) {
         /* EAX: AVX_VNNI, AVX512_BF16, AMX_FP16, AVX_IFMA; EDX: AVX_VNNI_INT8, AVX_NE_CONVERT,
-         * AMX_COMPLEX, AVX_VNNI_INT16 */
+         * AMX_COMPLEX, AVX_VNNI_INT16, AVX10 */
         r[0] &= ~(BIT(4) | BIT(5) | BIT(21) | BIT(23));
-        r[3] &= ~(BIT(4) | BIT(5) | BIT(8) | BIT(10));
+        r[3] &= ~(BIT(4) | BIT(5) | BIT(8) | BIT(10) | BIT(19));
+    } else if (leaf == 0x24) { /* AVX10's version and vector lengths */
+        r[0] = r[1] = r[2] = r[3] = 0;
     }
 }
 
 static void on_segv(int sig, siginfo_t *info, void *raw) {
-    (void)info;
     greg_t *reg = ((ucontext_t *)raw)->uc_mcontext.gregs;
+    /* A faulting CPUID arrives as SI_KERNEL (a general-protection fault) at a mapped RIP; any
+     * other SIGSEGV is a real fault, which the default action now reports where it happened. */
     const unsigned char *ip = (const unsigned char *)reg[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) { /* not CPUID: a real fault, which now kills */
+    if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
         signal(sig, SIG_DFL);
         return;
     }
@@ -57,7 +61,10 @@ __attribute__((constructor)) static void start(void) {
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_segv;
-    action.sa_flags = SA_SIGINFO | SA_NODEFER;
-    if (sigaction(SIGSEGV, &action, 0) == 0)
-        set_cpuid(0);
+    action.sa_flags = SA_SIGINFO;
+    if (sigaction(SIGSEGV, &action, 0) != 0 || set_cpuid(0) != 0) {
+        static const char message[] = "avx2_only: cannot make CPUID fault here; not running\n";
+        (void)!write(2, message, sizeof message - 1);
+        _exit(1);
+    }
 }

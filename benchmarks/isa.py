@@ -8,8 +8,12 @@ at native speed on a newer x86 CPU.
 which the CPU must offer: the `cpuid_fault` flag). The kernels are then the ones an AVX2 CPU
 runs, so their arithmetic is: on the default model's int8 graphs the logits came out identical
 to an emulated AVX2 CPU's (`qemu-x86_64 -cpu EPYC-Rome`). Their speed is this core's running AVX2
-code, not another CPU's. Code that reads /proc/cpuinfo still sees the real flags, so the
-command gets BENCH_MASKED_FLAGS naming the hidden ones (`measure.cpu_flags` leaves them out).
+code, not another CPU's. glibc picks its string routines before the library loads, and code
+that reads /proc/cpuinfo still sees the real flags, so the command gets BENCH_MASKED_FLAGS
+naming the hidden ones (`measure.cpu_flags` leaves them out) and BERTRT_INT8_KERNELS=saturating
+(what the runtime and the export record as the int8 kernels). A SIGSEGV handler installed later
+(Python's faulthandler: PYTHONFAULTHANDLER, -X faulthandler) replaces the one that answers
+CPUID, so the command must not install one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ SOURCE = Path(__file__).with_name("avx2_only.c")
 # What the preloaded library hides, as /proc/cpuinfo names them (those benchmarks report).
 MASKED = ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 MASKED_ENV = "BENCH_MASKED_FLAGS"
+INT8_KERNELS_ENV = "BERTRT_INT8_KERNELS"  # bertrt.session's; the benchmarks do not import it
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bertrt-bench"
 
 
@@ -55,11 +60,13 @@ def library() -> Path:
     if not built.is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = built.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run(
+        done = subprocess.run(
             ["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if done.returncode:
+            raise RuntimeError(f"cc could not build {SOURCE}:\n{done.stderr}")
         tmp.replace(built)
     return built
 
@@ -70,6 +77,8 @@ def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     preload = env.get("LD_PRELOAD", "")
     env["LD_PRELOAD"] = f"{library()} {preload}".strip()
     env[MASKED_ENV] = ",".join(MASKED)
+    env[INT8_KERNELS_ENV] = "saturating"
+    env.pop("PYTHONFAULTHANDLER", None)
     return env
 
 

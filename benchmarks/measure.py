@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import psutil
 
+from benchmarks.isa import MASKED_ENV
+
 PACKAGES = ("torch", "transformers", "onnxruntime-gpu", "onnxruntime", "tokenizers", "numpy")
 # CPU flags that decide which int8 and fp32 kernels ONNX Runtime picks.
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -98,8 +100,6 @@ def cpu_model() -> str:
 
 def masked_flags() -> list[str]:
     """The flags `benchmarks.isa` hid from CPUID for this process (none when not run under it)."""
-    from benchmarks.isa import MASKED_ENV
-
     return [f for f in os.environ.get(MASKED_ENV, "").split(",") if f]
 
 

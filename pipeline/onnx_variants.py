@@ -98,6 +98,9 @@ def to_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = (), weights: str = 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if weights not in INT8_WEIGHTS.values():
+        raise ValueError(f"int8 weights {weights!r}: use one of {sorted(INT8_WEIGHTS.values())}")
+
     # Its "consider pre-processing" warning can be ignored: `src` is already ORT-optimised.
     # Without DefaultTensorType, shape inference cannot type tensors next to the fused
     # com.microsoft ops and the quantizer raises "Unable to find data type for weight_name".

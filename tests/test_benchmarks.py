@@ -334,18 +334,20 @@ def test_isa_hides_avx512_vnni_and_amx_from_cpuid_and_keeps_avx2(tmp_path: Path)
         out = subprocess.run([str(probe)], env=env, capture_output=True, text=True, check=True)
         return {k: int(v) for k, v in (f.split("=") for f in out.stdout.split())}
 
-    native, hidden = read(), read(isa.environment())
+    native = read()
+    if not native["avx512f"]:
+        pytest.skip("this CPU has no AVX-512 to hide")
+    hidden = read(isa.environment())
     assert hidden == {**native, "avx512f": 0, "avx512_vnni": 0, "amx_int8": 0}
-    assert hidden["avx2"] == native["avx2"]
+    # numpy reads CPUID itself when it loads; the runtime is told which int8 kernels it gets.
     code = (
-        "import numpy, onnxruntime; from benchmarks import measure;"
+        "import numpy, onnxruntime; from numpy._core._multiarray_umath import __cpu_features__;"
+        "from bertrt.session import int8_kernels;"
         "a = numpy.ones((64, 64), numpy.float32); assert (a @ a)[0, 0] == 64;"
-        "print(','.join(measure.cpu_flags()))"
+        "print(__cpu_features__['AVX512F'], __cpu_features__['AVX2'], int8_kernels())"
     )
     run = subprocess.run(
         [sys.executable, "-c", code], env=isa.environment(), capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr
-    flags = run.stdout.strip().split(",")
-    assert not set(flags) & set(isa.MASKED)
-    assert ("avx2" in flags) == bool(native["avx2"])
+    assert run.stdout.split() == ["False", "True", "saturating"]

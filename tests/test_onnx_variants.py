@@ -147,6 +147,25 @@ def test_int8_gated_with_exact_kernels_is_not_picked_where_they_saturate(
     assert "int8" in load(copy, device="cpu").engine.probe_s
 
 
+def test_int8_kernels_can_be_declared_where_cpuinfo_is_not_what_onnx_runtime_sees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bertrt import session
+
+    session.int8_kernels.cache_clear()
+    try:
+        monkeypatch.setenv("BERTRT_INT8_KERNELS", "saturating")
+        assert session.int8_kernels() == "saturating"
+        session.int8_kernels.cache_clear()
+        monkeypatch.setenv("BERTRT_INT8_KERNELS", "fast")
+        with pytest.raises(ValueError, match=r"BERTRT_INT8_KERNELS='fast': use one of"):
+            session.int8_kernels()
+    finally:
+        session.int8_kernels.cache_clear()
+    with pytest.raises(ValueError, match=r"int8 weights 'int4'"):
+        onnx_variants.to_int8(Path("in.onnx"), Path("out.onnx"), weights="int4")
+
+
 def test_int8_variants_store_the_weight_types_they_record(variant_dir: Path) -> None:
     variants = _manifest(variant_dir)["variants"]
     want = {"int8": onnx.TensorProto.INT8, "int8-portable": onnx.TensorProto.UINT8}
