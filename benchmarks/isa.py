@@ -26,11 +26,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.measure import MASKED_ENV, proc_flags
+
 SOURCE = Path(__file__).with_name("avx2_only.c")
 # What the preloaded library hides, as /proc/cpuinfo names them (those benchmarks report).
 MASKED = ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
-MASKED_ENV = "BENCH_MASKED_FLAGS"
-INT8_KERNELS_ENV = "BERTRT_INT8_KERNELS"  # bertrt.session's; the benchmarks do not import it
+# bertrt.session's name for it, not imported from there: that loads onnxruntime, whose import
+# cost `measure.import_rss_mb` measures.
+INT8_KERNELS_ENV = "BERTRT_INT8_KERNELS"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bertrt-bench"
 
 
@@ -38,15 +41,7 @@ def unavailable() -> str | None:
     """Why CPUID cannot be masked here, or None when it can."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"needs Linux on x86_64, not {platform.system()} on {platform.machine()}"
-    flags = next(
-        (
-            line.split(":", 1)[1].split()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        ),
-        [],
-    )
-    if "cpuid_fault" not in flags:
+    if "cpuid_fault" not in proc_flags():
         return "this CPU (or its hypervisor) offers no CPUID faulting (no cpuid_fault flag)"
     if not shutil.which("cc"):
         return "no C compiler (cc) to build the preloaded library"

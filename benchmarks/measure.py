@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import psutil
 
-from benchmarks.isa import MASKED_ENV
-
 PACKAGES = ("torch", "transformers", "onnxruntime-gpu", "onnxruntime", "tokenizers", "numpy")
 # CPU flags that decide which int8 and fp32 kernels ONNX Runtime picks.
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+# Names the flags `benchmarks.isa` hid from CPUID, for a process it runs.
+MASKED_ENV = "BENCH_MASKED_FLAGS"
 
 
 def rss_bytes() -> int:
@@ -103,16 +103,21 @@ def masked_flags() -> list[str]:
     return [f for f in os.environ.get(MASKED_ENV, "").split(",") if f]
 
 
-def cpu_flags() -> list[str]:
-    """The FLAGS this CPU has, less those hidden from CPUID (the kernels the libraries chose)."""
+def proc_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists (none where it cannot be read)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
-        return []
+        return set()
     for line in cpuinfo.read_text().splitlines():
         if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split()) - set(masked_flags())
-            return [flag for flag in FLAGS if flag in present]
-    return []
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_flags() -> list[str]:
+    """The FLAGS this CPU has, less those hidden from CPUID (the kernels the libraries chose)."""
+    present = proc_flags() - set(masked_flags())
+    return [flag for flag in FLAGS if flag in present]
 
 
 def machine() -> dict[str, Any]:
