@@ -10,6 +10,10 @@ On the machine that made the tag (same CPU instruction set and package lock, rea
 manifest) everything must be equal. Elsewhere the data stages (ingest, validate, tokenize) must
 still be byte-identical, the weights may differ in their last bits, and metrics and logits must
 agree within `export.parity_atol`. Exit 1, naming the first stage that diverged, otherwise.
+
+A machine that would train the tag's params in another precision (`finetune.precision: bf16`
+is bf16 where it is native and fp32 elsewhere) cannot repeat its training run: there only the
+data stages are re-run and compared, and the exit is 1 with that reason.
 """
 
 from __future__ import annotations
@@ -70,6 +74,36 @@ def _in(folder: Path, cmd: list[str], **env: str) -> str:
     if done.returncode != 0:
         raise ReleaseError(f"{' '.join(cmd)} in {folder} failed: {done.stderr.strip()[-2000:]}")
     return done.stdout
+
+
+def training_precisions(folder: Path) -> tuple[str | None, str]:
+    """The precision the checked-out run trained in (its `reports/train.json`; None where that
+    is not recorded) and the one this machine trains its params in."""
+    from pipeline import params
+    from pipeline.finetune import precision_used
+
+    report = folder / "reports" / "train.json"
+    tagged = json.loads(report.read_text("utf-8")).get("precision") if report.is_file() else None
+    return tagged, precision_used(params.load(folder / "params.yaml", "finetune"))
+
+
+def untrainable_here(tag: str, tagged: str | None, here: str) -> str | None:
+    """Why this machine cannot repeat `tag`'s training run (None when it can)."""
+    if tagged is None or tagged == here:
+        return None
+    return (
+        f"{tag} trained in {tagged} and this machine trains its params in {here} "
+        f"(finetune.precision bf16 is bf16 only where bf16 is native: AMX, AVX512-BF16 or the "
+        f"GPU); that is another training run, whose metrics differ as two seeds would. Re-run "
+        f"{tag} on a machine that trains in {tagged}, or release with finetune.precision: fp32 "
+        f"to reproduce across machines"
+    )
+
+
+def _table(rows: list[list[str]], tag: str) -> None:
+    width = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in [["stage", "output", tag, "re-run", ""], *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)))
 
 
 def outputs(folder: Path) -> dict[str, dict[str, str]]:
@@ -168,9 +202,14 @@ def run(tag: str, rerun: bool) -> int:
     )
     atol = float(yaml.safe_load((where / "params.yaml").read_text())["export"]["parity_atol"])
     tagged = outputs(where)
+    store = f"sqlite:///{(where / 'reproduce-mlflow.db').resolve()}"
+    trained, here_trains = training_precisions(where)
+    print(f"training precision: {trained or 'not recorded'} at {tag}, {here_trains} here")
+    why = untrainable_here(tag, trained, here_trains)
+    if why:
+        return data_stages_only(where, tag, tagged, same, atol, store, why)
     before_labels = predictions_of(where, same)
     shutil.rmtree(where / "models" / "checkpoints", ignore_errors=True)
-    store = f"sqlite:///{(where / 'reproduce-mlflow.db').resolve()}"
     print(f"re-running every stage of {tag} (MLflow store {store}) ...", flush=True)
     _in(where, ["dvc", "repro", "--force", "--no-run-cache"], MLFLOW_TRACKING_URI=store)
     again = outputs(where)
@@ -189,13 +228,11 @@ def run(tag: str, rerun: bool) -> int:
     )
     if changed and first is None:
         first = "export"
-    width = [max(len(r[i]) for r in rows) for i in range(5)]
     print(
         f"same machine as {tag}: {same} (cpu {here['cpu']['flags']}, lock "
         f"{str(here['lock_sha256'])[:12]})"
     )
-    for row in [["stage", "output", tag, "re-run", ""], *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)))
+    _table(rows, tag)
     if first:
         print(
             f"{tag} did not reproduce: the first stage that diverged is {first}", file=sys.stderr
@@ -203,6 +240,40 @@ def run(tag: str, rerun: bool) -> int:
         return 1
     print(f"{tag} reproduced: every output {'is equal' if same else 'within tolerance'}")
     return 0
+
+
+def data_stages_only(
+    where: Path,
+    tag: str,
+    tagged: dict[str, dict[str, str]],
+    same: bool,
+    atol: float,
+    store: str,
+    why: str,
+) -> int:
+    """Re-run and compare the data stages, which are byte-identical on any machine; exit 1 with
+    `why` the training run cannot be repeated here."""
+    print(f"{why}.\nre-running the data stages of {tag} only ({', '.join(DATA_STAGES)}) ...")
+    stages = [stage for stage in DATA_STAGES if stage in tagged]
+    _in(
+        where,
+        ["dvc", "repro", "--force", "--no-run-cache", "--single-item", *stages],
+        MLFLOW_TRACKING_URI=store,
+    )
+    again = outputs(where)
+    rows, first = compare({s: tagged[s] for s in stages}, again, same, atol, ({}, {}))
+    _table(rows, tag)
+    if first:
+        print(
+            f"{tag} did not reproduce: the first stage that diverged is {first}", file=sys.stderr
+        )
+    else:
+        print(
+            f"{tag}'s data stages reproduced: every output is equal; its training was not "
+            f"re-run here",
+            file=sys.stderr,
+        )
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

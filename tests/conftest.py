@@ -317,7 +317,9 @@ def fill_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     return root / "onnx"
 
 
-def sh(cmd: list[str], cwd: Path, **extra: str) -> str:
+def run_in(cmd: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    """`cmd` in the repo `cwd` with this venv's tools first on PATH and no inherited MLflow
+    store; its exit status is the caller's to judge."""
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env = {
         **base,
@@ -327,7 +329,11 @@ def sh(cmd: list[str], cwd: Path, **extra: str) -> str:
         "DVC_SITE_CACHE_DIR": str(cwd / ".dvc" / "tmp" / "site-cache"),
         "PIPELINE_LOG_LEVEL": "WARNING",
     }
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def sh(cmd: list[str], cwd: Path, **extra: str) -> str:
+    done = run_in(cmd, cwd, **extra)
     if done.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import build_pipeline_repo, sh
+from conftest import build_pipeline_repo, run_in, sh
 
 import bertrt
 
@@ -153,6 +153,38 @@ def test_a_fresh_clone_restores_v1_and_reruns_it_to_the_same_bytes(
     out = sh([sys.executable, "-m", "pipeline.reproduce", "v1", "--rerun"], clone)
     assert "same machine as v1: True" in out and "v1 reproduced: every output is equal" in out
     assert "DIFFERS" not in out and out.count(" equal") >= 8
+
+
+def test_a_tag_trained_in_another_precision_reruns_only_its_data_stages(
+    repo: Path, v1: str, tmp_path: Path
+) -> None:
+    """A tag whose run trained in a precision this machine would not use (bf16 made where it is
+    native, reproduced where it is not, or the reverse) cannot have its training repeated: the
+    data stages are re-run and compared, and the exit is 1 with the reason."""
+    from pipeline import params
+    from pipeline.finetune import precision_used
+    from pipeline.reproduce import DATA_STAGES
+
+    here = precision_used(params.load(repo / "params.yaml", "finetune"))
+    other = "fp32" if here == "bf16" else "bf16"
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    sh(["git", "checkout", "-q", "v1"], clone)
+    report = clone / "reports" / "train.json"
+    assert json.loads(report.read_text())["precision"] == here  # the tag was made here
+    report.write_text(json.dumps({**json.loads(report.read_text()), "precision": other}))
+    sh(["git", "commit", "-qam", f"v1 as if trained in {other}"], clone)
+    sh(["git", "tag", "v1-other"], clone)
+    done = run_in([sys.executable, "-m", "pipeline.reproduce", "v1-other", "--rerun"], clone)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert f"training precision: {other} at v1-other, {here} here" in out
+    assert f"v1-other trained in {other} and this machine trains its params in {here}" in out
+    assert "re-running every stage" not in out and "models/finetuned" not in out
+    rows = [line.split() for line in out.splitlines() if line.split(" ", 1)[0] in DATA_STAGES]
+    assert [row[0] for row in rows] == list(DATA_STAGES), out
+    assert all(row[-1] == "equal" for row in rows), out
+    assert "v1-other's data stages reproduced" in out
 
 
 def chromium() -> str:

@@ -3,7 +3,7 @@ elsewhere, and the first stage outside it named."""
 
 from __future__ import annotations
 
-from pipeline.reproduce import compare
+from pipeline.reproduce import compare, untrainable_here
 
 TAGGED = {
     "ingest": {"data/raw": "a1"},
@@ -63,3 +63,12 @@ def test_nested_metric_groups_are_compared_key_by_key() -> None:
     rows, first = compare(TAGGED, rerun(), True, 1e-4, (nested, moved))
     assert first == "evaluate"
     assert ["metrics", "validation.macro_f1", "0.8", "0.81", "DIFFERS"] in rows
+
+
+def test_a_run_trained_in_another_precision_is_named_as_not_repeatable_here() -> None:
+    assert untrainable_here("v1", "bf16", "bf16") is None
+    assert untrainable_here("v1", None, "fp32") is None  # a tag from before it was recorded
+    why = untrainable_here("v1", "bf16", "fp32")
+    assert why is not None
+    assert "v1 trained in bf16 and this machine trains its params in fp32" in why
+    assert "finetune.precision: fp32" in why
