@@ -37,9 +37,12 @@ async def soak(
     deadline_s: float = 600.0,
 ) -> dict[str, Any]:
     """`warmup` then `requests` requests from `clients` concurrent clients; statuses, latency
-    by kind, and the server's RSS over the measured requests."""
-    import httpx
+    by kind, and the server's RSS over the measured requests. Each client holds one keep-alive
+    connection of the lean `benchmarks.http_load` client, so that the clients take little of
+    the cores they share with the server."""
     import psutil
+
+    from benchmarks.http_load import Connection, ProtocolError
 
     server = psutil.Process(pid)
     latencies: dict[str, list[float]] = {"single": [], "batch": []}
@@ -51,7 +54,7 @@ async def soak(
     total = warmup + requests
     began = 0.0
 
-    async def client(session: httpx.AsyncClient) -> None:
+    async def client(connection: Connection) -> None:
         nonlocal sent, texts_done, began
         while sent < total and time.monotonic() < stop:
             n = sent
@@ -63,10 +66,11 @@ async def soak(
             body = {"texts": [texts[(n * 7 + j) % len(texts)] for j in range(size)]}
             start = time.perf_counter()
             try:
-                reply = await session.post("/predict", json=body)
-                status = str(reply.status_code)
-            except httpx.HTTPError as exc:
-                status = type(exc).__name__
+                code, _ = await connection.send(connection.request("/predict", body))
+                status = str(code)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
+                status = type(exc).__name__  # counted, then the connection is opened again
+                await connection.close()
             if n >= warmup:
                 latencies[kind].append(time.perf_counter() - start)
                 statuses[status] = statuses.get(status, 0) + 1
@@ -74,9 +78,12 @@ async def soak(
                 if (n - warmup) % SAMPLE_EVERY == 0:
                     rss.append((n - warmup, server.memory_info().rss))
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as session:
-        await asyncio.gather(*(client(session) for _ in range(clients)))
+    connections = [Connection(url) for _ in range(clients)]
+    try:
+        await asyncio.gather(*(client(c) for c in connections))
+    finally:
+        for connection in connections:
+            await connection.close()
     elapsed = time.monotonic() - began
     rss.append((requests, server.memory_info().rss))
     mib = [value / 2**20 for _, value in rss]
