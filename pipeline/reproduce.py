@@ -106,6 +106,10 @@ def _table(rows: list[list[str]], tag: str) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)))
 
 
+def _diverged(tag: str, first: str) -> None:
+    print(f"{tag} did not reproduce: the first stage that diverged is {first}", file=sys.stderr)
+
+
 def outputs(folder: Path) -> dict[str, dict[str, str]]:
     """Per stage (in pipeline order), the md5 of each data and model output in dvc.lock."""
     return lineage.dvc_lock_hashes(folder / "dvc.lock", artifacts_only=True)
@@ -234,9 +238,7 @@ def run(tag: str, rerun: bool) -> int:
     )
     _table(rows, tag)
     if first:
-        print(
-            f"{tag} did not reproduce: the first stage that diverged is {first}", file=sys.stderr
-        )
+        _diverged(tag, first)
         return 1
     print(f"{tag} reproduced: every output {'is equal' if same else 'within tolerance'}")
     return 0
@@ -253,8 +255,8 @@ def data_stages_only(
 ) -> int:
     """Re-run and compare the data stages, which are byte-identical on any machine; exit 1 with
     `why` the training run cannot be repeated here."""
-    print(f"{why}.\nre-running the data stages of {tag} only ({', '.join(DATA_STAGES)}) ...")
     stages = [stage for stage in DATA_STAGES if stage in tagged]
+    print(f"{why}.\nre-running the data stages of {tag} only ({', '.join(stages)}) ...")
     _in(
         where,
         ["dvc", "repro", "--force", "--no-run-cache", "--single-item", *stages],
@@ -264,9 +266,7 @@ def data_stages_only(
     rows, first = compare({s: tagged[s] for s in stages}, again, same, atol, ({}, {}))
     _table(rows, tag)
     if first:
-        print(
-            f"{tag} did not reproduce: the first stage that diverged is {first}", file=sys.stderr
-        )
+        _diverged(tag, first)
     else:
         print(
             f"{tag}'s data stages reproduced: every output is equal; its training was not "
