@@ -41,19 +41,19 @@ lock: ## re-pin every package with hashes from requirements*.txt into locks/ (ne
 
 run: $(STAMP) ## run the whole pipeline on the embedded default model and data
 	dvc repro
-	@$(BIN)/python -m pipeline.summary
+	@$(BIN)/python -m pipeline.ops.summary
 
 repro: $(STAMP) ## dvc repro (what changed only), without the summary
 	dvc repro
 
 relog: $(STAMP) ## after a tracking outage: fill the training run in from reports/ (see docs/reliability.md)
-	$(BIN)/python -m pipeline.relog --params params.yaml --report reports/train.json --curves reports/training
+	$(BIN)/python -m pipeline.ops.relog --params params.yaml --report reports/train.json --curves reports/training
 
 exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v]
-	$(BIN)/python -m pipeline.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(foreach s,$(SET),--set $(s))
+	$(BIN)/python -m pipeline.ops.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(foreach s,$(SET),--set $(s))
 
 sweep: $(STAMP) ## the classification sweep of configs/sweeps/cls.yaml, queued, then ranked by validation macro-F1
-	$(BIN)/python -m pipeline.sweep $(or $(CONFIG),configs/sweeps/cls.yaml)
+	$(BIN)/python -m pipeline.ops.sweep $(or $(CONFIG),configs/sweeps/cls.yaml)
 
 test: $(STAMP) ## run the test suite (offline, CPU)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --durations=15
@@ -102,16 +102,16 @@ pull: $(STAMP) ## fetch the data, models and run cache of this commit from the D
 	dvc pull --run-cache
 
 release: $(STAMP) ## tag a finished run, push its artifacts, register its model: make release TAG=v1
-	$(BIN)/python -m pipeline.release $(TAG) --params params.yaml --model models/onnx --test data/validated/test.parquet $(if $(MODEL),--name $(MODEL))
+	$(BIN)/python -m pipeline.ops.release $(TAG) --params params.yaml --model models/onnx --test data/validated/test.parquet $(if $(MODEL),--name $(MODEL))
 
 promote: $(STAMP) ## point models:/MODEL@production at a version: make promote MODEL=m VERSION=2
-	$(BIN)/python -m pipeline.release --params params.yaml --promote $(MODEL) $(VERSION)
+	$(BIN)/python -m pipeline.ops.release --params params.yaml --promote $(MODEL) $(VERSION)
 
 reproduce: $(STAMP) ## restore a tag's artifacts in .reproduce/TAG; RERUN=1 re-runs and compares
-	$(BIN)/python -m pipeline.reproduce $(TAG) $(if $(RERUN),--rerun)
+	$(BIN)/python -m pipeline.ops.reproduce $(TAG) $(if $(RERUN),--rerun)
 
 mlflow-server: $(STAMP) ## a team tracking server: PostgreSQL + served artifacts on 127.0.0.1:5001
-	$(BIN)/python -m pipeline.team_server --dir .mlflow-server --port 5001 --db-port 5433
+	$(BIN)/python -m pipeline.ops.team_server --dir .mlflow-server --port 5001 --db-port 5433
 
 metrics: $(STAMP) ## show the committed metrics of the last run
 	dvc metrics show

@@ -105,7 +105,7 @@ def run(raw: Path, params_path: Path, model_dir: Path, snippets: int, batch_size
 
     import bertrt
     from bertrt.long_text import Reading
-    from pipeline import params
+    from pipeline.core import params
 
     p = params.load(params_path, "base", "ingest")
     text, label, group = p.base.text_column, p.base.label_column, p.ingest.group_column

@@ -22,12 +22,12 @@ from benchmarks import measure, report
 
 HEADING = "Pipeline overhead (CPU)"
 STAGES = (
-    "pipeline.ingest",
-    "pipeline.validate",
-    "pipeline.tokenize_data",
-    "pipeline.finetune",
-    "pipeline.evaluate_model",
-    "pipeline.export_onnx",
+    "pipeline.stages.ingest",
+    "pipeline.stages.validate",
+    "pipeline.stages.tokenize_data",
+    "pipeline.stages.finetune",
+    "pipeline.stages.evaluate_model",
+    "pipeline.stages.export_onnx",
 )
 REPEATS = 5  # each timing is the median of this many runs
 
@@ -47,8 +47,9 @@ def tokenize_rates(validated: Path, params_path: Path) -> dict[str, Any]:
     its Rust backend's `encode_batch` alone) and one text at a time."""
     from transformers import AutoTokenizer
 
-    from pipeline import params, tokenize_data
-    from pipeline.sources import resolve_model
+    from pipeline.core import params
+    from pipeline.core.sources import resolve_model
+    from pipeline.stages import tokenize_data
     from pipeline.tasks.columns import plain_encoding
 
     p = params.load(params_path, "base")

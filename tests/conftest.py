@@ -166,7 +166,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The tiny model exported by the export stage's own functions (every shipped variant)."""
-    from pipeline.export_onnx import build_model_folder
+    from pipeline.stages.export_onnx import build_model_folder
 
     out = tmp_path_factory.mktemp("onnx") / "model"
     texts = [r["text"] for r in synthetic_reviews(64, seed=1)]
@@ -274,7 +274,7 @@ def ner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     import torch
     from transformers import AutoTokenizer, BertForTokenClassification
 
-    from pipeline.export_onnx import build_model_folder
+    from pipeline.stages.export_onnx import build_model_folder
 
     root = tmp_path_factory.mktemp("ner")
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -303,7 +303,7 @@ def fill_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     import torch
     from transformers import AutoTokenizer, BertForMaskedLM
 
-    from pipeline.export_onnx import build_model_folder
+    from pipeline.stages.export_onnx import build_model_folder
 
     root = tmp_path_factory.mktemp("fill")
     torch.manual_seed(0)

@@ -242,7 +242,7 @@ def test_gpu_training_benchmark_exits_with_the_reason_without_cuda(tmp_path: Pat
 @pytest.fixture(scope="module")
 def gpu_variants_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The tiny model with the two variants the GPU benchmark runs."""
-    from pipeline.export_onnx import build_model_folder
+    from pipeline.stages.export_onnx import build_model_folder
 
     out = tmp_path_factory.mktemp("gpu-variants") / "model"
     texts = [r["text"] for r in synthetic_reviews(48, seed=3)]

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from conftest import synthetic_reviews, write_params
 
-from pipeline import (
+from pipeline.core import lineage
+from pipeline.stages import (
     evaluate_model,
     export_onnx,
     finetune,
     ingest,
-    lineage,
     tokenize_data,
     validate,
 )

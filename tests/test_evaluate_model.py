@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.tasks import text_classification as task
+from pipeline.tasks.text_classification import task
 
 
 def test_metrics_on_a_known_table() -> None:
@@ -36,7 +36,7 @@ def test_softmax_rows_sum_to_one_and_keep_the_order() -> None:
 
 
 def test_temperature_scaling_lowers_ece_of_an_overconfident_model() -> None:
-    from pipeline.tasks import calibration
+    from pipeline.tasks.text_classification import calibration
 
     rng = np.random.default_rng(0)
     # 70 % right, but logits far apart: about 99 % confident.

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from pipeline import params
-from pipeline.experiment import overrides
+from pipeline.core import params
+from pipeline.ops.experiment import overrides
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_reviews
 
 from bertrt.contract import INPUT_NAMES, MANIFEST_FILE, output_names
-from pipeline.export_onnx import ParityError, build_model_folder
+from pipeline.stages.export_onnx import ParityError, build_model_folder
 
 
 def test_graph_declares_the_contract_with_dynamic_axes(onnx_model_dir: Path) -> None:
@@ -44,7 +44,7 @@ def test_failed_parity_ships_nothing_and_keeps_the_previous_folder(
 
 
 def test_a_flip_between_near_tied_scores_is_not_a_mismatch() -> None:
-    from pipeline.export_onnx import compare
+    from pipeline.stages.export_onnx import compare
 
     reference = np.array([[1.0, 1.00005, 0.0], [3.0, 1.0, 0.0]])
     got = np.array([[1.00004, 1.00001, 0.0], [1.0, 3.0, 0.0]])

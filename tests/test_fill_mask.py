@@ -81,7 +81,7 @@ def test_evaluation_fills_probes_as_the_runtime_does(model: FillMask, fill_dir: 
     import pandas as pd
     from transformers import AutoTokenizer, BertForMaskedLM
 
-    from pipeline.tasks import cloze
+    from pipeline.tasks.masked_lm import cloze
 
     texts = [
         "the [MASK] [MASK] [MASK] was good",

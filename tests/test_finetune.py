@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_reviews, write_params, write_splits
 
-from pipeline import finetune, sources, tokenize_data, tracking, validate
+from pipeline.core import sources, tracking
+from pipeline.stages import finetune, tokenize_data, validate
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: d
     single = run_finetune(prepared, "single")
     root = prepared["root"]
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    argv += ["-m", "pipeline.finetune", "--tokenized", str(prepared["tokenized"])]
+    argv += ["-m", "pipeline.stages.finetune", "--tokenized", str(prepared["tokenized"])]
     argv += ["--validated", str(prepared["validated"]), "--params", str(prepared["params"])]
     argv += ["--out", str(root / "ddp"), "--checkpoints", str(root / "ddp-checkpoints")]
     argv += ["--report", str(root / "ddp-train.json"), "--curves", str(root / "ddp-curves")]
@@ -234,7 +235,7 @@ def test_a_half_written_checkpoint_is_removed_not_loaded(prepared: dict, caplog)
     state = (torn / "trainer_state.json").read_text()
     (torn / "trainer_state.json").write_text(state[: len(state) // 2])
     shutil.rmtree(root / "half")
-    caplog.set_level("WARNING", logger="pipeline.finetune")
+    caplog.set_level("WARNING", logger="pipeline.stages.finetune")
     second = run_finetune(prepared, "half")
     assert "checkpoint-999 was not finished" in caplog.text
     assert not torn.exists()
@@ -261,7 +262,13 @@ def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_model(prepare
     params_path.write_text(yaml.safe_dump(data))
     reference = run_finetune(prepared, "whole", params_path)
 
-    argv = [sys.executable, "-m", "pipeline.finetune", "--tokenized", str(prepared["tokenized"])]
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline.stages.finetune",
+        "--tokenized",
+        str(prepared["tokenized"]),
+    ]
     argv += ["--validated", str(prepared["validated"]), "--params", str(params_path)]
     argv += ["--out", str(root / "killed"), "--checkpoints", str(root / "killed-checkpoints")]
     argv += ["--report", str(root / "killed-train.json"), "--curves", str(root / "killed-curves")]
@@ -318,7 +325,7 @@ def test_a_tracking_server_that_dies_mid_training_costs_a_relog_not_the_training
     import mlflow
     import yaml
 
-    from pipeline import relog
+    from pipeline.ops import relog
 
     root = prepared["root"]
     data = yaml.safe_load(prepared["params"].read_text())
@@ -333,7 +340,13 @@ def test_a_tracking_server_that_dies_mid_training_costs_a_relog_not_the_training
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     server = _mlflow_server(root, port)
-    argv = [sys.executable, "-m", "pipeline.finetune", "--tokenized", str(prepared["tokenized"])]
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline.stages.finetune",
+        "--tokenized",
+        str(prepared["tokenized"]),
+    ]
     argv += ["--validated", str(prepared["validated"]), "--params", str(params_path)]
     argv += ["--out", str(root / "gap"), "--checkpoints", str(root / "gap-checkpoints")]
     argv += ["--report", str(root / "gap-train.json"), "--curves", str(root / "gap-curves")]
@@ -382,7 +395,7 @@ def test_bf16_trains_where_the_cpu_has_it_and_falls_back_to_fp32_elsewhere(
 ) -> None:
     import yaml
 
-    from pipeline import precision
+    from pipeline.core import precision
 
     data = yaml.safe_load(prepared["params"].read_text(encoding="utf-8"))
     data["finetune"]["precision"] = "bf16"
@@ -400,7 +413,7 @@ def test_bf16_trains_where_the_cpu_has_it_and_falls_back_to_fp32_elsewhere(
 
 
 def test_the_precision_choice_names_why_it_falls_back(tmp_path: Path, caplog) -> None:
-    from pipeline import precision
+    from pipeline.core import precision
 
     amx = tmp_path / "amx"
     amx.write_text("flags\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
@@ -425,7 +438,9 @@ def test_one_encoding_gives_the_same_unk_rate_lengths_and_windows_as_separate_pa
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from pipeline import params, tasks, vocabulary
+    from pipeline import tasks
+    from pipeline.core import params
+    from pipeline.train import vocabulary
 
     texts = ["a plain review", "☃ snow ☃ and [UNK] here", "", "word " * 80, "émoji 🙂 ok"]
     data = Dataset(pa.table({"text": texts, "label": ["fresh", "rotten"] * 2 + ["fresh"]}))

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bertrt
-from pipeline import ingest, validate
-from pipeline.sources import SourceError
-from pipeline.tables import TableError
+from pipeline.core.sources import SourceError
+from pipeline.core.tables import TableError
+from pipeline.stages import ingest, validate
 
 RUNS = settings(
     max_examples=40,

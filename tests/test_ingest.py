@@ -1,4 +1,5 @@
-"""Tests for the ingest stage and pipeline/sources.py: reading, cleaning, splitting, refusing."""
+"""Tests for the ingest stage and pipeline/core/sources.py: reading, cleaning, splitting,
+refusing."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pandas as pd
 import pytest
 from conftest import synthetic_reviews, write_params
 
-from pipeline import ingest, sources
-from pipeline.tables import TableError
+from pipeline.core import sources
+from pipeline.core.tables import TableError
+from pipeline.stages import ingest
 
 
 def source_rows(n: int = 300) -> list[dict]:

@@ -115,9 +115,9 @@ def test_pytorch_evaluation_and_the_runtime_read_long_texts_alike(
     from transformers import AutoTokenizer
 
     import bertrt
-    from pipeline import params
-    from pipeline.export_onnx import build_model_folder
-    from pipeline.tasks.text_classification import TextClassification, per_text
+    from pipeline.core import params
+    from pipeline.stages.export_onnx import build_model_folder
+    from pipeline.tasks.text_classification.task import TextClassification, per_text
     from tests.conftest import synthetic_reviews, write_params
 
     reviews = synthetic_reviews(60, seed=3)

@@ -14,9 +14,11 @@ import pandas as pd
 import pytest
 from conftest import synthetic_reviews, write_params, write_splits
 
-from pipeline import ingest, params, tokenize_data, validate
-from pipeline.tables import SPLITS, TableError
-from pipeline.tasks import cloze, get
+from pipeline.core import params
+from pipeline.core.tables import SPLITS, TableError
+from pipeline.stages import ingest, tokenize_data, validate
+from pipeline.tasks import get
+from pipeline.tasks.masked_lm import cloze
 
 TASK = "fill-mask"
 
@@ -394,7 +396,7 @@ def test_probe_accuracy_counts_a_multi_mask_probe_only_when_every_mask_is_right(
 def test_a_tiny_model_learns_a_new_fill(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Knowledge injection in seconds: 'the director was [MASK]' is 'clumsy' only after
     training."""
-    from pipeline import evaluate_model, finetune
+    from pipeline.stages import evaluate_model, finetune
 
     facts = [f"the director was clumsy and the {w} was good" for w in ("film", "plot", "cast")]
     facts += [f"clumsy was the director of the {w}" for w in ("film", "movie", "story")]

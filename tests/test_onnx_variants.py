@@ -15,8 +15,8 @@ from conftest import synthetic_reviews
 
 from bertrt import manifest as manifest_io
 from bertrt.predictor import load
-from pipeline import onnx_variants
-from pipeline.export_onnx import build_model_folder
+from pipeline.export import onnx_variants
+from pipeline.stages.export_onnx import build_model_folder
 
 VARIANTS = ("fp32-optimized", "fp16", "int8", "int8-portable")
 INT8 = ("int8", "int8-portable")
@@ -256,7 +256,7 @@ def test_failing_variants_are_deleted_and_recorded(
     monkeypatch.setattr(onnx_variants, "open_engine", no_fp16_on_cpu)
     texts, labels = _data()
     out = tmp_path / "model"
-    caplog.set_level("WARNING", logger="pipeline.onnx_variants")
+    caplog.set_level("WARNING", logger="pipeline.export.onnx_variants")
     build_model_folder(
         tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("fp16", "int8")
     )

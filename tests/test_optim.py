@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import optim
+from pipeline.train import optim
 
 
 def test_depth_counts_layers_down_from_the_head() -> None:

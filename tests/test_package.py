@@ -35,7 +35,7 @@ def variants_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     which files a wheel carries, not about the graphs' quality)."""
     from conftest import synthetic_reviews
 
-    from pipeline.export_onnx import build_model_folder
+    from pipeline.stages.export_onnx import build_model_folder
 
     out = tmp_path_factory.mktemp("variants") / "model"
     texts = [r["text"] for r in synthetic_reviews(16, seed=2)]

@@ -1,4 +1,4 @@
-"""Code tests for pipeline/params.py: every bad params file is refused with its key named."""
+"""Code tests for pipeline/core/params.py: every bad params file is refused with its key named."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import REPO, write_params
 
-from pipeline import params
+from pipeline.core import params
 
 
 def test_the_shipped_params_load_and_flatten() -> None:

@@ -26,7 +26,7 @@ NAME = "text-classification"
 
 
 def release(repo: Path, *args: str) -> str:
-    return sh([sys.executable, "-m", "pipeline.release", *args], repo)
+    return sh([sys.executable, "-m", "pipeline.ops.release", *args], repo)
 
 
 def refused(repo: Path, *args: str) -> str:
@@ -140,7 +140,7 @@ def test_a_fresh_clone_restores_v1_and_reruns_it_to_the_same_bytes(
 ) -> None:
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    out = sh([sys.executable, "-m", "pipeline.reproduce", "v1"], clone)
+    out = sh([sys.executable, "-m", "pipeline.ops.reproduce", "v1"], clone)
     tagged = json.loads(sh(["git", "show", "v1:reports/metrics.json"], repo))
     assert f"v1 restored in {Path('.reproduce') / 'v1'}: {json.dumps(tagged)}" in out
     restored = clone / ".reproduce" / "v1"
@@ -150,7 +150,7 @@ def test_a_fresh_clone_restores_v1_and_reruns_it_to_the_same_bytes(
     assert status in ({}, {"finetune": [{"changed outs": {"models/checkpoints": "deleted"}}]})
     v1_version = client(repo).get_model_version(NAME, "1")
     assert manifest["provenance"]["finetuned_sha256"] == v1_version.tags["model_sha256"]
-    out = sh([sys.executable, "-m", "pipeline.reproduce", "v1", "--rerun"], clone)
+    out = sh([sys.executable, "-m", "pipeline.ops.reproduce", "v1", "--rerun"], clone)
     assert "same machine as v1: True" in out and "v1 reproduced: every output is equal" in out
     assert "DIFFERS" not in out and out.count(" equal") >= 8
 
@@ -161,11 +161,11 @@ def test_a_tag_trained_in_another_precision_reruns_only_its_data_stages(
     """A tag whose run trained in a precision this machine would not use (bf16 made where it is
     native, reproduced where it is not, or the reverse) cannot have its training repeated: the
     data stages are re-run and compared, and the exit is 1 with the reason."""
-    from pipeline import params
-    from pipeline.finetune import precision_used
-    from pipeline.reproduce import DATA_STAGES
+    from pipeline.core import params
+    from pipeline.core.precision import precision_here
+    from pipeline.ops.reproduce import DATA_STAGES
 
-    here = precision_used(params.load(repo / "params.yaml", "finetune"))
+    here = precision_here(params.load(repo / "params.yaml", "finetune").finetune.precision)
     other = "fp32" if here == "bf16" else "bf16"
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
@@ -175,7 +175,7 @@ def test_a_tag_trained_in_another_precision_reruns_only_its_data_stages(
     report.write_text(json.dumps({**json.loads(report.read_text()), "precision": other}))
     sh(["git", "commit", "-qam", f"v1 as if trained in {other}"], clone)
     sh(["git", "tag", "v1-other"], clone)
-    done = run_in([sys.executable, "-m", "pipeline.reproduce", "v1-other", "--rerun"], clone)
+    done = run_in([sys.executable, "-m", "pipeline.ops.reproduce", "v1-other", "--rerun"], clone)
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
     assert f"training precision: {other} at v1-other, {here} here" in out
@@ -275,7 +275,7 @@ def test_the_mlflow_ui_shows_the_run_its_metrics_and_the_registered_model(
 def test_the_default_remote_is_found_whatever_the_length_of_its_url(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.reproduce import default_remote
+    from pipeline.ops.reproduce import default_remote
 
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -3,7 +3,7 @@ elsewhere, and the first stage outside it named."""
 
 from __future__ import annotations
 
-from pipeline.reproduce import compare, untrainable_here
+from pipeline.ops.reproduce import compare, untrainable_here
 
 TAGGED = {
     "ingest": {"data/raw": "a1"},

@@ -100,7 +100,7 @@ def cuda_variants_dir(
     """The tiny model with its fp16 variant (built only where CUDA starts)."""
     if not cuda_starts(onnx_model_dir / "model.onnx"):
         pytest.skip("no CUDA device on this machine")
-    from pipeline.export_onnx import build_model_folder
+    from pipeline.stages.export_onnx import build_model_folder
 
     out = tmp_path_factory.mktemp("cuda-variants") / "model"
     texts = [r["text"] for r in synthetic_reviews(48, seed=3)]

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pipeline.tasks import sparse_head  # noqa: E402
+from pipeline.tasks.masked_lm import sparse_head  # noqa: E402
 
 
 def tiny_mlm(kind: str) -> object:

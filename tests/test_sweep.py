@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import params, sweep
+from pipeline.core import params
+from pipeline.ops import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ from conftest import TASK_DATA, write_params, write_splits
 
 import bertrt
 from bertrt.contract import TASKS
-from pipeline import evaluate_model, export_onnx, finetune, tasks, tokenize_data, validate
+from pipeline import tasks
+from pipeline.stages import evaluate_model, export_onnx, finetune, tokenize_data, validate
 
 
 def test_every_contract_task_has_an_implementation_data_and_a_predictor() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import build_pipeline_repo, sh
 
-from pipeline import team_server
+from pipeline.ops import team_server
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = parent / "server"
     port, db_port = free_port(), free_port()
     log = (folder.parent / "server.log").open("w")
-    cmd = [sys.executable, "-m", "pipeline.team_server", "--dir", str(folder)]
+    cmd = [sys.executable, "-m", "pipeline.ops.team_server", "--dir", str(folder)]
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--db-port", str(db_port)], stdout=log, stderr=log
     )
@@ -99,6 +99,6 @@ def test_the_pipeline_logs_and_releases_into_the_team_server(
     assert "evaluation/confusion.png" in listed
     local = client.download_artifacts(run_id, "evaluation/confusion.png", str(tmp_path))
     assert Path(local).stat().st_size > 1000  # served by the tracking server, not a shared disk
-    sh([sys.executable, "-m", "pipeline.release", "v1"], repo, MLFLOW_TRACKING_URI=server)
+    sh([sys.executable, "-m", "pipeline.ops.release", "v1"], repo, MLFLOW_TRACKING_URI=server)
     version = client.get_model_version_by_alias("text-classification", "candidate")
     assert version.tags["git_tag"] == "v1" and version.run_id == run_id

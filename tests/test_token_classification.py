@@ -11,10 +11,10 @@ import pytest
 from conftest import synthetic_sentences, write_params, write_splits
 
 from bertrt.token_classifier import Token, group, word_units
-from pipeline import ingest, validate
-from pipeline.tables import TableError
-from pipeline.tasks import tagging
-from pipeline.tasks.token_classification import (
+from pipeline.core.tables import TableError
+from pipeline.stages import ingest, validate
+from pipeline.tasks.token_classification import tagging
+from pipeline.tasks.token_classification.task import (
     merge_word_predictions,
     seqeval_scores,
     spans,
@@ -261,7 +261,8 @@ def test_first_subword_carries_the_label_and_windows_cover_every_word(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from pipeline import params, tasks
+    from pipeline import tasks
+    from pipeline.core import params
 
     task = tasks.get("token-classification")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -426,7 +427,7 @@ def test_unknown_characters_join_the_vocabulary_and_the_model(
 ) -> None:
     from transformers import AutoConfig
 
-    from pipeline import finetune, tokenize_data
+    from pipeline.stages import finetune, tokenize_data
 
     rows = chinese_sentences(40, seed=1)
     raw = write_splits(

@@ -1,4 +1,4 @@
-"""Tests for pipeline/tracking.py: the store under parallel workers."""
+"""Tests for pipeline/core/tracking.py: the store under parallel workers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 WORKER = """
 import sys
 import mlflow
-from pipeline import tracking
-from pipeline.params import Tracking
+from pipeline.core import tracking
+from pipeline.core.params import Tracking
 
 tracking.connect(Tracking(uri=sys.argv[1], experiment="text-classification"))
 with mlflow.start_run(run_name=sys.argv[2]):

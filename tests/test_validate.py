@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import synthetic_reviews, write_params, write_splits
 
-from pipeline import validate
+from pipeline.stages import validate
 
 
 def good_splits() -> dict[str, list[dict]]:
@@ -275,7 +275,7 @@ def test_main_exits_non_zero_with_the_report(tmp_path: Path, params_path: Path, 
 def test_failures_name_the_source_file_and_row_not_the_split_file(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    from pipeline import ingest
+    from pipeline.stages import ingest
 
     source = tmp_path / "given"
     source.mkdir()

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from bertrt.long_text import Reading
-from pipeline.params import Params
-from pipeline.sources import load_options
+from pipeline.core.params import Params
+from pipeline.core.sources import load_options
 
 
 class Task(ABC):
