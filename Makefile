@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: help venv lock run repro relog exp sweep test test-fast test-gpu lint format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
+.PHONY: help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,8 +64,11 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 test-gpu: $(STAMP) ## the gpu-marked tests (CUDA fp32 and fp16 with IO binding, TensorRT); they skip without a GPU
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m gpu
 
-lint: $(STAMP) ## ruff lint and format check
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+lint: $(STAMP) ## ruff lint and format check, the import layers (lint-imports), dvc.yaml's code deps
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/python -m pipeline.ops.code_deps --check
+
+deps: $(STAMP) ## write each dvc.yaml stage's code deps from the import graph
+	$(BIN)/python -m pipeline.ops.code_deps
 
 format: $(STAMP) ## ruff format and fix
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tasks
-from pipeline.core import entry, lineage, params, precision, tracking
+from pipeline.core import entry, imports, lineage, params, precision, tracking
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import from_pretrained, load_options, resolve_model
 from pipeline.train import optim, tracking_gaps
@@ -107,12 +107,7 @@ def run(
     data_digest = lineage.file_digest(validated_dir)
     # Checkpoints are only resumed by the same code on the same data with the same params.
     task = tasks.get(p.base.task)
-    sources = [
-        Path(__file__),
-        Path(optim.__file__),
-        *sorted(Path(tasks.__file__).parent.glob("*.py")),
-    ]
-    code = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
+    code = imports.code_digest(__spec__.name)
     fingerprint = hashlib.sha256(
         json.dumps(
             {"params": p.as_dict(), "data": data_digest, "code": code}, sort_keys=True

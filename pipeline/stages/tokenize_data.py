@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline import tasks
-from pipeline.core import entry, lineage, params
+from pipeline.core import entry, imports, lineage, params
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import load_options, resolve_model
 from pipeline.core.tables import SPLITS
@@ -49,11 +49,11 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
             p.tokenize.vocab_extension_min_count,
         )
     # What else decides the output: the tokenizer itself, the labels and the tokenising code.
-    code = [Path(tasks.__file__).parent.glob("*.py"), [Path(__file__)]]
+    # The code: every project file this stage runs, as dvc.yaml lists them (core.imports).
     recipe = hashlib.sha256(
         tokenizer.backend_tokenizer.to_str().encode()
         + json.dumps(labels).encode()
-        + b"".join(f.read_bytes() for group in code for f in sorted(group))
+        + imports.code_digest(__spec__.name).encode()
     ).hexdigest()
     splits = {}
     for split in SPLITS:
