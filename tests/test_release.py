@@ -54,7 +54,7 @@ def v1(repo: Path) -> str:
     assert "not committed (params.yaml)" in refused(repo, "v1")
     params.write_text(original)
     # ...and so is a dvc.lock that the committed code no longer matches.
-    stage = repo / "pipeline" / "validate.py"
+    stage = repo / "pipeline" / "stages" / "validate.py"
     stage.write_text(stage.read_text() + "\n# changed\n")
     sh(["git", "commit", "-qam", "a change to validate"], repo)
     message = refused(repo, "v1")
