@@ -81,7 +81,7 @@ def test_evaluation_fills_probes_as_the_runtime_does(model: FillMask, fill_dir: 
     import pandas as pd
     from transformers import AutoTokenizer, BertForMaskedLM
 
-    from pipeline.tasks.masked_lm import cloze
+    from pipeline.tasks.masked_lm.scoring import probe_fills
 
     texts = [
         "the [MASK] [MASK] [MASK] was good",
@@ -91,7 +91,7 @@ def test_evaluation_fills_probes_as_the_runtime_does(model: FillMask, fill_dir: 
     torch_model = BertForMaskedLM.from_pretrained(fill_dir.parent / "ft")
     tokenizer = AutoTokenizer.from_pretrained(fill_dir.parent / "ft")
     probes = pd.DataFrame({"text": texts, "answer": ["x y z", "x y z", "x"]})
-    fills = cloze.probe_fills(torch_model, tokenizer, probes)
+    fills = probe_fills(torch_model, tokenizer, probes)
     for strategy, key in (("independent", "fill"), ("greedy", "greedy"), ("beam", "beam")):
         served = model.predict(texts, strategy=strategy)
         for mine, theirs in zip(fills, served, strict=True):

@@ -18,7 +18,9 @@ from pipeline.core import params
 from pipeline.core.tables import SPLITS, TableError
 from pipeline.stages import ingest, tokenize_data, validate
 from pipeline.tasks import get
-from pipeline.tasks.masked_lm import cloze
+from pipeline.tasks.masked_lm.corpus import read_corpus, read_probes, strip_tags
+from pipeline.tasks.masked_lm.masks import MaskingCollator, find_spans, salient_ids, word_offsets
+from pipeline.tasks.masked_lm.scoring import heldout_scores, perplexity, probe_fills
 
 TASK = "fill-mask"
 
@@ -100,13 +102,13 @@ def test_rehearsal_sources_join_train_only_a_seeded_sample_of_each(
 
 def test_people_s_daily_word_pos_lines_become_plain_text(tmp_path: Path) -> None:
     line = "迈向/v  充满/v  希望/n  的/u  [中国/ns  政府/n]nt  。/w"
-    assert cloze.strip_tags(line) == "迈向充满希望的中国政府。"
+    assert strip_tags(line) == "迈向充满希望的中国政府。"
     plain = "诸葛涛是三国时期的一位名将。"
     review = "前台的check in/check out都很快."  # one slash-word is not a tagged line
     (tmp_path / "pd.txt").write_text(
         f"{line}\n１２月/t  ３１日/t\n{plain}\n{review}\n", encoding="utf-8"
     )
-    df = cloze.read_corpus(tmp_path / "pd.txt", "text", "word_pos")
+    df = read_corpus(tmp_path / "pd.txt", "text", "word_pos")
     assert df["text"].tolist() == ["迈向充满希望的中国政府。", "１２月３１日", plain, review]
 
 
@@ -150,7 +152,7 @@ def test_bad_probe_files_are_refused(tmp_path: Path, content: str, message: str)
     path = tmp_path / "probes.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(TableError, match=message):
-        cloze.read_probes(path)
+        read_probes(path)
 
 
 # --- validate -----------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ def test_dynamic_masking_statistics_on_a_seeded_batch(tiny_model_dir: Path) -> N
         }
         for _ in range(400)
     ]
-    batch = cloze.MaskingCollator(tokenizer, masking(), seed=7)(rows)
+    batch = MaskingCollator(tokenizer, masking(), seed=7)(rows)
     original = np.array([r["input_ids"] for r in rows])
     chosen = batch["labels"].numpy() != -100
     content = np.array([r["special_tokens_mask"] for r in rows]) == 0
@@ -272,11 +274,11 @@ def test_salient_words_are_masked_whole_that_often(
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     (tmp_path / "names.txt").write_text("clumsy\nbrilliant cast\n", encoding="utf-8")
-    spans = cloze.salient_ids(tokenizer, str(tmp_path / "names.txt"))
+    spans = salient_ids(tokenizer, str(tmp_path / "names.txt"))
     assert [len(s) for s in spans] == [2, 1]  # the longer one is matched first
     text = "the brilliant cast was clumsy and the plot was clumsy"
     ids = tokenizer(text)["input_ids"]
-    where = cloze.find_spans(ids, spans)
+    where = find_spans(ids, spans)
     assert [length for _, length in where] == [2, 1, 1]
     rows = [
         {
@@ -294,7 +296,7 @@ def test_salient_words_are_masked_whole_that_often(
         salient_words=str(tmp_path / "names.txt"),
         salient_probability=probability,
     )
-    batch = cloze.MaskingCollator(tokenizer, config, seed=3)(rows)
+    batch = MaskingCollator(tokenizer, config, seed=3)(rows)
     labels, got = batch["labels"].numpy(), batch["input_ids"].numpy()
     for start, length in where:
         span = slice(start, start + length)
@@ -313,7 +315,7 @@ def test_whole_word_masking_with_jieba_masks_chinese_words_together() -> None:
     pytest.importorskip("jieba")
     text = "我们喜欢北京天安门"
     offsets = [(i, i + 1) for i in range(len(text))]
-    moved = cloze.word_offsets(text, offsets, "jieba")
+    moved = word_offsets(text, offsets, "jieba")
     # A word starts wherever a character does not touch the one before it.
     starts = [0] + [i for i in range(1, len(moved)) if moved[i][0] != moved[i - 1][1]]
     words = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
@@ -324,10 +326,10 @@ def test_user_words_keep_a_new_name_whole(tmp_path: Path) -> None:
     pytest.importorskip("jieba")
     text = "名将诸葛涛擅长用兵"
     offsets = [(i, i + 1) for i in range(len(text))]
-    plain = cloze.word_offsets(text, offsets, "jieba")
+    plain = word_offsets(text, offsets, "jieba")
     assert plain[4][0] != plain[3][1]  # jieba alone splits 诸葛 | 涛
     (tmp_path / "words.txt").write_text("诸葛涛\n", encoding="utf-8")
-    moved = cloze.word_offsets(text, offsets, "jieba", str(tmp_path / "words.txt"))
+    moved = word_offsets(text, offsets, "jieba", str(tmp_path / "words.txt"))
     assert moved[3][0] == moved[2][1] and moved[4][0] == moved[3][1]  # 诸葛涛 is one word
     assert moved[2][0] != moved[1][1] and moved[5][0] != moved[4][1]
 
@@ -364,9 +366,9 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_model_dir: Pa
     data = Dataset.from_dict(
         {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "labels": labels}
     )
-    scores = cloze.heldout_scores(model, data, cloze.MaskingCollator(tokenizer, masking()), 8)
+    scores = heldout_scores(model, data, MaskingCollator(tokenizer, masking()), 8)
     assert scores["count"] == sum(len(r[::2]) for r in ids)
-    assert math.isclose(cloze.perplexity(scores), len(tokenizer), rel_tol=1e-4)
+    assert math.isclose(perplexity(scores), len(tokenizer), rel_tol=1e-4)
 
 
 def test_probe_accuracy_counts_a_multi_mask_probe_only_when_every_mask_is_right(
@@ -387,7 +389,7 @@ def test_probe_accuracy_counts_a_multi_mask_probe_only_when_every_mask_is_right(
             "answer": ["film", "film plot", "plot"],
         }
     )
-    fills = cloze.probe_fills(model, tokenizer, probes)
+    fills = probe_fills(model, tokenizer, probes)
     assert [f["top1_ok"] for f in fills] == [True, False, False]
     assert [f["top5_ok"] for f in fills] == [True, True, True]
     assert fills[1]["fill"] == "film film" and fills[1]["masks"] == 2

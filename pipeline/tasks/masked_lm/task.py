@@ -12,9 +12,9 @@ import pandas as pd
 from bertrt.contract import FILL_MASK
 from pipeline.core.params import Params
 from pipeline.core.sources import from_pretrained, load_options, resolve_model, resolve_path
-from pipeline.core.tables import SPLITS, text_key
+from pipeline.core.tables import SPLITS, table_format, text_key
 from pipeline.tasks.base import Task
-from pipeline.tasks.masked_lm import cloze, sparse_head
+from pipeline.tasks.masked_lm import corpus, masks, scoring, sparse_head
 from pipeline.tasks.percentiles import percentiles
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ class MaskedLM(Task):
 
     # ingest ---------------------------------------------------------------------------------
     def accepts(self, path: Path) -> bool:
-        return cloze.is_text_file(path) or cloze.table_format(path) is not None
+        return corpus.is_text_file(path) or table_format(path) is not None
 
     def read(self, path: Path, p: Params) -> pd.DataFrame:
-        return cloze.read_corpus(path, p.base.text_column, p.ingest.text_format)
+        return corpus.read_corpus(path, p.base.text_column, p.ingest.text_format)
 
     def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
         text = p.base.text_column
@@ -70,7 +70,7 @@ class MaskedLM(Task):
         frames = {k: v.assign(**{ANSWER: ""}) for k, v in frames.items()}
         if p.ingest.probes:
             path = resolve_path(p.ingest.probes, "ingest.probes")
-            probes = cloze.read_probes(path).rename(columns={"text": text})
+            probes = corpus.read_probes(path).rename(columns={"text": text})
             probes = probes.assign(source_file=path.name)
             frames["test"] = pd.concat([frames["test"], probes], ignore_index=True)
         return frames
@@ -122,7 +122,7 @@ class MaskedLM(Task):
         rows = []
         answers = df[ANSWER] if ANSWER in df else pd.Series("", index=df.index)
         for text, answer in zip(df[p.base.text_column].astype(str), answers, strict=True):
-            pieces = [text] if answer else cloze.split_long(text, p.validate.max_line_chars)
+            pieces = [text] if answer else corpus.split_long(text, p.validate.max_line_chars)
             rows += [{TEXT: t, ANSWER: str(answer), PIECE: i} for i, t in enumerate(pieces)]
         return pd.DataFrame(rows, columns=[TEXT, ANSWER, PIECE]).astype({PIECE: "int64"})
 
@@ -159,7 +159,7 @@ class MaskedLM(Task):
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
             enc = tokenizer(batch[TEXT], add_special_tokens=False, return_offsets_mapping=True)
-            rows = cloze.blocks(
+            rows = masks.blocks(
                 enc,
                 batch[TEXT],
                 tokenizer,
@@ -168,7 +168,7 @@ class MaskedLM(Task):
                 p.masking,
             )
             if split != "train":
-                return cloze.mask_once(rows, tokenizer, p.masking, seed)
+                return masks.mask_once(rows, tokenizer, p.masking, seed)
             if not p.masking.whole_word:
                 rows.pop("offset_mapping")
             return rows
@@ -185,7 +185,7 @@ class MaskedLM(Task):
         stats = {"rows": len(texts), "blocks": len(out), "tokens": int(sum(lengths))}
         if split != "train":
             stats["masked_tokens"] = int(
-                sum((np.asarray(x) != cloze.IGNORE).sum() for x in out["labels"])
+                sum((np.asarray(x) != masks.IGNORE).sum() for x in out["labels"])
             )
         return out, stats
 
@@ -199,7 +199,7 @@ class MaskedLM(Task):
         return {}
 
     def collator(self, tokenizer: Any, p: Params) -> Any:
-        return cloze.MaskingCollator(tokenizer, p.masking)
+        return masks.MaskingCollator(tokenizer, p.masking)
 
     def prepare_training(self, model: Any) -> None:
         sparse_head.install(model)  # the vocabulary-wide head runs on masked positions only
@@ -210,7 +210,7 @@ class MaskedLM(Task):
     def compute_metrics(self, labels: list[str]) -> Any:
         def accuracy(eval_pred: Any) -> dict[str, float]:
             predicted, truth = (np.asarray(x) for x in eval_pred)
-            where = truth != cloze.IGNORE
+            where = truth != masks.IGNORE
             return {
                 "accuracy": float((predicted[where] == truth[where]).mean())
                 if where.any()
@@ -240,9 +240,11 @@ class MaskedLM(Task):
             fits = largest < model.get_input_embeddings().num_embeddings
             pad = DataCollatorForTokenClassification(tokenizer)
             out[name] = (
-                cloze.heldout_scores(model, dataset, pad, p.evaluate.batch_size) if fits else None
+                scoring.heldout_scores(model, dataset, pad, p.evaluate.batch_size)
+                if fits
+                else None
             )
-            out[f"probes_{name}"] = cloze.probe_fills(model, tokenizer, probes)
+            out[f"probes_{name}"] = scoring.probe_fills(model, tokenizer, probes)
         return out
 
     def evaluate(
@@ -257,14 +259,14 @@ class MaskedLM(Task):
     ) -> dict[str, Any]:
         after, before = predictions["after"], predictions["before"]
         overall: dict[str, Any] = {
-            "perplexity": cloze.perplexity(after),
+            "perplexity": scoring.perplexity(after),
             "masked_accuracy": after["top1"] / max(after["count"], 1),
             "masked_top5": after["top5"] / max(after["count"], 1),
             "masked_tokens": int(after["count"]),
             "rows": len(dataset),
         }
         if before is not None:
-            overall["perplexity_before"] = cloze.perplexity(before)
+            overall["perplexity_before"] = scoring.perplexity(before)
             overall["perplexity_change"] = overall["perplexity"] / overall["perplexity_before"] - 1
             overall["masked_accuracy_before"] = before["top1"] / max(before["count"], 1)
         probes = test[is_probe(test)].reset_index(drop=True)
