@@ -72,7 +72,7 @@ def pytorch_predictor(
 
 def ort_predictor(model_dir: Path, variant: str, device: str, threads: int = 0) -> Predict:
     """Labels from the standalone runtime on one variant of the model folder."""
-    from bertrt.predictor import load
+    from bertrt.api import load
 
     # device="cuda" raises DeviceError rather than falling back to the CPU.
     runtime = load(model_dir, device=device, variant=variant, threads=threads)

@@ -176,7 +176,7 @@ class OrtBackend:
     """A variant through the runtime: texts end to end, or the graph alone on bound ids."""
 
     def __init__(self, model_dir: Path, variant: str | None, device: str, tensorrt: bool) -> None:
-        from bertrt.predictor import load
+        from bertrt.api import load
 
         # device="cuda" raises DeviceError rather than falling back to the CPU.
         self.runtime = load(model_dir, device=device, variant=variant, tensorrt=tensorrt)

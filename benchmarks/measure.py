@@ -56,7 +56,7 @@ class PeakMemory:
 def import_rss_mb() -> dict[str, float]:
     """Resident memory each backend's libraries add when imported, in MiB (first import only)."""
     before = rss_bytes()
-    import bertrt.predictor  # noqa: F401 - imported for its memory cost
+    import bertrt.api  # noqa: F401 - imported for its memory cost
 
     middle = rss_bytes()
     import torch  # noqa: F401

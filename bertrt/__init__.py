@@ -3,12 +3,20 @@
 Imports only onnxruntime, tokenizers and numpy (the server adds a small ASGI stack).
 """
 
-from bertrt.bundle import load_bundled
-from bertrt.predictor import Prediction, Predictor, TextClassifier, load
-from bertrt.token_classifier import Entity, Tagging, TokenClassifier
+from bertrt.api import load, load_bundled
+from bertrt.predictors import (
+    Entity,
+    FillMask,
+    Prediction,
+    Predictor,
+    Tagging,
+    TextClassifier,
+    TokenClassifier,
+)
 
 __all__ = [
     "Entity",
+    "FillMask",
     "Prediction",
     "Predictor",
     "Tagging",

@@ -1,4 +1,4 @@
-"""Wheels that bundle the runtime with an exported model folder, and loading what they bundle."""
+"""Wheels that bundle the runtime with an exported model folder (`python -m bertrt package`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bertrt import __version__
 from bertrt import manifest as manifest_io
-from bertrt.contract import MANIFEST_FILE, MODEL_CARD_FILE
-from bertrt.predictor import Predictor, load
+from bertrt.contract import MODEL_CARD_FILE
+from bertrt.engine import choose_variant
+from bertrt.locate import BundleError
+from bertrt.session import CPU, CUDA
 
-# Bundled model folders live here inside an installed wheel: bertrt/models/<name>/.
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-BUNDLED = "bundled"
 ORT_VERSION = "1.31.1"
 ONNXRUNTIMES = ("onnxruntime-gpu", "onnxruntime")
 # ONNX Runtime as an extra (`pip install bertrt-model-x[cpu]` or `[gpu]`): a CPU host does not
@@ -45,67 +45,11 @@ gpu = {gpu}
 bertrt = "bertrt.cli:main"
 
 [tool.setuptools]
-packages = ["bertrt", "bertrt.models", "bertrt.models.{name}"]
+packages = ["bertrt", "bertrt.predictors", "bertrt.models", "bertrt.models.{name}"]
 
 [tool.setuptools.package-data]
 "bertrt.models.{name}" = ["*"]
 """
-
-
-class BundleError(RuntimeError):
-    """A bundle that cannot be built or a bundled model that is not there."""
-
-
-def bundled_models() -> list[str]:
-    """Names of the model folders bundled into this installation."""
-    if not MODELS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / MANIFEST_FILE).is_file())
-
-
-def bundled_dir(name: str | None = None) -> Path:
-    """Folder of the bundled model `name` (the only one bundled when None)."""
-    names = bundled_models()
-    if not names:
-        raise BundleError(
-            f"no model is bundled with this bertrt ({MODELS_DIR} is empty); install a wheel "
-            "built by `python -m bertrt package` or pass a model folder"
-        )
-    if name is None:
-        if len(names) > 1:
-            raise BundleError(f"{len(names)} models are bundled, name one of {names}")
-        name = names[0]
-    if name not in names:
-        raise BundleError(f"no bundled model {name!r}; bundled: {names}")
-    return MODELS_DIR / name
-
-
-def resolve_model(spec: str) -> Path:
-    """A model folder from a path; `bundled`, `bundled:NAME` or the bare NAME of a bundled model
-    (a folder of that name wins; write `./NAME`); or an MLflow URI (`models:/name@production`)."""
-    from bertrt import registry
-
-    if spec == BUNDLED:
-        return bundled_dir()
-    if spec.startswith(BUNDLED + ":"):
-        return bundled_dir(spec[len(BUNDLED) + 1 :])
-    if registry.is_uri(spec):
-        return registry.fetch(spec)
-    if not Path(spec).exists() and spec in bundled_models():
-        return bundled_dir(spec)
-    return Path(spec)
-
-
-def load_bundled(
-    name: str | None = None,
-    device: str = "auto",
-    variant: str | None = None,
-    threads: int = 0,
-    tensorrt: bool = False,
-    verify: bool = True,
-) -> Predictor:
-    """Open the model bundled into this installation; the options are those of `bertrt.load`."""
-    return load(bundled_dir(name), device, variant, threads, tensorrt, verify)
 
 
 def _toml_list(items: list[str]) -> str:
@@ -114,9 +58,6 @@ def _toml_list(items: list[str]) -> str:
 
 def default_variants(manifest: manifest_io.Manifest) -> list[str]:
     """What the runtime would pick on CPU and on CUDA: the graphs a wheel needs by default."""
-    from bertrt.engine import choose_variant
-    from bertrt.session import CPU, CUDA
-
     return sorted({choose_variant(manifest, provider, None) for provider in (CPU, CUDA)})
 
 
@@ -152,8 +93,13 @@ def write_project(
     bundled = bundled_manifest(manifest, variants)
     package = project / "bertrt"
     package.mkdir(parents=True)
-    for module in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        shutil.copy2(module, package / module.name)
+    runtime = Path(__file__).resolve().parent
+    for module in sorted(runtime.rglob("*.py")):
+        relative = module.relative_to(runtime)
+        if relative.parts[0] in ("models", "__pycache__"):
+            continue
+        (package / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, package / relative)
     target = package / "models" / name
     target.mkdir(parents=True)
     # Only what the manifest lists (plus the model card): no stray temporary files.
@@ -199,8 +145,6 @@ def build_wheel(
             (onnxruntime-gpu); "onnxruntime" or "onnxruntime-gpu" makes it a plain dependency.
         variants: the graphs to bundle; by default those the runtime picks on CPU and on CUDA.
     """
-    from bertrt import __version__
-
     if not NAME_PATTERN.fullmatch(name):
         raise BundleError(
             f"bundle name {name!r}: start with a lower-case letter; then letters, digits or _"

@@ -12,14 +12,16 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
-from bertrt.bundle import ONNXRUNTIMES, BundleError, build_wheel, resolve_model
-from bertrt.fill_mask import BEAM_SIZE, STRATEGIES
+from bertrt.api import load
+from bertrt.bundle import ONNXRUNTIMES, build_wheel
+from bertrt.locate import BundleError, resolve_model
 from bertrt.manifest import IntegrityError
-from bertrt.predictor import Predictor, load
+from bertrt.predictors import Predictor
+from bertrt.predictors.fill_mask import BEAM_SIZE, STRATEGIES
+from bertrt.predictors.token_classification import AGGREGATIONS
 from bertrt.progress import Progress
 from bertrt.registry import RegistryError
 from bertrt.session import DEVICES, DeviceError
-from bertrt.token_classifier import AGGREGATIONS
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from pydantic import (
 from bertrt import __version__
 from bertrt.batcher import Batcher, DeadlineExceeded, Overloaded
 from bertrt.contract import FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
-from bertrt.fill_mask import BEAM_SIZE, MAX_BEAM
-from bertrt.predictor import Predictor
+from bertrt.predictors import Predictor
+from bertrt.predictors.fill_mask import BEAM_SIZE, MAX_BEAM
 
 log = logging.getLogger(__name__)
 

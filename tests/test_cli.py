@@ -14,7 +14,7 @@ from conftest import synthetic_reviews
 import bertrt
 from bertrt import cli
 from bertrt.cli import InputError, main, parse_line
-from bertrt.predictor import TextClassifier
+from bertrt.predictors.text_classification import TextClassifier
 from bertrt.progress import Progress
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import bertrt
 from bertrt.cli import main
-from bertrt.fill_mask import FillMask, join_cjk, log_softmax, runs
+from bertrt.predictors.fill_mask import FillMask, join_cjk, log_softmax, runs
 
 
 @pytest.fixture(scope="module")

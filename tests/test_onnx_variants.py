@@ -14,7 +14,7 @@ import torch
 from conftest import synthetic_reviews
 
 from bertrt import manifest as manifest_io
-from bertrt.predictor import load
+from bertrt.api import load
 from pipeline.export import onnx_variants
 from pipeline.stages.export_onnx import build_model_folder
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 import bertrt
-from bertrt import bundle
-from bertrt.bundle import BundleError, build_wheel, bundled_dir, load_bundled, resolve_model
+from bertrt import locate
+from bertrt.api import load_bundled
+from bertrt.bundle import build_wheel
 from bertrt.cli import main
+from bertrt.locate import BundleError, bundled_dir, resolve_model
 from bertrt.manifest import IntegrityError
 
 # What the clean environment gets: the runtime's pinned stack and nothing else.
@@ -71,8 +73,11 @@ def test_wheel_holds_the_runtime_and_the_model_folder(wheel: Path, onnx_model_di
         for file in model_files - {"manifest.json"}:
             data = archive.read(f"bertrt/models/tiny/{file}")
             assert data == (onnx_model_dir / file).read_bytes(), file
-    modules = {n.removeprefix("bertrt/") for n in names if n.count("/") == 1 and "bertrt/" in n}
-    assert {"__init__.py", "__main__.py", "predictor.py", "session.py", "server.py"} <= modules
+    # Every runtime module, the predictors package included, and nothing of the pipeline.
+    runtime = Path(bertrt.__file__).parent
+    sources = {f"bertrt/{f.relative_to(runtime).as_posix()}" for f in runtime.rglob("*.py")}
+    assert {"bertrt/predictors/fill_mask.py", "bertrt/server.py"} <= sources
+    assert sources == {n for n in names if n.endswith(".py")}
     assert not any(n.startswith(("pipeline/", "tests/")) for n in names)
 
 
@@ -170,14 +175,14 @@ def bundled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, onnx_model_dir: Pat
     """An installation layout with one bundled model, as the wheel lays it out."""
     models = tmp_path / "models"
     shutil.copytree(onnx_model_dir, models / "tiny")
-    monkeypatch.setattr(bundle, "MODELS_DIR", models)
+    monkeypatch.setattr(locate, "MODELS_DIR", models)
     return models
 
 
 def test_nothing_bundled_in_a_source_checkout(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(bundle, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(locate, "MODELS_DIR", tmp_path / "models")
     with pytest.raises(BundleError, match="no model is bundled with this bertrt"):
         load_bundled()
 

@@ -13,10 +13,11 @@ import pytest
 from conftest import synthetic_reviews
 
 import bertrt
-from bertrt import predictor as predictor_module
 from bertrt.contract import LABELS_FILE, MANIFEST_FILE, TOKENIZER_FILE
+from bertrt.engine import ModelFolderError
 from bertrt.manifest import IntegrityError
-from bertrt.predictor import ModelFolderError, TextClassifier
+from bertrt.predictors import text_classification as predictor_module
+from bertrt.predictors.text_classification import TextClassifier
 from bertrt.session import CPU, CUDA, TENSORRT, DeviceError, start_session, tensorrt_options
 
 HEAVY = ["torch", "transformers", "pipeline", "sklearn", "pandas", "mlflow", "dvc"]

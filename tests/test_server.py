@@ -23,7 +23,7 @@ from conftest import synthetic_reviews
 
 import bertrt
 from bertrt.contract import MANIFEST_FILE
-from bertrt.predictor import TextClassifier
+from bertrt.predictors.text_classification import TextClassifier
 from bertrt.server import create_app
 
 MAX_BODY = 4096
@@ -309,7 +309,7 @@ def test_serve_command_logs_provider_and_answers(onnx_model_dir: Path, tmp_path:
 def test_token_classification_server_returns_entities_and_says_so(ner_dir: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from bertrt.predictor import load
+    from bertrt.api import load
     from bertrt.server import create_app
 
     app = create_app(load(ner_dir, device="cpu"))

@@ -11,14 +11,13 @@ from conftest import TASK_DATA, write_params, write_splits
 
 import bertrt
 from bertrt.contract import TASKS
+from bertrt.predictors import REGISTRY
 from pipeline import tasks
 from pipeline.stages import evaluate_model, export_onnx, finetune, tokenize_data, validate
 
 
 def test_every_contract_task_has_an_implementation_data_and_a_predictor() -> None:
-    from bertrt.predictor import _predictors
-
-    assert set(tasks.REGISTRY) == set(TASKS) == set(_predictors()) == set(TASK_DATA)
+    assert set(tasks.REGISTRY) == set(TASKS) == set(REGISTRY) == set(TASK_DATA)
     for name in TASKS:
         assert tasks.get(name).name == name
     with pytest.raises(ValueError, match="base.task: 'summarization' has no implementation"):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import synthetic_sentences, write_params, write_splits
 
-from bertrt.token_classifier import Token, group, word_units
+from bertrt.predictors.token_classification import Token, group, word_units
 from pipeline.core.tables import TableError
 from pipeline.stages import ingest, validate
 from pipeline.tasks.token_classification import tagging

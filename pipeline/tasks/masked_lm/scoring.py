@@ -37,15 +37,15 @@ def perplexity(scores: dict[str, float]) -> float:
 
 
 def probe_fills(model: Any, tokenizer: Any, probes: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per probe, its fills as the runtime makes them (`bertrt.fill_mask`), each right only when
-    every mask is: `fill`, each mask's best token from one pass (the `independent` strategy);
-    `greedy`, each run of consecutive masks filled left to right, each best token put in before
-    the next mask is read; `beam`, the same search keeping the runtime's default `beam_size`
-    best partial fills; and the top 5 tokens of each mask, right when each answer token is in
-    its mask's top 5."""
+    """Per probe, its fills as the runtime makes them (`bertrt.predictors.fill_mask`), each right
+    only when every mask is: `fill`, each mask's best token from one pass (the `independent`
+    strategy); `greedy`, each run of consecutive masks filled left to right, each best token put in
+    before the next mask is read; `beam`, the same search keeping the runtime's default `beam_size`
+    best partial fills; and the top 5 tokens of each mask, right when each answer token is in its
+    mask's top 5."""
     import torch
 
-    from bertrt.fill_mask import BEAM_SIZE
+    from bertrt.predictors.fill_mask import BEAM_SIZE
 
     model.eval()
     out = []
@@ -78,12 +78,12 @@ def probe_fills(model: Any, tokenizer: Any, probes: pd.DataFrame) -> list[dict[s
 
 def joint_fill(model: Any, enc: Any, where: list[int], first: Any, width: int) -> list[int]:
     """The best joint fill of every run of consecutive masks, by the runtime's own search
-    (`bertrt.fill_mask.beam_search`, `width` best partial fills): the first mask of a run reads
-    the one pass (`first`, log-probabilities per mask), the others a pass with the run's
-    earlier tokens put in and the other runs still masked."""
+    (`bertrt.predictors.fill_mask.beam_search`, `width` best partial fills): the first mask of
+    a run reads the one pass (`first`, log-probabilities per mask), the others a pass with the
+    run's earlier tokens put in and the other runs still masked."""
     import torch
 
-    from bertrt.fill_mask import beam_search, runs
+    from bertrt.predictors.fill_mask import beam_search, runs
 
     row_of = {p: r for r, p in enumerate(where)}
     filled: list[int] = []
@@ -103,6 +103,6 @@ def joint_fill(model: Any, enc: Any, where: list[int], first: Any, width: int) -
 
 def fill_text(tokenizer: Any, ids: list[int]) -> str:
     """Token ids as text, without the spaces a WordPiece decoder puts between CJK characters."""
-    from bertrt.fill_mask import join_cjk
+    from bertrt.predictors.fill_mask import join_cjk
 
     return join_cjk(tokenizer.decode(ids))

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from bertrt.contract import TOKEN_CLASSIFICATION
-from bertrt.token_classifier import merge_windows
+from bertrt.predictors.token_classification import merge_windows
 from pipeline.core.params import Params
 from pipeline.core.tables import SPLITS, TableError, read_table, table_format
 from pipeline.tasks.base import Task

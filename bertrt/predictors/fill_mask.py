@@ -22,7 +22,7 @@ from tokenizers import Encoding
 
 from bertrt.contract import FILL_MASK
 from bertrt.engine import CHUNK, Engine, ModelFolderError
-from bertrt.predictor import EngineBacked
+from bertrt.predictors.base import EngineBacked
 from bertrt.session import run
 
 MASK_TOKENS = ("[MASK]", "<mask>")

@@ -11,7 +11,7 @@ from tokenizers import Encoding
 
 from bertrt.contract import TOKEN_CLASSIFICATION
 from bertrt.engine import CHUNK, Engine
-from bertrt.predictor import EngineBacked, softmax
+from bertrt.predictors.base import EngineBacked, softmax
 
 # As transformers.pipeline("ner") defines them: "simple" groups tokens; "first", "max" and
 # "average" first give each word one tag (its first token's, its most confident token's, or the
