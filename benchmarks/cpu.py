@@ -115,7 +115,7 @@ def with_unshipped_int8(model_dir: Path, scratch: Path) -> Path | None:
     """A copy of the folder that adds the int8 graph its gate kept out, to measure it anyway."""
     from bertrt import manifest as manifest_io
     from bertrt.contract import VARIANT_FILES
-    from pipeline.export.onnx_variants import to_int8
+    from pipeline.export.graphs import to_int8
 
     manifest = manifest_io.read(model_dir)
     if "int8" in manifest.variants or "fp32-optimized" not in manifest.variants:

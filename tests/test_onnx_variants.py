@@ -15,7 +15,8 @@ from conftest import synthetic_reviews
 
 from bertrt import manifest as manifest_io
 from bertrt.api import load
-from pipeline.export import onnx_variants
+from pipeline.export import gates, graphs, smoothing
+from pipeline.export import variants as export_variants
 from pipeline.stages.export_onnx import build_model_folder
 
 VARIANTS = ("fp32-optimized", "fp16", "int8", "int8-portable")
@@ -163,7 +164,7 @@ def test_int8_kernels_can_be_declared_where_cpuinfo_is_not_what_onnx_runtime_see
     finally:
         session.int8_kernels.cache_clear()
     with pytest.raises(ValueError, match=r"int8 weights 'int4'"):
-        onnx_variants.to_int8(Path("in.onnx"), Path("out.onnx"), weights="int4")
+        graphs.to_int8(Path("in.onnx"), Path("out.onnx"), weights="int4")
 
 
 def test_int8_variants_store_the_weight_types_they_record(variant_dir: Path) -> None:
@@ -241,7 +242,7 @@ def _negate_output(path: Path) -> None:
 def test_failing_variants_are_deleted_and_recorded(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    real_int8, real_load = onnx_variants.to_int8, onnx_variants.open_engine
+    real_int8, real_load = graphs.to_int8, export_variants.open_engine
 
     def corrupted_int8(src: Path, dst: Path, weights: str = "int8") -> None:
         real_int8(src, dst, weights=weights)
@@ -252,11 +253,11 @@ def test_failing_variants_are_deleted_and_recorded(
             raise RuntimeError("no fp16 kernel for Attention")
         return real_load(folder, device=device, variant=variant, verify=verify)
 
-    monkeypatch.setattr(onnx_variants, "to_int8", corrupted_int8)
-    monkeypatch.setattr(onnx_variants, "open_engine", no_fp16_on_cpu)
+    monkeypatch.setattr(graphs, "to_int8", corrupted_int8)
+    monkeypatch.setattr(export_variants, "open_engine", no_fp16_on_cpu)
     texts, labels = _data()
     out = tmp_path / "model"
-    caplog.set_level("WARNING", logger="pipeline.export.onnx_variants")
+    caplog.set_level("WARNING", logger="pipeline.export.variants")
     build_model_folder(
         tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("fp16", "int8")
     )
@@ -307,7 +308,7 @@ def test_gate_table(
     onehot = np.eye(2, dtype=np.float32)
     mask = np.ones((len(got), 1), bool)
     score = None if labels is None else lambda out: float((out.argmax(-1) == labels).mean())
-    result = onnx_variants.gate(onehot[got], onehot[want], mask, min_agreement, max_drop, score)
+    result = gates.gate(onehot[got], onehot[want], mask, min_agreement, max_drop, score)
     assert result["passed"] is passed
     assert result.get("reason", "").startswith(reason or "")
     assert result["max_abs_logit_diff"] == (1.0 if got != want else 0.0)
@@ -320,20 +321,18 @@ def test_gate_reads_per_token_outputs_only_where_the_mask_is_set() -> None:
     outputs = reference.copy()
     outputs[1, 2] = [0.0, 5.0]  # a padded position: ignored
     mask = np.array([[1, 1, 1], [1, 1, 0]], bool)
-    result = onnx_variants.gate(outputs, reference, mask, 0.99, 0.0)
+    result = gates.gate(outputs, reference, mask, 0.99, 0.0)
     assert result["positions"] == 5 and result["agreement"] == 1.0 and result["passed"]
     outputs[0, 1] = [0.0, 5.0]  # a real token whose tag flips
-    result = onnx_variants.gate(outputs, reference, mask, 0.99, 0.0)
+    result = gates.gate(outputs, reference, mask, 0.99, 0.0)
     assert result["label_disagreements"] == 1 and not result["passed"]
 
 
 def test_gate_refuses_mismatched_shapes_and_records_empty_input() -> None:
     logits = np.zeros((3, 2), np.float32)
     with pytest.raises(ValueError, match=r"outputs \(3, 2\) and reference \(2, 2\) differ"):
-        onnx_variants.gate(logits, logits[:2], np.ones((3, 1), bool), 0.9, 0.1)
-    empty = onnx_variants.gate(
-        np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 0), bool), 0.9, 0.1
-    )
+        gates.gate(logits, logits[:2], np.ones((3, 1), bool), 0.9, 0.1)
+    empty = gates.gate(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 0), bool), 0.9, 0.1)
     assert empty == {
         "positions": 0,
         "passed": False,
@@ -368,7 +367,7 @@ def test_int8_search_keeps_the_most_moving_nodes_in_fp32_and_records_them(
 ) -> None:
     """The search measures on calibration texts (not the gate's); what it kept in fp32 is in
     the manifest and is fp32 in the shipped graph."""
-    monkeypatch.setattr(onnx_variants, "int8_kernels", lambda: kernels)
+    monkeypatch.setattr(export_variants, "int8_kernels", lambda: kernels)
     out = _calibrated_int8(tiny_model_dir, tmp_path / "int8", INT8, int8_search_agreement=target)
     manifest = _manifest(out)
     entries = {**manifest["variants"], **manifest["rejected_variants"]}
@@ -413,12 +412,12 @@ def test_smoothing_keeps_the_fp32_outputs_and_evens_the_activation_channels(
     src = variant_dir / "model.optimized.onnx"
     engine = open_engine(variant_dir, device="cpu", variant="fp32-optimized", verify=False)
     windows = [w for per in engine.encode(_data(40, seed=3)[0]) for w in per]
-    before = onnx_variants.activation_ranges(variant_dir, src, windows, 16)
+    before = smoothing.activation_ranges(variant_dir, src, windows, 16)
     # 2 layers: Q/K/V share one input; attention output, FFN in and FFN out one each; plus the
     # classifier head's dense layer.
     assert len(before) >= 8
     dst = tmp_path / "smoothed.onnx"
-    summary = onnx_variants.smooth(src, dst, before, alpha=0.75)
+    summary = smoothing.smooth(src, dst, before, alpha=0.75)
     assert summary["activations"] == len(before) and summary["alpha"] == 0.75
     want, _ = engine.infer(windows, 16)
     shutil.copy(dst, tmp_path / "model.optimized.onnx")
@@ -427,7 +426,7 @@ def test_smoothing_keeps_the_fp32_outputs_and_evens_the_activation_channels(
     smoothed = open_engine(tmp_path, device="cpu", variant="fp32-optimized", verify=False)
     got, _ = smoothed.infer(windows, 16)
     assert np.abs(got - want).max() < ATOL["fp32"]
-    after = onnx_variants.activation_ranges(tmp_path, dst, windows, 16)
+    after = smoothing.activation_ranges(tmp_path, dst, windows, 16)
     # The MatMuls now read the Mul outputs: each measured spread is the one the summary claims.
     assert set(after) == {f"{name}/smoothed" for name in before}
     assert np.median([_spread(p) for p in after.values()]) == pytest.approx(
@@ -460,9 +459,9 @@ def test_smoothing_leaves_a_shared_weight_alone(tmp_path: Path) -> None:
         helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]),
         str(src),
     )
-    assert set(onnx_variants._smoothable(onnx.load(str(src)).graph)) == {"h"}
+    assert set(smoothing._smoothable(onnx.load(str(src)).graph)) == {"h"}
     dst = tmp_path / "s.onnx"
-    summary = onnx_variants.smooth(src, dst, {"h": np.array([8.0, 1.0, 1.0])}, alpha=0.5)
+    summary = smoothing.smooth(src, dst, {"h": np.array([8.0, 1.0, 1.0])}, alpha=0.5)
     assert summary["activations"] == 1
     out = onnx.load(str(dst)).graph
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in out.initializer}

@@ -29,7 +29,8 @@ from bertrt.manifest import Manifest
 from pipeline import tasks
 from pipeline.core import entry, lineage, params, tracking
 from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.export import model_card, onnx_variants
+from pipeline.export import model_card
+from pipeline.export.variants import add_variants
 
 log = logging.getLogger(__name__)
 # The gate's task metric of runtime outputs (one row per window), for a variant or the reference.
@@ -186,7 +187,7 @@ def build_model_folder(
             cal = [w for per_text in engine.encode(calibration_texts) for w in per_text]
             calibration = (cal, *engine.infer(cal, batch_size))
         if variants:
-            files += onnx_variants.add_variants(
+            files += add_variants(
                 tmp,
                 manifest,
                 variants,
