@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import bertrt.manifest as manifest_io
 from bertrt import __version__
-from bertrt import manifest as manifest_io
 from bertrt.contract import MODEL_CARD_FILE
 from bertrt.engine import choose_variant
 from bertrt.locate import BundleError

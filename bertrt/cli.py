@@ -178,7 +178,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model over HTTP until interrupted."""
     try:
-        from bertrt import server
+        import bertrt.server as server
     except ModuleNotFoundError as exc:
         raise BundleError(
             f"serving needs fastapi and uvicorn ({exc}); install the wheel's [serve] extra "

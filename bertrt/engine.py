@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from bertrt import long_text
-from bertrt import manifest as manifest_io
+import bertrt.long_text as long_text
+import bertrt.manifest as manifest_io
 from bertrt.contract import BASE_VARIANT, INPUT_NAMES, LABELS_FILE, TOKENIZER_FILE
 from bertrt.manifest import Manifest
 from bertrt.session import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bertrt import registry
+import bertrt.registry as registry
 from bertrt.contract import MANIFEST_FILE
 
 # Bundled model folders live here inside an installed wheel: bertrt/models/<name>/.

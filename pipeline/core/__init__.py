@@ -1,0 +1,1 @@
+"""What every layer uses: params, sources, tables, atomic writes, lineage, tracking, imports."""

@@ -44,10 +44,12 @@ def module_file(module: str, root: Path) -> Path:
     return package if (root / package).is_file() else path.with_suffix(".py")
 
 
-def source_files(module: str, root: Path | None = None) -> list[Path]:
+def source_files(
+    module: str, root: Path | None = None, graph: grimp.ImportGraph | None = None
+) -> list[Path]:
     """The project files (relative to `root`) that running `python -m module` executes."""
     root = root or project_root()
-    return sorted(module_file(name, root) for name in imported_modules(module))
+    return sorted(module_file(name, root) for name in imported_modules(module, graph))
 
 
 def code_digest(module: str, root: Path | None = None) -> str:

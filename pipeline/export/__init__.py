@@ -1,0 +1,1 @@
+"""The ONNX model folder: graph variants, their gates, the model card."""

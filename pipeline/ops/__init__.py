@@ -1,0 +1,1 @@
+"""Operations tools: release, reproduce, experiments, sweeps, relog, team server, summary."""

@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+import grimp
 import yaml
 
 from pipeline.core import imports
@@ -47,9 +48,9 @@ def is_code(dep: object) -> bool:
     return isinstance(dep, str) and dep.split("/")[0] in imports.PROJECT_PACKAGES
 
 
-def code_deps(cmd: str, root: Path) -> list[str]:
+def code_deps(cmd: str, root: Path, graph: grimp.ImportGraph | None = None) -> list[str]:
     """The collapsed code deps of a stage command."""
-    return collapse(set(imports.source_files(imports.stage_module(cmd), root)), root)
+    return collapse(set(imports.source_files(imports.stage_module(cmd), root, graph)), root)
 
 
 def run(dvc_yaml: Path, check: bool) -> list[str]:
@@ -59,6 +60,7 @@ def run(dvc_yaml: Path, check: bool) -> list[str]:
     text = dvc_yaml.read_text(encoding="utf-8")
     stages = yaml.safe_load(text)["stages"]
     lines = text.splitlines(keepends=True)
+    graph = grimp.build_graph(*imports.PROJECT_PACKAGES, cache_dir=None)
     out: list[str] = []
     stale: list[str] = []
     stage = ""
@@ -76,7 +78,7 @@ def run(dvc_yaml: Path, check: bool) -> list[str]:
             block.append(lines[i])
             i += 1
         listed = [b.strip()[2:] for b in block if b.strip().startswith("- ")]
-        wanted = code_deps(stages[stage]["cmd"], root)
+        wanted = code_deps(stages[stage]["cmd"], root, graph)
         if [d for d in listed if is_code(d)] != wanted:
             stale.append(stage)
         out += [f"      - {dep}\n" for dep in wanted]

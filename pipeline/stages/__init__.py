@@ -1,0 +1,1 @@
+"""The six DVC stages, one module each (`python -m pipeline.stages.<module>`)."""

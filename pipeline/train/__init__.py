@@ -1,0 +1,1 @@
+"""Fine-tuning helpers: optimiser, training files, tracking gaps, vocabulary extension."""

@@ -1,0 +1,1 @@
+"""Masked language modelling: the task, corpora, masking, scoring, the sparse head."""

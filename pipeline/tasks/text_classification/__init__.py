@@ -1,0 +1,1 @@
+"""Text classification: the task, its data schema and calibration."""

@@ -1,0 +1,1 @@
+"""Token classification (NER): the task, tag schemes, checks and reports."""
