@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 
 from benchmarks import measure, report
+from bertrt.contract import CPU, INT8_VARIANT, OPTIMIZED_VARIANT, TOKENIZER_FILE, VARIANTS
 
 log = logging.getLogger(__name__)
 
 PYTORCH = "pytorch"
-# fp16 is a CUDA variant: the CPU provider wraps its nodes in casts, so it is not served here.
-ORT_VARIANTS = ("fp32", "fp32-optimized", "int8", "int8-portable")
+# The variants built for the CPU (fp16 is a CUDA variant: the CPU provider wraps its nodes in
+# casts, so it is not served here).
+ORT_VARIANTS = tuple(name for name, v in VARIANTS.items() if CPU in v.providers)
 REFERENCE_BATCH = 32
 # A 1-minute load average above this share of the threads used means the CPU was not ours.
 BUSY = 0.5
@@ -114,17 +116,19 @@ def bench_backend(
 def with_unshipped_int8(model_dir: Path, scratch: Path) -> Path | None:
     """A copy of the folder that adds the int8 graph its gate kept out, to measure it anyway."""
     from bertrt import manifest as manifest_io
-    from bertrt.contract import VARIANT_FILES
     from pipeline.export.graphs import to_int8
 
     manifest = manifest_io.read(model_dir)
-    if "int8" in manifest.variants or "fp32-optimized" not in manifest.variants:
+    if INT8_VARIANT in manifest.variants or OPTIMIZED_VARIANT not in manifest.variants:
         return None
     folder = scratch / "model"
     shutil.copytree(model_dir, folder)
-    to_int8(folder / VARIANT_FILES["fp32-optimized"], folder / VARIANT_FILES["int8"])
-    manifest.variants["int8"] = {"file": VARIANT_FILES["int8"], "precision": "int8"}
-    manifest.files = manifest_io.file_entries(folder, [*manifest.files, "model.int8.onnx"])
+    entry = manifest_io.VariantEntry.of(INT8_VARIANT, int8_weights=VARIANTS[INT8_VARIANT].weights)
+    to_int8(
+        folder / VARIANTS[OPTIMIZED_VARIANT].file, folder / entry.file, weights=entry.int8_weights
+    )
+    manifest.variants[INT8_VARIANT] = entry
+    manifest.files = manifest_io.file_entries(folder, [*manifest.files, entry.file])
     manifest_io.write(folder, manifest)
     return folder
 
@@ -132,7 +136,7 @@ def with_unshipped_int8(model_dir: Path, scratch: Path) -> Path | None:
 def token_lengths(model_dir: Path, texts: list[str], max_length: int) -> dict[str, float]:
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
     lengths = np.array([len(e.ids) for e in tokenizer.encode_batch(texts)])
@@ -182,7 +186,7 @@ def run(
     unshipped = with_unshipped_int8(model_dir, scratch)
     if unshipped is not None:
         name = f"ort int8 {UNSHIPPED}"
-        backends[name] = lambda: ort_predictor(unshipped, "int8", "cpu", threads)
+        backends[name] = lambda: ort_predictor(unshipped, INT8_VARIANT, "cpu", threads)
         folders[name] = unshipped
     sizes = sorted({REFERENCE_BATCH, *batch_sizes})
     load = machine["load_average_1min"]
@@ -211,7 +215,7 @@ def run(
         if name != PYTORCH:
             folder_manifest = manifest_io.read(folders[name])
             variant = name.removeprefix("ort ").removesuffix(f" {UNSHIPPED}")
-            file = folder_manifest.variants[variant]["file"]
+            file = folder_manifest.variants[variant].file
             result["file_mb"] = folder_manifest.files[file]["bytes"] / 2**20
     shutil.rmtree(scratch, ignore_errors=True)
     data = {

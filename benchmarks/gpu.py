@@ -27,7 +27,8 @@ import numpy as np
 
 from benchmarks import measure, report
 from benchmarks.cpu import Predict, token_lengths
-from bertrt.session import TENSORRT, DeviceError
+from bertrt.contract import CUDA, FP16_VARIANT, OPTIMIZED_VARIANT, TENSORRT, TOKENIZER_FILE
+from bertrt.session import DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ MODEL_ONLY_BATCH_SIZES = (32, 256, 1024)
 FIXED_TOKENS = 128
 # ONNX Runtime on CUDA: fp16 (every fusion) is the variant the runtime picks there;
 # fp32-optimized (fused for the CPU: attention unfused) its fallback.
-ORT_VARIANTS = ("fp16", "fp32-optimized")
+ORT_VARIANTS = (FP16_VARIANT, OPTIMIZED_VARIANT)
 TRT = "ort tensorrt fp16"
 COLUMNS = {
     "backend": "backend",
@@ -78,7 +79,7 @@ def require_cuda() -> str:
             f"benchmarks.gpu: no CUDA device visible to torch {torch.__version__} (CUDA build: "
             f"{build}); run it on a machine with an NVIDIA GPU, or use benchmarks.cpu"
         )
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if CUDA not in ort.get_available_providers():
         raise NoCudaError(
             f"benchmarks.gpu: onnxruntime {ort.__version__} has no CUDAExecutionProvider; "
             "install onnxruntime-gpu"
@@ -99,7 +100,7 @@ def fixed_length_texts(texts: list[str], model_dir: Path, tokens: int, count: in
     consecutive test texts joined and cut at a token's end."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
     tokenizer.no_padding()
     tokenizer.no_truncation()
     stream = itertools.cycle(texts)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import bertrt.manifest as manifest_io
 from bertrt import __version__
-from bertrt.contract import MODEL_CARD_FILE
+from bertrt.contract import CPU, CUDA, MODEL_CARD_FILE
 from bertrt.engine import choose_variant
 from bertrt.locate import BundleError
-from bertrt.session import CPU, CUDA
 
 ORT_VERSION = "1.31.1"
 ONNXRUNTIMES = ("onnxruntime-gpu", "onnxruntime")
@@ -72,8 +71,8 @@ def bundled_manifest(
             f"variants {unknown or chosen} are not shipped in this folder; shipped: "
             f"{sorted(manifest.variants)}"
         )
-    graphs = {entry["file"] for entry in manifest.variants.values()}
-    keep = {manifest.variants[v]["file"] for v in chosen}
+    graphs = {entry.file for entry in manifest.variants.values()}
+    keep = {manifest.variants[v].file for v in chosen}
     files = {f: e for f, e in manifest.files.items() if f not in graphs or f in keep}
     kept = {v: e for v, e in manifest.variants.items() if v in chosen}
     return dataclasses.replace(manifest, variants=kept, files=files)

@@ -18,17 +18,18 @@ from tokenizers import Encoding, Tokenizer
 
 import bertrt.long_text as long_text
 import bertrt.manifest as manifest_io
-from bertrt.contract import BASE_VARIANT, INPUT_NAMES, LABELS_FILE, TOKENIZER_FILE
-from bertrt.manifest import Manifest
-from bertrt.session import (
+from bertrt.contract import (
+    BASE_VARIANT,
     CPU,
     CUDA,
+    INPUT_NAMES,
+    LABELS_FILE,
     TENSORRT,
-    DeviceError,
-    int8_kernels,
-    run,
-    start_session,
+    TOKENIZER_FILE,
+    preferred,
 )
+from bertrt.manifest import Manifest, VariantEntry
+from bertrt.session import DeviceError, int8_kernels, run, start_session
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +244,10 @@ def _encodable(text: str) -> bool:
 
 
 def choose_variant(manifest: Manifest, provider: str, variant: str | None) -> str:
-    """The asked-for variant, else the first shipped of a fixed preference (fp16 on CUDA, the
-    optimised graph on CPU); `open_engine` then measures the provider's variants against each
-    other (`fastest_here`)."""
+    """The asked-for variant, else the first shipped of the provider's preference
+    (bertrt.contract.VARIANTS: fp16 on CUDA, the optimised graph on CPU, the plain graph for
+    TensorRT); `open_engine` then measures the provider's variants against each other
+    (`fastest_here`)."""
     shipped = manifest.variants
     if variant is not None:
         if variant not in shipped:
@@ -253,10 +255,7 @@ def choose_variant(manifest: Manifest, provider: str, variant: str | None) -> st
                 f"variant {variant!r} is not shipped in this folder; shipped: {sorted(shipped)}"
             )
         return variant
-    # TensorRT parses standard ONNX only: the fused graphs hold ONNX Runtime's own operators
-    # (Attention, SkipLayerNormalization), so it gets the plain graph and makes it fp16 itself.
-    preference = {CPU: ["fp32-optimized"], TENSORRT: []}.get(provider, ["fp16", "fp32-optimized"])
-    for name in [*preference, BASE_VARIANT]:
+    for name in [*preferred(provider), BASE_VARIANT]:
         if name in shipped:
             return name
     raise ModelFolderError(f"manifest lists no variant; shipped: {sorted(shipped)}")
@@ -275,7 +274,7 @@ def open_engine(
     manifest = manifest_io.read(folder)
     if verify:
         # Every listed file, and the files this runtime reads even if the manifest omits them.
-        used = {TOKENIZER_FILE, LABELS_FILE} | {e["file"] for e in manifest.variants.values()}
+        used = {TOKENIZER_FILE, LABELS_FILE} | {e.file for e in manifest.variants.values()}
         manifest_io.verify(folder, manifest, sorted(used | set(manifest.files)))
     # Start on the file the device would prefer; re-open if the provider changes the choice.
     first = CPU if device == "cpu" else TENSORRT if tensorrt else CUDA
@@ -345,7 +344,7 @@ def fastest_here(engine: Engine, threads: int) -> Engine:
     names = [
         n
         for n, e in engine.manifest.variants.items()
-        if provider in e.get("providers", [CPU]) and not _int8_untested_here(n, e, provider)
+        if provider in e.providers and not _int8_untested_here(n, e, provider)
     ]
     if len(names) < 2:
         return engine
@@ -386,16 +385,13 @@ def fastest_here(engine: Engine, threads: int) -> Engine:
     return best
 
 
-def _int8_untested_here(name: str, entry: dict[str, Any], provider: str) -> bool:
+def _int8_untested_here(name: str, entry: VariantEntry, provider: str) -> bool:
     """An int8-weight graph gated where its products are exact (VNNI, AMX), on a CPU whose
     kernels saturate: its gate says nothing about this machine, so it is not picked unless
     pinned. uint8 weights (int8-portable) are summed exactly on every CPU."""
-    if provider != CPU or entry.get("precision") != "int8":
+    if provider != CPU or entry.int8_weights != "int8":
         return False
-    if entry.get("int8_weights", "int8") != "int8":
-        return False
-    gated, here = entry.get("gated_int8_kernels"), int8_kernels()
-    if gated == "exact" and here == "saturating":
+    if entry.gated_int8_kernels == "exact" and int8_kernels() == "saturating":
         log.warning(
             "int8 not used: its gate ran on a CPU with VNNI or AMX, and this one has neither "
             "(its int8 products can saturate); pass variant=%r to use it anyway",
@@ -406,4 +402,4 @@ def _int8_untested_here(name: str, entry: dict[str, Any], provider: str) -> bool
 
 
 def _path(folder: Path, manifest: Manifest, variant: str) -> Path:
-    return folder / manifest.variants[variant]["file"]
+    return folder / manifest.variants[variant].file

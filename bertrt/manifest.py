@@ -6,11 +6,18 @@ import dataclasses
 import hashlib
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertrt.contract import LABELLED_TASKS, MANIFEST_FILE, SCHEMA_VERSION, TASKS
+from bertrt.contract import (
+    LABELLED_TASKS,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    TASKS,
+    VARIANTS,
+)
 from bertrt.long_text import Reading
 
 
@@ -35,6 +42,40 @@ def file_entries(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
 
 
 @dataclass
+class VariantEntry:
+    """One variant's record in the manifest: the graph, where it runs, how it was built, its gate.
+
+    Args:
+        file: the graph's file in the folder (bertrt.contract.VARIANTS names it).
+        providers: the ONNX Runtime providers it is built to run on.
+        gate: its comparison with PyTorch on the test split (the export's figures).
+        shipped: whether the gate passed and the file ships.
+        fused_operators: operator counts after ONNX Runtime's fusions (optimised graphs).
+        int8_weights: "int8" or "uint8" for int8 graphs.
+        gated_int8_kernels: "exact" or "saturating": the int8 arithmetic the gate ran on.
+        smoothing: the SmoothQuant scales applied before int8, when any.
+        search: the int8 search's nodes kept in fp32 and its agreement, when it ran.
+    """
+
+    file: str
+    precision: str
+    providers: list[str]
+    gate: dict[str, Any] = field(default_factory=dict)
+    shipped: bool = False
+    fused_operators: dict[str, Any] | None = None
+    int8_weights: str | None = None
+    gated_int8_kernels: str | None = None
+    smoothing: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, name: str, **values: Any) -> VariantEntry:
+        """A new entry for the declared variant `name` (its file, precision and providers)."""
+        spec = VARIANTS[name]
+        return cls(spec.file, spec.precision, list(spec.providers), **values)
+
+
+@dataclass
 class Manifest:
     """What the runtime needs to serve a model folder, and where the model came from.
 
@@ -45,9 +86,11 @@ class Manifest:
         long_text: how a classifier reads a text over `max_length` (bertrt.long_text.Reading:
             truncate, head+tail, or windows whose logits are aggregated); {} truncates.
         temperature: a classifier's logits are divided by it before the softmax (calibration).
-        variants: shipped graphs by name: file, precision, providers, gate.
+        variants: shipped graphs by name.
+        rejected_variants: graphs built and gated but not shipped, with the gate that refused them.
         files: sha256 and size of every file the folder ships.
-        provenance: base model, data and params digests, git, DVC stages, MLflow run.
+        provenance: base model, data and params digests, git, DVC stages, MLflow run (a record
+            for people and audits; the runtime shows it and never acts on it).
     """
 
     task: str
@@ -57,26 +100,24 @@ class Manifest:
     inputs: list[str]
     outputs: list[str]
     opset: int
-    variants: dict[str, dict[str, Any]]
+    variants: dict[str, VariantEntry]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     window_stride: int = 0
     long_text: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
     metrics: dict[str, Any] = field(default_factory=dict)
-    rejected_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected_variants: dict[str, VariantEntry] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def problems(self) -> list[str]:
         """What makes the values unusable, beyond their JSON types."""
         found = []
-        if not all(isinstance(x, str) for x in self.labels):
-            found.append("labels must be a list of strings")
-        elif self.task in LABELLED_TASKS and not self.labels:
+        if self.task in LABELLED_TASKS and not self.labels:
             found.append(f"labels must not be empty for task {self.task!r}")
-        if not self.outputs or not all(isinstance(x, str) for x in self.outputs):
+        if not self.outputs:
             found.append("outputs must name at least one graph output")
-        if not self.inputs or not all(isinstance(x, str) for x in self.inputs):
+        if not self.inputs:
             found.append("inputs must name the graph's inputs")
         if self.max_length < 4:
             found.append(f"max_length {self.max_length} must be at least 4")
@@ -88,9 +129,17 @@ class Manifest:
             found.append(f"long_text {self.long_text!r:.80} has keys this runtime does not know")
         if not 0.0 < self.temperature < 1000.0:
             found.append(f"temperature {self.temperature} must be in (0, 1000)")
-        for name, entry in self.variants.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-                found.append(f"variants[{name!r}] needs a file name")
+        if not self.variants:
+            found.append("variants must list at least one graph")
+        for name, entry in {**self.variants, **self.rejected_variants}.items():
+            spec = VARIANTS.get(name)
+            if spec is None:
+                found.append(f"variants[{name!r}] is not a variant this runtime knows")
+            elif (entry.file, entry.precision) != (spec.file, spec.precision):
+                found.append(
+                    f"variants[{name!r}] must be {spec.file} in {spec.precision}, "
+                    f"got {entry.file} in {entry.precision}"
+                )
         for name, entry in self.files.items():
             if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
                 found.append(f"files[{name!r}] needs sha256 and bytes")
@@ -105,7 +154,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: Path | str = MANIFEST_FILE) -> Manifest:
-        """Check every key and type; a missing or wrong one is an IntegrityError naming it."""
+        """Check every key and type; a missing, unknown or mistyped one is an IntegrityError
+        naming the file and the key."""
         if not isinstance(data, dict):
             raise IntegrityError(f"{where}: must be a JSON object; re-run the export stage")
         version = data.get("schema_version")
@@ -114,26 +164,10 @@ class Manifest:
                 f"{where}: schema_version {version!r}, this runtime reads {SCHEMA_VERSION}; "
                 "re-export the model or install a matching runtime"
             )
-        values = {}
-        for item in dataclasses.fields(cls):
-            if item.name not in data:
-                if item.default is dataclasses.MISSING and item.default_factory is (
-                    dataclasses.MISSING
-                ):
-                    raise IntegrityError(
-                        f"{where}: key {item.name!r} is missing; re-run the export stage"
-                    )
-                continue
-            value = data[item.name]
-            kind = {"int": int, "str": str, "float": (int, float)}.get(str(item.type))
-            kind = kind or (list if str(item.type).startswith("list") else dict)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                name = "number" if kind in (int, (int, float)) else kind.__name__
-                raise IntegrityError(
-                    f"{where}: key {item.name!r} must be a JSON {name}, got {value!r:.60}"
-                )
-            values[item.name] = value
-        manifest = cls(**values)
+        try:
+            manifest = _typed(cls, data, "")
+        except _KeyProblem as exc:
+            raise IntegrityError(f"{where}: {exc}; re-run the export stage") from None
         problems = manifest.problems()
         if problems:
             raise IntegrityError(f"{where}: {'; '.join(problems)}; re-run the export stage")
@@ -143,6 +177,54 @@ class Manifest:
                 "install a newer runtime"
             )
         return manifest
+
+
+class _KeyProblem(ValueError):
+    """A key of the manifest missing, unknown or of the wrong JSON type."""
+
+
+_JSON_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array"}
+
+
+def _typed(cls: type, data: Any, path: str) -> Any:
+    """`data` as the dataclass `cls`: every field's key present, no other key, each value of its
+    declared type (nested dataclasses and `dict[str, <dataclass>]` included)."""
+    if not isinstance(data, dict):
+        raise _KeyProblem(f"key {path!r} must be a JSON object, got {data!r:.60}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise _KeyProblem(f"key {_join(path, missing[0])!r} is missing")
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise _KeyProblem(f"key {_join(path, unknown[0])!r} is not one this runtime reads")
+    return cls(**{n: _value(hints[n], data[n], _join(path, n)) for n in names})
+
+
+def _value(hint: Any, value: Any, path: str) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint) or hint
+    if dataclasses.is_dataclass(origin):
+        return _typed(origin, value, path)
+    kinds = (int, float) if origin is float else (origin,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and origin is not bool):
+        name = _JSON_NAMES.get(origin, "object")
+        raise _KeyProblem(f"key {path!r} must be a JSON {name}, got {value!r:.60}")
+    if origin is list and args and args[0] is str and not all(isinstance(x, str) for x in value):
+        raise _KeyProblem(f"key {path!r} must be a list of strings")
+    if origin is dict and args and dataclasses.is_dataclass(args[1]):
+        return {k: _typed(args[1], v, f"{path}[{k!r}]") for k, v in value.items()}
+    return float(value) if origin is float else value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 def write(folder: Path, manifest: Manifest) -> Path:
@@ -173,12 +255,12 @@ def verify(folder: Path, manifest: Manifest, names: list[str] | None = None) -> 
     """Check the sha256 and size of the named files (all listed files when None)."""
     files = manifest.files
     for name in names if names is not None else sorted(files):
-        entry = files.get(name)
         path = Path(folder) / name
-        if entry is None:
+        if name not in files:
             raise IntegrityError(f"{path}: not listed in {MANIFEST_FILE}; re-run the export")
         if not path.is_file():
             raise IntegrityError(f"{path}: listed in {MANIFEST_FILE} but missing")
+        entry = files[name]
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise IntegrityError(

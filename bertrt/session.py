@@ -20,12 +20,11 @@ except ModuleNotFoundError:  # a wheel installed without its [cpu] or [gpu] extr
         "pip install 'bertrt-model-NAME[cpu]' (onnxruntime) or '[gpu]' (onnxruntime-gpu)"
     ) from None
 
+from bertrt.contract import CPU, CUDA, TENSORRT
+
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cuda", "cpu")
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
 
 
 class DeviceError(RuntimeError):

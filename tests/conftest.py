@@ -166,11 +166,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The tiny model exported by the export stage's own functions (every shipped variant)."""
-    from pipeline.stages.export_onnx import build_model_folder
+    from pipeline import tasks
+    from pipeline.export import model_folder
+    from pipeline.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("onnx") / "model"
     texts = [r["text"] for r in synthetic_reviews(64, seed=1)]
-    build_model_folder(tiny_model_dir, out, texts=texts, max_length=64, opset=17)
+    task = tasks.get("text-classification")
+    model_folder.build(tiny_model_dir, out, task, texts, ExportOptions(max_length=64, opset=17))
     return out
 
 
@@ -274,7 +277,9 @@ def ner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     import torch
     from transformers import AutoTokenizer, BertForTokenClassification
 
-    from pipeline.stages.export_onnx import build_model_folder
+    from pipeline import tasks
+    from pipeline.export import model_folder
+    from pipeline.export.options import ExportOptions
 
     root = tmp_path_factory.mktemp("ner")
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -291,9 +296,8 @@ def ner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     model.save_pretrained(root / "ft")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
     texts = [" ".join(r["tokens"]) for r in synthetic_sentences(24, seed=9)]
-    build_model_folder(
-        root / "ft", root / "onnx", texts, 8, 17, task="token-classification", window_stride=2
-    )
+    task = tasks.get("token-classification")
+    model_folder.build(root / "ft", root / "onnx", task, texts, ExportOptions(8, window_stride=2))
     return root / "onnx"
 
 
@@ -303,7 +307,9 @@ def fill_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     import torch
     from transformers import AutoTokenizer, BertForMaskedLM
 
-    from pipeline.stages.export_onnx import build_model_folder
+    from pipeline import tasks
+    from pipeline.export import model_folder
+    from pipeline.export.options import ExportOptions
 
     root = tmp_path_factory.mktemp("fill")
     torch.manual_seed(0)
@@ -313,7 +319,9 @@ def fill_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     model.save_pretrained(root / "ft")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
     texts = [r["text"] for r in synthetic_reviews(12, seed=4)] + ["the [MASK] [MASK] was good"]
-    build_model_folder(root / "ft", root / "onnx", texts, 32, 17, task="fill-mask")
+    model_folder.build(
+        root / "ft", root / "onnx", tasks.get("fill-mask"), texts, ExportOptions(32)
+    )
     return root / "onnx"
 
 

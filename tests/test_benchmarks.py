@@ -242,13 +242,14 @@ def test_gpu_training_benchmark_exits_with_the_reason_without_cuda(tmp_path: Pat
 @pytest.fixture(scope="module")
 def gpu_variants_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The tiny model with the two variants the GPU benchmark runs."""
-    from pipeline.stages.export_onnx import build_model_folder
+    from pipeline import tasks
+    from pipeline.export import model_folder
+    from pipeline.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("gpu-variants") / "model"
     texts = [r["text"] for r in synthetic_reviews(48, seed=3)]
-    build_model_folder(
-        tiny_model_dir, out, texts, 64, 17, variants=("fp32-optimized", "fp16"), batch_size=16
-    )
+    options = ExportOptions(64, variants=("fp32-optimized", "fp16"), batch_size=16)
+    model_folder.build(tiny_model_dir, out, tasks.get("text-classification"), texts, options)
     return out
 
 

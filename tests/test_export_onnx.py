@@ -11,7 +11,11 @@ import pytest
 from conftest import synthetic_reviews
 
 from bertrt.contract import INPUT_NAMES, MANIFEST_FILE, output_names
-from pipeline.stages.export_onnx import ParityError, build_model_folder
+from pipeline import tasks
+from pipeline.export.model_folder import ParityError, build
+from pipeline.export.options import ExportOptions
+
+TEXT = tasks.get("text-classification")
 
 
 def test_graph_declares_the_contract_with_dynamic_axes(onnx_model_dir: Path) -> None:
@@ -34,17 +38,17 @@ def test_failed_parity_ships_nothing_and_keeps_the_previous_folder(
 ) -> None:
     out = tmp_path / "onnx"
     texts = [r["text"] for r in synthetic_reviews(16, seed=4)]
-    build_model_folder(tiny_model_dir, out, texts, max_length=64, opset=17)
+    build(tiny_model_dir, out, TEXT, texts, ExportOptions(max_length=64, opset=17))
     before = (out / MANIFEST_FILE).read_bytes()
     with pytest.raises(ParityError, match="ONNX parity failed on 16 texts"):
         # A tolerance no float32 graph meets: the check, not the model, is what fails here.
-        build_model_folder(tiny_model_dir, out, texts, max_length=64, opset=17, parity_atol=1e-30)
+        build(tiny_model_dir, out, TEXT, texts, ExportOptions(64, parity_atol=1e-30))
     assert (out / MANIFEST_FILE).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"], "no temporary folder left behind"
 
 
 def test_a_flip_between_near_tied_scores_is_not_a_mismatch() -> None:
-    from pipeline.stages.export_onnx import compare
+    from pipeline.export.model_folder import compare
 
     reference = np.array([[1.0, 1.00005, 0.0], [3.0, 1.0, 0.0]])
     got = np.array([[1.00004, 1.00001, 0.0], [1.0, 3.0, 0.0]])

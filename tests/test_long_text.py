@@ -116,7 +116,8 @@ def test_pytorch_evaluation_and_the_runtime_read_long_texts_alike(
 
     import bertrt
     from pipeline.core import params
-    from pipeline.stages.export_onnx import build_model_folder
+    from pipeline.export import model_folder
+    from pipeline.export.options import ExportOptions
     from pipeline.tasks.text_classification.task import TextClassification, per_text
     from tests.conftest import synthetic_reviews, write_params
 
@@ -139,9 +140,8 @@ def test_pytorch_evaluation_and_the_runtime_read_long_texts_alike(
     assert truth.tolist() == [labels.index(x) for x in test["label"]]
 
     out = tmp_path / "onnx"
-    build_model_folder(
-        tiny_model_dir, out, texts, 16, 17, long_text=task.reading(p).as_dict(), temperature=2.0
-    )
+    options = ExportOptions(16, long_text=task.reading(p), temperature=2.0)
+    model_folder.build(tiny_model_dir, out, task, texts, options)
     model = bertrt.load(out, device="cpu", variant="fp32")
     assert model.metadata()["long_text"]["strategy"] == strategy
     runtime_logits = model.logits(texts, batch_size=4)

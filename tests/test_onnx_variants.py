@@ -15,9 +15,10 @@ from conftest import synthetic_reviews
 
 from bertrt import manifest as manifest_io
 from bertrt.api import load
-from pipeline.export import gates, graphs, smoothing
+from pipeline import tasks
+from pipeline.export import gates, graphs, model_folder, smoothing
 from pipeline.export import variants as export_variants
-from pipeline.stages.export_onnx import build_model_folder
+from pipeline.export.options import ExportOptions
 
 VARIANTS = ("fp32-optimized", "fp16", "int8", "int8-portable")
 INT8 = ("int8", "int8-portable")
@@ -44,15 +45,13 @@ def _manifest(folder: Path) -> dict[str, Any]:
 def variant_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     texts, labels = _data()
     out = tmp_path_factory.mktemp("variants") / "model"
-    build_model_folder(
+    model_folder.build(
         tiny_model_dir,
         out,
+        tasks.get("text-classification"),
         texts,
-        64,
-        17,
+        ExportOptions(64, variants=VARIANTS, batch_size=16),
         score=_accuracy(labels),
-        variants=VARIANTS,
-        batch_size=16,
     )
     return out
 
@@ -104,11 +103,11 @@ def test_shipped_variant_matches_pytorch_through_the_runtime(
 
 
 def test_runtime_times_the_cpu_variants_and_keeps_the_fastest(variant_dir: Path) -> None:
+    from bertrt.contract import CPU, CUDA, TENSORRT
     from bertrt.engine import choose_variant
-    from bertrt.session import CPU, CUDA, TENSORRT
 
     manifest = manifest_io.read(variant_dir)
-    on_cpu = {n for n, e in manifest.variants.items() if CPU in e["providers"]}
+    on_cpu = {n for n, e in manifest.variants.items() if CPU in e.providers}
     assert on_cpu == {"fp32", "fp32-optimized", *INT8}  # fp16 is CUDA's
     engine = load(variant_dir, device="cpu").engine
     assert set(engine.probe_s) == on_cpu
@@ -258,8 +257,13 @@ def test_failing_variants_are_deleted_and_recorded(
     texts, labels = _data()
     out = tmp_path / "model"
     caplog.set_level("WARNING", logger="pipeline.export.variants")
-    build_model_folder(
-        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=("fp16", "int8")
+    model_folder.build(
+        tiny_model_dir,
+        out,
+        tasks.get("text-classification"),
+        texts,
+        ExportOptions(64, variants=("fp16", "int8")),
+        score=_accuracy(labels),
     )
     manifest = _manifest(out)
     assert sorted(manifest["variants"]) == ["fp32"]
@@ -346,10 +350,11 @@ def _calibrated_int8(
     """A folder with only int8 variants, tuned on calibration texts apart from the gate's."""
     texts, labels = _data(48, seed=1)
     calibration = [r["text"] for r in synthetic_reviews(40, seed=8)]
-    build_model_folder(
-        tiny_model_dir, out, texts, 64, 17, score=_accuracy(labels), variants=variants,
-        min_agreement=0.0, max_metric_drop=0.9, calibration_texts=calibration, **int8,
-    )  # fmt: skip
+    options = ExportOptions(64, variants=variants, min_agreement=0.0, max_metric_drop=0.9, **int8)
+    task = tasks.get("text-classification")
+    model_folder.build(
+        tiny_model_dir, out, task, texts, options, _accuracy(labels), calibration_texts=calibration
+    )
     return out
 
 
@@ -482,7 +487,7 @@ def test_smoothed_int8_is_recorded_and_its_source_removed(
     texts = _data(48, seed=1)[0]
     entry = _manifest(out)["variants"]["int8"]
     assert entry["smoothing"]["alpha"] == 0.6 and entry["smoothing"]["activations"] >= 8
-    assert "search" not in entry
+    assert entry["search"] is None
     ops = [n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node]
     assert ops.count("Mul") >= entry["smoothing"]["activations"]
     assert not list(out.glob("*.tmp.onnx")) and not (out / "model.optimized.onnx").exists()

@@ -37,20 +37,16 @@ def variants_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     which files a wheel carries, not about the graphs' quality)."""
     from conftest import synthetic_reviews
 
-    from pipeline.stages.export_onnx import build_model_folder
+    from pipeline import tasks
+    from pipeline.export import model_folder
+    from pipeline.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("variants") / "model"
     texts = [r["text"] for r in synthetic_reviews(16, seed=2)]
-    build_model_folder(
-        tiny_model_dir,
-        out,
-        texts,
-        64,
-        17,
-        variants=("fp32-optimized", "fp16", "int8"),
-        min_agreement=0.0,
-        max_metric_drop=1.0,
+    options = ExportOptions(
+        64, variants=("fp32-optimized", "fp16", "int8"), min_agreement=0.0, max_metric_drop=1.0
     )
+    model_folder.build(tiny_model_dir, out, tasks.get("text-classification"), texts, options)
     return out
 
 

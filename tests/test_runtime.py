@@ -13,12 +13,20 @@ import pytest
 from conftest import synthetic_reviews
 
 import bertrt
-from bertrt.contract import LABELS_FILE, MANIFEST_FILE, TOKENIZER_FILE
+from bertrt.contract import (
+    CPU,
+    CUDA,
+    LABELS_FILE,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    TENSORRT,
+    TOKENIZER_FILE,
+)
 from bertrt.engine import ModelFolderError
 from bertrt.manifest import IntegrityError
 from bertrt.predictors import text_classification as predictor_module
 from bertrt.predictors.text_classification import TextClassifier
-from bertrt.session import CPU, CUDA, TENSORRT, DeviceError, start_session, tensorrt_options
+from bertrt.session import DeviceError, start_session, tensorrt_options
 
 HEAVY = ["torch", "transformers", "pipeline", "sklearn", "pandas", "mlflow", "dvc"]
 SERVER_STACK = ["fastapi", "uvicorn", "starlette", "pydantic"]
@@ -101,11 +109,14 @@ def cuda_variants_dir(
     """The tiny model with its fp16 variant (built only where CUDA starts)."""
     if not cuda_starts(onnx_model_dir / "model.onnx"):
         pytest.skip("no CUDA device on this machine")
-    from pipeline.stages.export_onnx import build_model_folder
+    from pipeline import tasks
+    from pipeline.export import model_folder
+    from pipeline.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("cuda-variants") / "model"
     texts = [r["text"] for r in synthetic_reviews(48, seed=3)]
-    build_model_folder(tiny_model_dir, out, texts, 64, 17, variants=("fp16",), batch_size=16)
+    options = ExportOptions(64, variants=("fp16",), batch_size=16)
+    model_folder.build(tiny_model_dir, out, tasks.get("text-classification"), texts, options)
     return out
 
 
@@ -215,7 +226,7 @@ def bump_schema(folder: Path) -> str:
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     manifest["schema_version"] = 99
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return "manifest.json: schema_version 99, this runtime reads 2"
+    return f"manifest.json: schema_version 99, this runtime reads {SCHEMA_VERSION}"
 
 
 def unlist_model(folder: Path) -> str:
@@ -405,11 +416,26 @@ MANIFEST_DAMAGE = [
         "files['model.onnx'] needs sha256 and bytes",
     ),
     (lambda m: m.update(outputs=[]), "outputs must name at least one graph output"),
-    (lambda m: m.update(labels=[1, 2]), "labels must be a list of strings"),
+    (lambda m: m.update(labels=[1, 2]), "key 'labels' must be a list of strings"),
     (lambda m: m.update(labels=[]), "labels must not be empty for task 'text-classification'"),
-    (lambda m: m.update(max_length="64"), "key 'max_length' must be a JSON number"),
+    (lambda m: m.update(max_length="64"), "key 'max_length' must be a JSON integer"),
+    (lambda m: m.update(max_lenght=64), "key 'max_lenght' is not one this runtime reads"),
+    (lambda m: m.pop("temperature"), "key 'temperature' is missing"),
     (lambda m: m.update(window_stride=-1), "window_stride -1 must be in [0, max_length / 2)"),
-    (lambda m: m["variants"]["fp32"].update(file=5), "variants['fp32'] needs a file name"),
+    (lambda m: m["variants"]["fp32"].update(file=5), "key \"variants['fp32'].file\" must be a"),
+    (
+        lambda m: m["variants"]["fp32"].update(provider=["CPUExecutionProvider"]),
+        "key \"variants['fp32'].provider\" is not one this runtime reads",
+    ),
+    (lambda m: m["variants"]["fp32"].pop("shipped"), "variants['fp32'].shipped\" is missing"),
+    (
+        lambda m: m["variants"]["fp32"].update(file="model.int8.onnx"),
+        "variants['fp32'] must be model.onnx in fp32, got model.int8.onnx in fp32",
+    ),
+    (
+        lambda m: m["variants"].update(int4=m["variants"]["fp32"]),
+        "variants['int4'] is not a variant this runtime knows",
+    ),
     (lambda m: m.update(task="summarization"), "task 'summarization' is not one this runtime"),
 ]
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bertrt.contract import INT8_WEIGHTS
+from bertrt.contract import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def to_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = (), weights: str = 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if weights not in INT8_WEIGHTS.values():
-        raise ValueError(f"int8 weights {weights!r}: use one of {sorted(INT8_WEIGHTS.values())}")
+    kinds = sorted({v.weights for v in VARIANTS.values() if v.weights})
+    if weights not in kinds:
+        raise ValueError(f"int8 weights {weights!r}: use one of {kinds}")
 
     # Its "consider pre-processing" warning can be ignored: `src` is already ORT-optimised.
     # Without DefaultTensorType, shape inference cannot type tensors next to the fused

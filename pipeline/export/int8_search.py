@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from bertrt.contract import INT8_WEIGHTS, VARIANT_FILES
+from bertrt.contract import INT8_VARIANT, VARIANTS
 from bertrt.engine import open_engine
 from pipeline.export import graphs
 
@@ -27,15 +27,15 @@ def search_int8(
     calibration: Calibration,
     target: float,
     batch_size: int,
-    variant: str = "int8",
+    variant: str = INT8_VARIANT,
     shift: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Quantise everything into `variant`'s file; while label agreement with fp32 on the
     calibration texts is below `target`, keep in fp32 the node whose int8 alone moves the outputs
     most (each node measured on its own, unless `shift` gives those figures from another int8
     variant's search), up to half of them. Returns what was measured, for the manifest."""
-    dst = folder / VARIANT_FILES[variant]
-    weights = INT8_WEIGHTS[variant]
+    dst = folder / VARIANTS[variant].file
+    weights = VARIANTS[variant].weights or "int8"
     encodings, reference, mask = calibration
 
     nodes = graphs.quantizable(optimized)
@@ -56,7 +56,7 @@ def search_int8(
         shift = {node: measure(only=node)[1] for node in nodes}
         result["mean_abs_logit_shift"] = {n: round(v, 6) for n, v in shift.items()}
     else:  # the same nodes, ranked by another variant's figures
-        result["shift_measured_on"] = "int8"
+        result["shift_measured_on"] = INT8_VARIANT
         shift = {node: shift.get(node, 0.0) for node in nodes}
     keep: list[str] = []
     for node in sorted(nodes, key=shift.__getitem__, reverse=True)[: len(nodes) // 2]:
