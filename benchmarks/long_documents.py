@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import measure, report
+from pipeline.core import layout
 
 HEADING = "Long documents (CPU)"
 READINGS = [
@@ -109,7 +110,7 @@ def run(raw: Path, params_path: Path, model_dir: Path, snippets: int, batch_size
 
     p = params.load(params_path, "base", "ingest")
     text, label, group = p.base.text_column, p.base.label_column, p.ingest.group_column
-    splits = {s: pd.read_parquet(raw / f"{s}.parquet") for s in ("train", "validation", "test")}
+    splits = {s: pd.read_parquet(layout.split_file(raw, s)) for s in layout.SPLITS}
     for name, df in splits.items():
         keep = ~df[label].astype(str).isin(p.ingest.drop_labels) & df[text].notna()
         splits[name] = df[keep]

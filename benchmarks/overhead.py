@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from benchmarks import measure, report
+from pipeline.core import layout
 
 HEADING = "Pipeline overhead (CPU)"
 STAGES = (
@@ -54,8 +55,8 @@ def tokenize_rates(validated: Path, params_path: Path) -> dict[str, Any]:
 
     p = params.load(params_path, "base")
     texts = [
-        t for split in ("train", "validation", "test")
-        for t in pd.read_parquet(validated / f"{split}.parquet")["text"].astype(str)
+        t for split in layout.SPLITS
+        for t in pd.read_parquet(layout.split_file(validated, split))["text"].astype(str)
     ]  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(p.base.model))
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import measure, report
+from pipeline.core import layout
 
 HEADING = "Serving (CPU, HTTP on loopback)"
 
@@ -209,8 +210,10 @@ def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model-dir", type=Path, default=Path("models/onnx"))
-    parser.add_argument("--test", type=Path, default=Path("data/validated/test.parquet"))
+    parser.add_argument("--model-dir", type=Path, default=layout.ONNX_MODEL)
+    parser.add_argument(
+        "--test", type=Path, default=layout.split_file(layout.VALIDATED, layout.TEST)
+    )
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: all)")

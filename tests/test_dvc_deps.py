@@ -3,13 +3,14 @@ runs (pipeline.core.imports), so `dvc repro` re-runs a stage whenever its code c
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.core import imports
+from pipeline.core import imports, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
@@ -64,3 +65,25 @@ def test_every_stage_runs_a_module_of_pipeline_stages() -> None:
     modules = {name: imports.stage_module(spec["cmd"]) for name, spec in STAGES.items()}
     assert all(m.startswith("pipeline.stages.") for m in modules.values()), modules
     assert len(set(modules.values())) == len(modules), "one stage, one module"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_params_are_the_sections_it_reads(stage: str) -> None:
+    module = importlib.import_module(imports.stage_module(STAGES[stage]["cmd"]))
+    listed = {str(item).split(".")[0] for item in STAGES[stage].get("params", [])}
+    assert listed == set(module.SECTIONS), (
+        f"{stage}: dvc.yaml lists params {sorted(listed)}, {module.__name__} reads "
+        f"{sorted(module.SECTIONS)}"
+    )
+
+
+def test_the_paths_code_reads_are_the_outputs_dvc_yaml_writes() -> None:
+    outs = set()
+    for spec in STAGES.values():
+        for kind in ("outs", "metrics", "plots"):
+            outs |= {next(iter(o)) if isinstance(o, dict) else o for o in spec.get(kind, [])}
+    spelled = {str(path) for path in layout.OUTPUTS}
+    assert spelled <= outs, f"pipeline.core.layout names {sorted(spelled - outs)}: not in dvc.yaml"
+    # And each stage's command passes them where the stage writes them.
+    commands = " ".join(spec["cmd"] for spec in STAGES.values())
+    assert all(f" {path}" in commands for path in spelled), "a layout path no stage writes"

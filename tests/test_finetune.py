@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_reviews, write_params, write_splits
 
-from pipeline.core import sources, tracking
+from pipeline.core import params, sources, tracking
 from pipeline.stages import finetune, tokenize_data, validate
 
 
@@ -40,9 +40,11 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
         },
     )
     validated = root / "validated"
-    validate.run(raw, params_path, validated, root / "validation.json", root / "failures.json")
+    validate.run(
+        raw, params.load(params_path), validated, root / "validation.json", root / "failures.json"
+    )
     tokenized = root / "tokenized"
-    tokenize_data.run(validated, params_path, tokenized, root / "tokenize.json")
+    tokenize_data.run(validated, params.load(params_path), tokenized, root / "tokenize.json")
     return {"root": root, "params": params_path, "validated": validated, "tokenized": tokenized}
 
 
@@ -63,7 +65,7 @@ def run_finetune(prepared: dict, out: str, params_path: Path | None = None) -> d
     return finetune.run(
         prepared["tokenized"],
         prepared["validated"],
-        params_path or prepared["params"],
+        params.load(params_path or prepared["params"]),
         root / out,
         root / f"{out}-checkpoints",
         root / f"{out}-train.json",

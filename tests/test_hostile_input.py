@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bertrt
+from pipeline.core import params
 from pipeline.core.sources import SourceError
 from pipeline.core.tables import TableError
 from pipeline.stages import ingest, validate
@@ -46,9 +47,9 @@ LABELS = st.sampled_from(["fresh", "rotten"])
 
 def _ingest(tmp_path: Path, source: Path) -> Exception | None:
     """None when ingest worked; the error when it refused, which must name the file."""
-    params = write_params(tmp_path, {"ingest.source": str(source), "ingest.group_column": ""})
+    params_path = write_params(tmp_path, {"ingest.source": str(source), "ingest.group_column": ""})
     try:
-        ingest.run(params, tmp_path / "raw", tmp_path / "ingest.json")
+        ingest.run(params.load(params_path), tmp_path / "raw", tmp_path / "ingest.json")
     except (TableError, SourceError) as exc:
         assert str(source) in str(exc), exc
         assert not (tmp_path / "raw").exists(), "nothing is written on a refusal"
@@ -119,9 +120,13 @@ def test_validate_accepts_or_lists_each_bad_row_by_file_and_row(
         + ([] if any(isinstance(c, int) for c in test_labels) else good[16:]),
     }
     raw = write_splits(tmp_path / "raw", splits)
-    params = write_params(tmp_path, {"base.model": str(tiny_model_dir), "base.max_length": 16})
+    params_path = write_params(
+        tmp_path, {"base.model": str(tiny_model_dir), "base.max_length": 16}
+    )
     try:
-        validate.run(raw, params, tmp_path / "v", tmp_path / "v.json", tmp_path / "f.json")
+        validate.run(
+            raw, params.load(params_path), tmp_path / "v", tmp_path / "v.json", tmp_path / "f.json"
+        )
     except validate.ValidationFailed as exc:
         assert exc.failures and all(f["file"] and f["reason"] for f in exc.failures)
         for failure in exc.failures:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import synthetic_reviews, write_params
 
-from pipeline.core import sources
+from pipeline.core import params, sources
 from pipeline.core.tables import TableError
 from pipeline.stages import ingest
 
@@ -27,7 +27,7 @@ def source_rows(n: int = 300) -> list[dict]:
 def run_ingest(tmp_path: Path, source: Path, **overrides: object) -> tuple[Path, dict]:
     params_path = write_params(tmp_path, {"ingest.source": str(source), **overrides})
     out = tmp_path / "raw"
-    return out, ingest.run(params_path, out, tmp_path / "ingest.json")
+    return out, ingest.run(params.load(params_path), out, tmp_path / "ingest.json")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet", ".csv.gz"])
@@ -210,7 +210,7 @@ def test_bad_sources_are_refused(tmp_path: Path, make, overrides, error, message
     source = make(tmp_path)
     params_path = write_params(tmp_path, {"ingest.source": str(source), **overrides})
     with pytest.raises(error) as caught:
-        ingest.run(params_path, tmp_path / "raw", tmp_path / "ingest.json")
+        ingest.run(params.load(params_path), tmp_path / "raw", tmp_path / "ingest.json")
     assert message in str(caught.value)
     assert not (tmp_path / "raw").exists()
 

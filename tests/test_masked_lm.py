@@ -65,7 +65,7 @@ def test_every_corpus_format_is_read(tmp_path: Path, tiny_model_dir: Path, kind:
         else:
             frame.to_parquet(source)
     p = mlm_params(tmp_path, tiny_model_dir, **{"ingest.source": str(source)})
-    report = ingest.run(p, tmp_path / "raw", tmp_path / "ingest.json")
+    report = ingest.run(params.load(p), tmp_path / "raw", tmp_path / "ingest.json")
     assert sum(report["rows"].values()) == 40
     if kind == "txt":
         assert report["dropped"]["all"]["empty_text"] == 1
@@ -87,7 +87,7 @@ def test_rehearsal_sources_join_train_only_a_seeded_sample_of_each(
             "ingest.rehearsal_rows": 10,
         },
     )
-    report = ingest.run(p, tmp_path / "raw", tmp_path / "ingest.json")
+    report = ingest.run(params.load(p), tmp_path / "raw", tmp_path / "ingest.json")
     assert report["rows_in"]["rehearsal[0]"] == 50 and report["rows_in"]["rehearsal[1]"] == 30
     frames = {s: pd.read_parquet(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS}
     train = frames["train"]["text"]
@@ -96,7 +96,7 @@ def test_rehearsal_sources_join_train_only_a_seeded_sample_of_each(
     for split in ("validation", "test"):
         assert not frames[split]["text"].str.startswith(("old text", "older line")).any(), split
     assert sum(report["rows"].values()) == 40 + 20
-    again = ingest.run(p, tmp_path / "raw2", tmp_path / "ingest2.json")
+    again = ingest.run(params.load(p), tmp_path / "raw2", tmp_path / "ingest2.json")
     assert again == report, "the samples are seeded"
 
 
@@ -135,7 +135,7 @@ def test_bad_corpora_name_the_file_and_the_fix(
         source.write_bytes(b"PK\x03\x04")
     p = mlm_params(tmp_path, tiny_model_dir, **{"ingest.source": str(source)})
     with pytest.raises(TableError, match=re.escape(message)) as err:
-        ingest.run(p, tmp_path / "raw", tmp_path / "ingest.json")
+        ingest.run(params.load(p), tmp_path / "raw", tmp_path / "ingest.json")
     assert str(source) in str(err.value)
     assert not (tmp_path / "raw").exists()
 
@@ -162,7 +162,9 @@ def validate_rows(tmp_path: Path, model: Path, test: list[dict], **overrides: ob
         tmp_path / "raw", {"train": rows[:40], "validation": rows[40:50], "test": test}
     )
     p = mlm_params(tmp_path, model, **overrides)
-    validate.run(raw, p, tmp_path / "validated", tmp_path / "v.json", tmp_path / "f.json")
+    validate.run(
+        raw, params.load(p), tmp_path / "validated", tmp_path / "v.json", tmp_path / "f.json"
+    )
     return p
 
 
@@ -203,7 +205,9 @@ def test_an_answer_the_tokenizer_cannot_produce_stops_tokenize(
     test = [{"text": "the film was good", "answer": ""}, {"text": "the [MASK]", "answer": "€"}]
     p = validate_rows(tmp_path, tiny_model_dir, test)
     with pytest.raises(ValueError, match=r"probe 1 \(test split\).*\[UNK\]"):
-        tokenize_data.run(tmp_path / "validated", p, tmp_path / "tok", tmp_path / "t.json")
+        tokenize_data.run(
+            tmp_path / "validated", params.load(p), tmp_path / "tok", tmp_path / "t.json"
+        )
     assert not (tmp_path / "tok").exists()
 
 
@@ -215,7 +219,9 @@ def test_blocks_concatenate_lines_and_held_out_masks_are_fixed(
 
     test = [{"text": t, "answer": ""} for t in lines(30, seed=5)]
     p = validate_rows(tmp_path, tiny_model_dir, test, **{"tokenize.group_texts": True})
-    stats = tokenize_data.run(tmp_path / "validated", p, tmp_path / "tok", tmp_path / "t.json")
+    stats = tokenize_data.run(
+        tmp_path / "validated", params.load(p), tmp_path / "tok", tmp_path / "t.json"
+    )
     data = load_from_disk(str(tmp_path / "tok"))
     train = data["train"]
     assert "labels" not in train.column_names  # masked on the fly while training
@@ -225,7 +231,7 @@ def test_blocks_concatenate_lines_and_held_out_masks_are_fixed(
     masked = sum((np.asarray(x) != -100).sum() for x in data["test"]["labels"])
     assert masked == stats["splits"]["test"]["masked_tokens"] > 0
     again = tmp_path / "tok2"
-    tokenize_data.run(tmp_path / "validated", p, again, tmp_path / "t2.json")
+    tokenize_data.run(tmp_path / "validated", params.load(p), again, tmp_path / "t2.json")
     assert load_from_disk(str(again))["test"]["input_ids"] == data["test"]["input_ids"]
 
 
@@ -426,12 +432,12 @@ def test_a_tiny_model_learns_a_new_fill(tmp_path: Path, tiny_model_dir: Path) ->
         },
     )
     validated, tokenized = tmp_path / "validated", tmp_path / "tok"
-    validate.run(raw, p, validated, tmp_path / "v.json", tmp_path / "f.json")
-    tokenize_data.run(validated, p, tokenized, tmp_path / "t.json")
+    validate.run(raw, params.load(p), validated, tmp_path / "v.json", tmp_path / "f.json")
+    tokenize_data.run(validated, params.load(p), tokenized, tmp_path / "t.json")
     finetune.run(
         tokenized,
         validated,
-        p,
+        params.load(p),
         tmp_path / "ft",
         tmp_path / "ck",
         tmp_path / "train.json",
@@ -441,7 +447,7 @@ def test_a_tiny_model_learns_a_new_fill(tmp_path: Path, tiny_model_dir: Path) ->
         tmp_path / "ft",
         tokenized,
         validated / "test.parquet",
-        p,
+        params.load(p),
         tmp_path / "eval.json",
         tmp_path / "plots",
     )["overall"]

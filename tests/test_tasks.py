@@ -13,6 +13,7 @@ import bertrt
 from bertrt.contract import TASKS
 from bertrt.predictors import REGISTRY
 from pipeline import tasks
+from pipeline.core import params
 from pipeline.stages import evaluate_model, export_onnx, finetune, tokenize_data, validate
 
 
@@ -50,13 +51,15 @@ def test_task_through_every_stage(tmp_path: Path, tiny_model_dir: Path, task: st
         },
     )
     validated, tokenized, model = tmp_path / "validated", tmp_path / "tokenized", tmp_path / "ft"
-    validate.run(raw, params_path, validated, tmp_path / "v.json", tmp_path / "failures.json")
-    stats = tokenize_data.run(validated, params_path, tokenized, tmp_path / "t.json")
+    validate.run(
+        raw, params.load(params_path), validated, tmp_path / "v.json", tmp_path / "failures.json"
+    )
+    stats = tokenize_data.run(validated, params.load(params_path), tokenized, tmp_path / "t.json")
     assert stats["splits"]["train"]["rows"] == 64
     summary = finetune.run(
         tokenized,
         validated,
-        params_path,
+        params.load(params_path),
         model,
         tmp_path / "ckpt",
         tmp_path / "train.json",
@@ -67,7 +70,7 @@ def test_task_through_every_stage(tmp_path: Path, tiny_model_dir: Path, task: st
         model,
         tokenized,
         validated / "test.parquet",
-        params_path,
+        params.load(params_path),
         tmp_path / "eval.json",
         tmp_path / "plots",
         tmp_path / "metrics.json",
@@ -82,7 +85,7 @@ def test_task_through_every_stage(tmp_path: Path, tiny_model_dir: Path, task: st
         model,
         validated / "test.parquet",
         tmp_path / "eval.json",
-        params_path,
+        params.load(params_path),
         tmp_path / "onnx",
         tmp_path / "export.json",
     )

@@ -11,6 +11,7 @@ import pytest
 from conftest import synthetic_sentences, write_params, write_splits
 
 from bertrt.predictors.token_classification import Token, group, word_units
+from pipeline.core import params
 from pipeline.core.tables import TableError
 from pipeline.stages import ingest, validate
 from pipeline.tasks.token_classification import tagging
@@ -133,7 +134,7 @@ BAD_SOURCES = [
 def test_bad_token_files_are_refused_at_ingest(tmp_path: Path, make, message: str) -> None:
     params_path = write_params(tmp_path, {**NER, "ingest.source": str(make(tmp_path))})
     with pytest.raises(TableError) as caught:
-        ingest.run(params_path, tmp_path / "raw", tmp_path / "ingest.json")
+        ingest.run(params.load(params_path), tmp_path / "raw", tmp_path / "ingest.json")
     assert message in str(caught.value)
     assert not (tmp_path / "raw").exists()
 
@@ -146,7 +147,7 @@ def test_ingest_splits_a_conll_file_and_a_folder_without_validation(tmp_path: Pa
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "ner.txt").write_text(text + "\n", encoding="utf-8")
     params_path = write_params(tmp_path, {**NER, "ingest.source": str(tmp_path / "src/ner.txt")})
-    result = ingest.run(params_path, tmp_path / "raw", tmp_path / "ingest.json")
+    result = ingest.run(params.load(params_path), tmp_path / "raw", tmp_path / "ingest.json")
     assert sum(result["rows"].values()) == 60
     assert set(result["labels"]["train"]) == {"PER", "LOC"}
     folder = tmp_path / "msra"
@@ -155,7 +156,7 @@ def test_ingest_splits_a_conll_file_and_a_folder_without_validation(tmp_path: Pa
     (folder / "msra_test.txt").write_text(text.split("\n\n")[0] + "\n", encoding="utf-8")
     (folder / "msra.txt").write_text("ignored\tO\n", encoding="utf-8")
     params_path = write_params(tmp_path, {**NER, "ingest.source": str(folder)})
-    result = ingest.run(params_path, tmp_path / "raw2", tmp_path / "ingest2.json")
+    result = ingest.run(params.load(params_path), tmp_path / "raw2", tmp_path / "ingest2.json")
     assert result["rows"]["test"] == 1
     # The test sentence is also in the train file: train loses it, the test file stays whole.
     assert result["dropped"]["train"]["also_in_a_later_split"] == 1
@@ -213,7 +214,13 @@ def test_bad_token_data_is_refused_with_file_line_and_reason(
     raw = write_splits(tmp_path / "raw", {k: pd.DataFrame(v) for k, v in splits.items()})
     params_path = write_params(tmp_path, {**NER, "base.model": str(tiny_model_dir)})
     with pytest.raises(validate.ValidationFailed) as caught:
-        validate.run(raw, params_path, tmp_path / "out", tmp_path / "v.json", tmp_path / "f.json")
+        validate.run(
+            raw,
+            params.load(params_path),
+            tmp_path / "out",
+            tmp_path / "v.json",
+            tmp_path / "f.json",
+        )
     message = str(caught.value)
     assert reason in message and where in message, message
     assert not (tmp_path / "out").exists()
@@ -240,7 +247,9 @@ def test_bmes_input_is_validated_and_written_as_iob2(tmp_path: Path, tiny_model_
     params_path = write_params(
         tmp_path, {**NER, "base.model": str(tiny_model_dir), "validate.tag_scheme": "bioes"}
     )
-    validate.run(raw, params_path, tmp_path / "out", tmp_path / "v.json", tmp_path / "f.json")
+    validate.run(
+        raw, params.load(params_path), tmp_path / "out", tmp_path / "v.json", tmp_path / "f.json"
+    )
     out = pd.read_parquet(tmp_path / "out" / "train.parquet")
     expected = [r["tags"] for r in synthetic_sentences(40, seed=3)[:24]]
     assert [list(t) for t in out["tags"]] == expected
@@ -445,8 +454,12 @@ def test_unknown_characters_join_the_vocabulary_and_the_model(
             "tracking.experiment": "vocab",
         },
     )
-    validate.run(raw, params_path, tmp_path / "val", tmp_path / "v.json", tmp_path / "f.json")
-    stats = tokenize_data.run(tmp_path / "val", params_path, tmp_path / "tok", tmp_path / "t.json")
+    validate.run(
+        raw, params.load(params_path), tmp_path / "val", tmp_path / "v.json", tmp_path / "f.json"
+    )
+    stats = tokenize_data.run(
+        tmp_path / "val", params.load(params_path), tmp_path / "tok", tmp_path / "t.json"
+    )
     vocab = stats["vocabulary"]
     # Every Chinese character of train occurs at least twice; none is in the tiny vocabulary.
     assert vocab["unk_rate_before"] > 0.5 and vocab["unk_rate_after"] == 0.0
@@ -455,7 +468,7 @@ def test_unknown_characters_join_the_vocabulary_and_the_model(
     summary = finetune.run(
         tmp_path / "tok",
         tmp_path / "val",
-        params_path,
+        params.load(params_path),
         tmp_path / "ft",
         tmp_path / "ck",
         tmp_path / "train.json",

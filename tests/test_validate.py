@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import synthetic_reviews, write_params, write_splits
 
+from pipeline.core import params
 from pipeline.stages import validate
 
 
@@ -27,7 +28,11 @@ def run_validate(tmp_path: Path, params_path: Path, splits: dict) -> tuple[Path,
     raw = write_splits(tmp_path / "raw", splits)
     out = tmp_path / "validated"
     result = validate.run(
-        raw, params_path, out, tmp_path / "validation.json", tmp_path / "failures.json"
+        raw,
+        params.load(params_path),
+        out,
+        tmp_path / "validation.json",
+        tmp_path / "failures.json",
     )
     return out, result
 
@@ -293,10 +298,14 @@ def test_failures_name_the_source_file_and_row_not_the_split_file(
             "ingest.group_column": "",
         },
     )
-    ingest.run(params_path, tmp_path / "raw", tmp_path / "ingest.json")
+    ingest.run(params.load(params_path), tmp_path / "raw", tmp_path / "ingest.json")
     with pytest.raises(validate.ValidationFailed, match="test.jsonl row 3 column category"):
         validate.run(
-            tmp_path / "raw", params_path, tmp_path / "v", tmp_path / "r.json", tmp_path / "f.json"
+            tmp_path / "raw",
+            params.load(params_path),
+            tmp_path / "v",
+            tmp_path / "r.json",
+            tmp_path / "f.json",
         )
     (failure,) = json.loads((tmp_path / "f.json").read_text())["failures"]
     assert failure["split_file"].endswith("test.parquet") and failure["row"] == 3

@@ -310,10 +310,25 @@ SECTIONS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class Params:
-    """The sections one stage reads; the others are left as None."""
+    """The sections one stage reads, each a checked frozen dataclass.
+
+    Args:
+        path: where they were read from (a file, or a name such as "params" for a dict).
+    """
 
     path: Path
     sections: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, *names: str) -> Params:
+        """Only the named sections (a stage's own), so that what it records and fingerprints
+        does not depend on what else the caller loaded."""
+        missing = [name for name in names if name not in self.sections]
+        if missing:
+            raise ParamsError(
+                f"{self.path}: missing section(s) {', '.join(missing)}; this stage reads "
+                f"{', '.join(names)}"
+            )
+        return Params(self.path, {name: self.sections[name] for name in names})
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections", {})
@@ -407,6 +422,13 @@ def load(path: str | Path, *names: str) -> Params:
         raise ParamsError(f"{path}: params file not found; run from the project root") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return from_dict(raw, *names, where=path)
+
+
+def from_dict(raw: Any, *names: str, where: str | Path = "params") -> Params:
+    """Check the named sections of `raw` (params.yaml's shape) as `load` does: for a notebook
+    or a test that runs a stage without a file of params."""
+    path = Path(where)
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SECTIONS))

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from bertrt.contract import MANIFEST_FILE
 from pipeline.core import lineage
 from pipeline.core.params import Tracking
 
@@ -235,4 +236,4 @@ def log_export(result: dict[str, Any], out_dir: Path) -> None:
         for key, value in gate.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 mlflow.log_metric(f"onnx_{name}_{key}", value)
-    mlflow.log_artifact(str(Path(out_dir) / "manifest.json"), artifact_path="onnx")
+    mlflow.log_artifact(str(Path(out_dir) / MANIFEST_FILE), artifact_path="onnx")

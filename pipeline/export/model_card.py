@@ -68,7 +68,7 @@ def render(manifest: Manifest) -> str:
         "|---|---|---|---|---|",
     ]
     for name, entry in manifest.variants.items():
-        gate = entry.get("gate", {})
+        gate = entry.gate
         summary = (
             f"max abs logit diff {gate['max_abs_logit_diff']:.1e}"
             if "max_abs_logit_diff" in gate
@@ -77,11 +77,11 @@ def render(manifest: Manifest) -> str:
         if gate.get("agreement") is not None:
             summary += f", agreement {gate['agreement']:.4f}"
         lines.append(
-            f"| {name} | `{entry['file']}` | {entry['precision']} | "
-            f"{', '.join(entry.get('providers', []))} | {summary} |"
+            f"| {name} | `{entry.file}` | {entry.precision} | "
+            f"{', '.join(entry.providers)} | {summary} |"
         )
     for name, entry in manifest.rejected_variants.items():
-        lines.append(f"| {name} (not shipped) | | | | {entry.get('gate', {}).get('reason', '')} |")
+        lines.append(f"| {name} (not shipped) | | | | {entry.gate.get('reason', '')} |")
     lines += [
         "",
         "## Use",

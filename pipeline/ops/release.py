@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tasks
-from pipeline.core import entry, lineage, params, tracking
+from pipeline.core import entry, layout, lineage, params, tracking
 
 log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
@@ -212,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("tag", nargs="?", help="the git tag to create, e.g. v1")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--model", type=Path, default=Path("models/onnx"))
-    parser.add_argument("--test", type=Path, default=Path("data/validated/test.parquet"))
+    parser.add_argument("--model", type=Path, default=layout.ONNX_MODEL)
+    parser.add_argument(
+        "--test", type=Path, default=layout.split_file(layout.VALIDATED, layout.TEST)
+    )
     parser.add_argument("--name", default="", help="registered model (default: the experiment)")
     parser.add_argument("--message", default="", help="the tag's message")
     parser.add_argument(

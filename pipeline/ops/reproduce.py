@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from bertrt.contract import BASE_VARIANT
+from bertrt.contract import BASE_VARIANT, MANIFEST_FILE
 from pipeline import tasks
-from pipeline.core import lineage, params, precision
+from pipeline.core import layout, lineage, params, precision
 from pipeline.ops.release import ReleaseError, _run
 
 WORKTREES = Path(".reproduce")
@@ -125,7 +125,7 @@ def predictions_of(folder: Path, exact: bool) -> list[str]:
 
     # The base graph: the variant a load picks by timing could differ between the two loads.
     predictor = bertrt.load(folder / "models" / "onnx", device="cpu", variant=BASE_VARIANT)
-    test = pd.read_parquet(folder / "data" / "validated" / "test.parquet")
+    test = pd.read_parquet(layout.split_file(folder / layout.VALIDATED, layout.TEST))
     texts = tasks.get(predictor.engine.manifest.task).texts(test)
     return [
         json.dumps(_strip(p.as_dict(), exact), sort_keys=True) for p in predictor.predict(texts)
@@ -195,7 +195,7 @@ def run(tag: str, rerun: bool) -> int:
     print(f"{tag} restored in {where}: {json.dumps(metrics)}")
     if not rerun:
         return 0
-    manifest = json.loads((where / "models" / "onnx" / "manifest.json").read_text("utf-8"))
+    manifest = json.loads((where / layout.ONNX_MODEL / MANIFEST_FILE).read_text("utf-8"))
     made_on = manifest.get("provenance", {}).get("environment", {})
     here = lineage.environment()
     same = (

@@ -10,17 +10,20 @@ from typing import Any
 import pandas as pd
 
 from pipeline import tasks
-from pipeline.core import entry, lineage, params, tracking
+from pipeline.core import entry, layout, lineage, params, tracking
 from pipeline.core.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
+
+# The params.yaml sections this stage reads (dvc.yaml lists the same).
+SECTIONS = ("base", "long_text", "evaluate", "tracking")
 
 
 def run(
     model_dir: Path,
     tokenized_dir: Path,
     test_path: Path,
-    params_path: Path,
+    p: params.Params,
     metrics_path: Path,
     plots_dir: Path,
     headline_path: Path | None = None,
@@ -30,7 +33,7 @@ def run(
     from datasets import load_from_disk
     from transformers import AutoConfig
 
-    p = params.load(params_path, "base", "long_text", "evaluate", "tracking")
+    p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)
     config = AutoConfig.from_pretrained(model_dir)
     labels = [config.id2label[i] for i in range(config.num_labels)]
@@ -38,7 +41,7 @@ def run(
     dataset = data["test"]
     test = pd.read_parquet(test_path)
     outputs = task.predict(model_dir, dataset, test, p)
-    validated = pd.read_parquet(test_path.parent / "validation.parquet")
+    validated = pd.read_parquet(layout.split_file(test_path.parent, layout.VALIDATION))
 
     def validation() -> tuple[Any, Any]:
         return task.predict(model_dir, data["validation"], validated, p), data["validation"]
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.tokenized,
             args.test,
-            args.params,
+            params.load(args.params, *SECTIONS),
             args.metrics,
             args.plots,
             args.headline,

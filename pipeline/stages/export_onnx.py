@@ -19,12 +19,15 @@ from pipeline.export.options import ExportOptions
 
 log = logging.getLogger(__name__)
 
+# The params.yaml sections this stage reads (dvc.yaml lists the same).
+SECTIONS = ("base", "tokenize", "long_text", "export", "tracking")
+
 
 def run(
     model_dir: Path,
     test_path: Path,
     eval_report: Path,
-    params_path: Path,
+    p: params.Params,
     out_dir: Path,
     report: Path,
     calibration_path: Path | None = None,
@@ -33,7 +36,8 @@ def run(
     the int8 variant is tuned on `calibration_path` (the validation split), never on test."""
     from transformers import AutoConfig, AutoTokenizer
 
-    p = params.load(params_path, "base", "tokenize", "long_text", "export", "tracking")
+    params_sha256 = p.digest()  # every section the caller gave: main loads them all
+    p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)
     test = pd.read_parquet(test_path)
     config = AutoConfig.from_pretrained(model_dir)
@@ -54,7 +58,7 @@ def run(
         "vocab_size": config.vocab_size,
         "finetuned_sha256": model_hash,
         "data_sha256": lineage.file_digest(test_path.parent),
-        "params_sha256": params.load(params_path).digest(),
+        "params_sha256": params_sha256,
         # Only what the inputs decide, so that re-running a tag gives the same bytes: the source
         # commit (not the release commit or tag, given later), and the MLflow run is found by
         # the model's hash (tag model_sha256), as a re-run in another store makes another run.
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.test,
             args.eval_report,
-            args.params,
+            params.load(args.params),
             args.out,
             args.report,
             args.calibration,

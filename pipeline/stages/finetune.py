@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tasks
-from pipeline.core import entry, imports, lineage, params, precision, tracking
+from pipeline.core import entry, imports, layout, lineage, params, precision, tracking
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import from_pretrained, load_options, resolve_model
 from pipeline.train import optim, tracking_gaps
@@ -24,6 +24,9 @@ from pipeline.train.train_files import (
 from pipeline.train.vocabulary import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
+
+# The params.yaml sections this stage reads (dvc.yaml lists the same).
+SECTIONS = ("base", "masking", "finetune", "tracking")
 
 
 def world_size() -> int:
@@ -79,7 +82,7 @@ def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) ->
 def run(
     tokenized_dir: Path,
     validated_dir: Path,
-    params_path: Path,
+    p: params.Params,
     out_dir: Path,
     checkpoints: Path,
     report: Path,
@@ -91,7 +94,7 @@ def run(
     from datasets import load_from_disk
     from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
 
-    p = params.load(params_path, "base", "masking", "finetune", "tracking")
+    p = p.select(*SECTIONS)
     # Under torchrun only rank 0 tracks and writes; every rank trains (the Trainer's DDP).
     main = int(os.environ.get("RANK", "0")) == 0
     tracking_gaps.short_retries()
@@ -99,7 +102,7 @@ def run(
     if p.finetune.threads:
         torch.set_num_threads(max(1, p.finetune.threads // world_size()))
     set_seed(p.base.seed)
-    labels = json.loads((validated_dir / "labels.json").read_text(encoding="utf-8"))
+    labels = json.loads(layout.labels_file(validated_dir).read_text(encoding="utf-8"))
     data = load_from_disk(str(tokenized_dir))
     train = data["train"]
     if p.finetune.max_train_samples and len(train) > p.finetune.max_train_samples:
@@ -180,7 +183,7 @@ def run(
         summary_table = task.training_summary(train)
         dataset = mlflow.data.from_pandas(
             summary_table,
-            source=str(validated_dir / "train.parquet"),
+            source=str(layout.split_file(validated_dir, layout.TRAIN)),
             name="train",
             targets="labels" if "labels" in summary_table else None,
         )
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: run(
             args.tokenized,
             args.validated,
-            args.params,
+            params.load(args.params, *SECTIONS),
             args.out,
             args.checkpoints,
             args.report,

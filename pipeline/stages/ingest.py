@@ -10,12 +10,15 @@ from typing import Any
 import pandas as pd
 
 from pipeline import tasks
-from pipeline.core import entry, lineage, params
+from pipeline.core import entry, layout, lineage, params
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import resolve_path
 from pipeline.core.tables import SPLITS, TableError, find_split_files, has_split_files
 
 log = logging.getLogger(__name__)
+
+# The params.yaml sections this stage reads (dvc.yaml lists the same).
+SECTIONS = ("base", "ingest")
 MIN_ROWS = 3  # one for each split
 SOURCE_FILE = "source_file"  # which input file a row came from, for validation messages
 
@@ -84,9 +87,9 @@ def sample(df: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
     return df
 
 
-def run(params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
+def run(p: params.Params, out_dir: Path, report: Path) -> dict[str, Any]:
     """Read the source, clean and split it, write `out_dir/{split}.parquet` and the report."""
-    p = params.load(params_path, "base", "ingest")
+    p = p.select(*SECTIONS)
     source = resolve_path(p.ingest.source, "ingest.source")
     try:
         return _run(p, source, out_dir, report)
@@ -158,7 +161,7 @@ def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[st
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             frame = frames[name].reset_index(drop=True)
-            frame.to_parquet(tmp / f"{name}.parquet", index=False)
+            frame.to_parquet(layout.split_file(tmp, name), index=False)
             log.info("%s: %d rows, %s", name, len(frame), task.label_counts(frame, p))
     if len(frames["train"]):
         log.info("sample row: %s", frames["train"].iloc[0].to_dict())
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args(argv)
     return entry.guarded(
-        lambda: run(args.params, args.out, args.report), writes=[args.out, args.report]
+        lambda: run(params.load(args.params, *SECTIONS), args.out, args.report),
+        writes=[args.out, args.report],
     )
 
 

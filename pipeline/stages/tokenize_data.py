@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline import tasks
-from pipeline.core import entry, imports, lineage, params
+from pipeline.core import entry, imports, layout, lineage, params
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import load_options, resolve_model
 from pipeline.core.tables import SPLITS
@@ -22,15 +22,18 @@ from pipeline.train.vocabulary import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
 
+# The params.yaml sections this stage reads (dvc.yaml lists the same).
+SECTIONS = ("base", "tokenize", "long_text", "masking")
 
-def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> dict[str, Any]:
+
+def run(validated_dir: Path, p: params.Params, out_dir: Path, report: Path) -> dict[str, Any]:
     """Tokenise `validated_dir/{split}.parquet` (no padding) into a DatasetDict at `out_dir`."""
     from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 
-    p = params.load(params_path, "base", "tokenize", "long_text", "masking")
+    p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)
-    labels = json.loads((validated_dir / "labels.json").read_text(encoding="utf-8"))
+    labels = json.loads(layout.labels_file(validated_dir).read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model(p.base.model), **load_options(p.base.trust_remote_code, weights=False)
     )
@@ -45,7 +48,7 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
     if p.tokenize.vocab_extension_min_count:
         stats["vocabulary"] = vocabulary.extend(
             tokenizer,
-            task.texts(pd.read_parquet(validated_dir / "train.parquet")),
+            task.texts(pd.read_parquet(layout.split_file(validated_dir, layout.TRAIN))),
             p.tokenize.vocab_extension_min_count,
         )
     # What else decides the output: the tokenizer itself, the labels and the tokenising code.
@@ -57,7 +60,7 @@ def run(validated_dir: Path, params_path: Path, out_dir: Path, report: Path) -> 
     ).hexdigest()
     splits = {}
     for split in SPLITS:
-        path = validated_dir / f"{split}.parquet"
+        path = layout.split_file(validated_dir, split)
         # The saved fingerprint is a function of the inputs only, not of the environment.
         # (How windows' logits are aggregated is evaluate's business, not the tokens'.)
         digest = p.digest(skip=("long_text.aggregate",))
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args(argv)
     return entry.guarded(
-        lambda: run(args.validated, args.params, args.out, args.report),
+        lambda: run(args.validated, params.load(args.params, *SECTIONS), args.out, args.report),
         writes=[args.out, args.report],
     )
 

@@ -10,13 +10,15 @@ from typing import Any
 import pandas as pd
 
 from pipeline import tasks
-from pipeline.core import entry, params
+from pipeline.core import entry, layout, params
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import load_options, resolve_model
 from pipeline.core.tables import SPLITS
 
 log = logging.getLogger(__name__)
-LABELS_FILE = "labels.json"
+
+# The params.yaml sections this stage reads (dvc.yaml lists the same).
+SECTIONS = ("base", "validate")
 
 
 class ValidationFailed(ValueError):
@@ -46,13 +48,13 @@ def where(failure: dict[str, Any]) -> str:
     return f"{failure['file']} (whole split)"
 
 
-def run(raw_dir: Path, params_path: Path, out_dir: Path, report: Path, failures: Path) -> dict:
+def run(raw_dir: Path, p: params.Params, out_dir: Path, report: Path, failures: Path) -> dict:
     """Check every split; write `out_dir` (Parquet, labels.json) and stats, or list failures."""
     from transformers import AutoTokenizer
 
-    p = params.load(params_path, "base", "validate")
+    p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)
-    files = {split: raw_dir / f"{split}.parquet" for split in SPLITS}
+    files = {split: layout.split_file(raw_dir, split) for split in SPLITS}
     frames = {}
     for split, path in files.items():
         if not path.is_file():
@@ -70,7 +72,7 @@ def run(raw_dir: Path, params_path: Path, out_dir: Path, report: Path, failures:
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             clean = task.validated(frames[split], p)
-            clean.to_parquet(tmp / f"{split}.parquet", index=False)
+            clean.to_parquet(layout.split_file(tmp, split), index=False)
             stats["splits"][split] = task.split_stats(clean, tokenizer, p)
             too_long = stats["splits"][split]["over_max_length"]
             if too_long:
@@ -81,7 +83,7 @@ def run(raw_dir: Path, params_path: Path, out_dir: Path, report: Path, failures:
                     p.base.max_length,
                     task.long_inputs,
                 )
-        write_json(tmp / LABELS_FILE, labels)
+        write_json(layout.labels_file(tmp), labels)
     log.info("valid: %s rows, labels %s", {s: len(frames[s]) for s in SPLITS}, labels)
     write_json(report, stats)
     return stats
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failures", type=Path, required=True, help="failing rows, on failure")
     args = parser.parse_args(argv)
     return entry.guarded(
-        lambda: run(args.raw, args.params, args.out, args.report, args.failures),
+        lambda: run(
+            args.raw, params.load(args.params, *SECTIONS), args.out, args.report, args.failures
+        ),
         writes=[args.out, args.report, args.failures],
     )
 
