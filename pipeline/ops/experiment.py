@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core import params
+from pipeline.core import layout, params
 
 
 def overrides(config: Path, extra: list[str] | None = None) -> list[str]:
@@ -135,7 +135,7 @@ def save_model(dvc: str, name: str, target: Path, env: dict[str, str]) -> int:
         return 1
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [dvc, "get", ".", "models/finetuned", "--rev", sha, "-o", str(tmp)]
+    cmd = [dvc, "get", ".", str(layout.FINETUNED), "--rev", sha, "-o", str(tmp)]
     print(" ".join(cmd), flush=True)
     code = subprocess.run(cmd, check=False, env=env).returncode
     if code:

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pipeline.core import layout
+
 
 def read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -14,7 +16,7 @@ def read(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reports", type=Path, default=Path("reports"))
-    parser.add_argument("--model", type=Path, default=Path("models/onnx"))
+    parser.add_argument("--model", type=Path, default=layout.ONNX_MODEL)
     args = parser.parse_args(argv)
     evaluation = read(args.reports / "eval.json").get("overall", {})
     train = read(args.reports / "train.json")

@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.core import params
+from pipeline.core import layout, params
 from pipeline.ops.experiment import _value, dvc_executable
 
-METRICS = "reports/metrics.json"
+METRICS = str(layout.METRICS)
 
 
 def load(config: Path) -> dict[str, Any]:
