@@ -261,7 +261,7 @@ TASK_DATA = {
             "base.task": "token-classification",
             "base.text_column": "tokens",
             "base.label_column": "tags",
-            "tokenize.stride": 4,
+            "token-classification.stride": 4,
         },
     ),
     "fill-mask": (

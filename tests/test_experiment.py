@@ -25,7 +25,7 @@ def test_shipped_configs_are_valid_params(config: Path, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     loaded = params.load(path)
     assert loaded.base.task in ("token-classification", "fill-mask")
-    files = [loaded.ingest.source, loaded.ingest.probes, loaded.masking.user_words]
+    files = [loaded.ingest.source, loaded.ingest.probes, loaded.fill_mask.user_words]
     for value in files:  # the repo's own corpora, probes and word lists are where configs say
         assert not value or value.startswith("package:") or (REPO / value).is_file(), value
     assert loaded.ingest.drop_labels == []  # no config is a sentiment task

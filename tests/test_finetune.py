@@ -450,7 +450,7 @@ def test_one_encoding_gives_the_same_unk_rate_lengths_and_windows_as_separate_pa
         tmp_path,
         {"base.model": str(tiny_model_dir), "base.max_length": 32, "tokenize.batch_size": 2},
     )
-    p = params.load(path, "base", "tokenize", "long_text", "masking")
+    p = params.load(path, "base", "tokenize", params.TASK_SECTION)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     out, stats = tasks.get("text-classification").tokenize(
         data, tokenizer, ["fresh", "rotten"], p, "f" * 16

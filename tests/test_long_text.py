@@ -127,8 +127,12 @@ def test_pytorch_evaluation_and_the_runtime_read_long_texts_alike(
     test = pd.DataFrame(
         {"text": texts, "label": [reviews[i]["category"] for i in range(0, 60, 3)]}
     )
-    overrides = {"base.max_length": 16, "long_text.strategy": strategy, "long_text.aggregate": how}
-    p = params.load(write_params(tmp_path, {**overrides, "long_text.stride": 4}))
+    overrides = {
+        "base.max_length": 16,
+        "text-classification.strategy": strategy,
+        "text-classification.aggregate": how,
+    }
+    p = params.load(write_params(tmp_path, {**overrides, "text-classification.stride": 4}))
     task = TextClassification()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     labels = ["fresh", "rotten"]

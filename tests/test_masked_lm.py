@@ -313,8 +313,10 @@ def test_salient_words_are_masked_whole_that_often(
 
 
 def test_salient_masking_params_go_together(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with pytest.raises(params.ParamsError, match="salient_words and masking.salient_probability"):
-        params.load(mlm_params(tmp_path, tiny_model_dir, **{"masking.salient_probability": 0.5}))
+    with pytest.raises(
+        params.ParamsError, match="salient_words and fill-mask.salient_probability"
+    ):
+        params.load(mlm_params(tmp_path, tiny_model_dir, **{"fill-mask.salient_probability": 0.5}))
 
 
 def test_whole_word_masking_with_jieba_masks_chinese_words_together() -> None:
@@ -341,8 +343,8 @@ def test_user_words_keep_a_new_name_whole(tmp_path: Path) -> None:
 
 
 def test_whole_word_needs_mask_only_replacement(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with pytest.raises(params.ParamsError, match="set masking.mask_replace_prob: 1.0"):
-        params.load(mlm_params(tmp_path, tiny_model_dir, **{"masking.whole_word": True}))
+    with pytest.raises(params.ParamsError, match="set fill-mask.mask_replace_prob: 1.0"):
+        params.load(mlm_params(tmp_path, tiny_model_dir, **{"fill-mask.whole_word": True}))
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -428,7 +430,7 @@ def test_a_tiny_model_learns_a_new_fill(tmp_path: Path, tiny_model_dir: Path) ->
             "finetune.warmup_steps": 0,
             "finetune.early_stopping_patience": 25,
             "finetune.logging_steps": 5,
-            "masking.probability": 0.3,
+            "fill-mask.probability": 0.3,
         },
     )
     validated, tokenized = tmp_path / "validated", tmp_path / "tok"

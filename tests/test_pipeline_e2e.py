@@ -180,6 +180,27 @@ def test_a_learning_rate_change_reruns_only_finetune_and_after(
     assert stages_run(output) == ["finetune", "evaluate", "export"]
 
 
+def test_another_tasks_params_rerun_nothing_and_the_own_task_section_reruns_its_readers(
+    repo: Path, first_repro: str
+) -> None:
+    """A stage depends on the section of the task it runs (${base.task} in dvc.yaml), not on
+    the others; a classifier's fine-tune does not read its task section at all."""
+    sh(["dvc", "repro"], repo)
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    data = yaml.safe_load(original)
+    data["fill-mask"]["probability"] = 0.3
+    data["token-classification"]["stride"] = 8
+    params_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert "up to date" in sh(["dvc", "status"], repo)
+    data["text-classification"]["aggregate"] = "max"
+    params_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    status = sh(["dvc", "status"], repo)
+    assert {"tokenize:", "evaluate:", "export:"} <= set(status.split()), status
+    assert "finetune:" not in status.split(), status
+    params_path.write_text(original)
+
+
 def test_a_temp_experiment_logs_into_the_repo_root_store(repo: Path, first_repro: str) -> None:
     import mlflow
 

@@ -283,16 +283,21 @@ def test_first_subword_carries_the_label_and_windows_cover_every_word(
         (True, [-100, 0, 1, 2, 2, 2, 2, 0, 0, -100]),
     ):
         path = write_params(
-            tmp_path, {**NER, "base.max_length": 64, "tokenize.label_all_subwords": all_subwords}
+            tmp_path,
+            {
+                **NER,
+                "base.max_length": 64,
+                "token-classification.label_all_subwords": all_subwords,
+            },
         )
-        p = params.load(path, "base", "tokenize")
+        p = params.load(path, "base", "tokenize", params.TASK_SECTION)
         from datasets import Dataset
 
         out, _ = task.tokenize(Dataset.from_dict(rows), tokenizer, labels, p, "fp")
         assert out["labels"][0] == expected
     # max_length 8: 6 content tokens per window, 2 shared: every word is in some window.
-    path = write_params(tmp_path, {**NER, "base.max_length": 8, "tokenize.stride": 2})
-    p = params.load(path, "base", "tokenize")
+    path = write_params(tmp_path, {**NER, "base.max_length": 8, "token-classification.stride": 2})
+    p = params.load(path, "base", "tokenize", params.TASK_SECTION)
     out, stats = task.tokenize(Dataset.from_dict(rows), tokenizer, labels, p, "fp")
     assert stats["windows"] == len(out) > 1 and stats["rows_split_into_windows"] == 1
     assert set(out["example_id"]) == {0}

@@ -28,6 +28,12 @@ def split_file(folder: Path, split: str) -> Path:
     return Path(folder) / f"{split}.parquet"
 
 
+def task_params_file(tokenized: Path) -> Path:
+    """{section: values} of the task params training reads (a masked LM's masking), as the
+    tokenize stage used them, beside the tokenized data: the fine-tune reads them there."""
+    return Path(tokenized) / "task_params.json"
+
+
 def labels_file(validated: Path) -> Path:
     """The label order the validate stage fixed, beside the validated splits."""
     return Path(validated) / LABELS_FILE

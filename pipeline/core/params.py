@@ -13,7 +13,13 @@ from typing import Any
 
 import yaml
 
-from bertrt.contract import OPTIONAL_VARIANTS, TASKS
+from bertrt.contract import (
+    FILL_MASK,
+    OPTIONAL_VARIANTS,
+    TASKS,
+    TEXT_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+)
 from bertrt.long_text import Reading
 from pipeline.core import precision
 
@@ -115,21 +121,30 @@ class Validate:
 @dataclass(frozen=True)
 class Tokenize:
     batch_size: int
-    stride: int  # token classification: tokens shared by the windows of a long sentence
-    label_all_subwords: bool  # token classification: label every subword, not only the first
     vocab_extension_min_count: int  # add characters seen this often as [UNK]; 0: never
     group_texts: bool  # fill-mask: concatenate lines into blocks of max_length (else per line)
 
     def check(self) -> list[str]:
         errors = [] if self.batch_size > 0 else ["tokenize.batch_size must be > 0"]
-        if self.stride < 0:
-            errors.append(f"tokenize.stride: {self.stride} must be >= 0")
         if self.vocab_extension_min_count < 0:
             errors.append(
                 f"tokenize.vocab_extension_min_count: {self.vocab_extension_min_count} must be "
                 ">= 0 (0 keeps the vocabulary as it is)"
             )
         return errors
+
+
+@dataclass(frozen=True)
+class Tagging:
+    """Token classification: how sentences become windows and which subwords carry a tag."""
+
+    stride: int  # tokens shared by the windows of a sentence over base.max_length (0: cut)
+    label_all_subwords: bool  # label every subword, not only a word's first
+
+    def check(self) -> list[str]:
+        if self.stride < 0:
+            return [f"token-classification.stride: {self.stride} must be >= 0"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -146,7 +161,7 @@ class LongText:
 
     def check(self) -> list[str]:
         # The stride is checked against base.max_length where both are known (tokenize).
-        return [f"long_text.{problem}" for problem in self.reading().problems(1 << 30)]
+        return [f"{TEXT_CLASSIFICATION}.{x}" for x in self.reading().problems(1 << 30)]
 
 
 SEGMENTERS = ("", "jieba")
@@ -170,31 +185,33 @@ class Masking:
     def check(self) -> list[str]:
         errors = []
         if not 0.0 < self.probability < 1.0:
-            errors.append(f"masking.probability: {self.probability} must be in (0, 1)")
+            errors.append(f"fill-mask.probability: {self.probability} must be in (0, 1)")
         for key in ("mask_replace_prob", "random_replace_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                errors.append(f"masking.{key}: {getattr(self, key)} must be in [0, 1]")
+                errors.append(f"fill-mask.{key}: {getattr(self, key)} must be in [0, 1]")
         if self.mask_replace_prob + self.random_replace_prob > 1.0:
-            errors.append("masking.mask_replace_prob + masking.random_replace_prob must be <= 1")
+            errors.append(
+                "fill-mask.mask_replace_prob + fill-mask.random_replace_prob must be <= 1"
+            )
         if self.whole_word and self.mask_replace_prob != 1.0:
             # The library's whole-word masking replaces every chosen token with the mask token.
             errors.append(
-                "masking.whole_word: true masks chosen words with the mask token only; set "
-                "masking.mask_replace_prob: 1.0 and masking.random_replace_prob: 0.0"
+                "fill-mask.whole_word: true masks chosen words with the mask token only; set "
+                "fill-mask.mask_replace_prob: 1.0 and fill-mask.random_replace_prob: 0.0"
             )
         if self.segmenter not in SEGMENTERS:
-            errors.append(f"masking.segmenter: {self.segmenter!r} is not one of {SEGMENTERS}")
+            errors.append(f"fill-mask.segmenter: {self.segmenter!r} is not one of {SEGMENTERS}")
         if self.user_words and self.segmenter != "jieba":
-            errors.append("masking.user_words is only read with masking.segmenter: jieba")
+            errors.append("fill-mask.user_words is only read with fill-mask.segmenter: jieba")
         if self.segmenter and not self.whole_word:
-            errors.append("masking.segmenter is only read with masking.whole_word: true")
+            errors.append("fill-mask.segmenter is only read with fill-mask.whole_word: true")
         if not 0.0 <= self.salient_probability <= 1.0:
             errors.append(
-                f"masking.salient_probability: {self.salient_probability} must be in [0, 1]"
+                f"fill-mask.salient_probability: {self.salient_probability} must be in [0, 1]"
             )
         if bool(self.salient_words) != (self.salient_probability > 0):
             errors.append(
-                "masking.salient_words and masking.salient_probability go together: a file of "
+                "fill-mask.salient_words and fill-mask.salient_probability go together: a file of "
                 "words and a probability > 0, or neither"
             )
         return errors
@@ -294,13 +311,19 @@ class Tracking:
         return [] if self.experiment.strip() else ["tracking.experiment must not be empty"]
 
 
+# A stage that reads its task's section lists this, in dvc.yaml as in its SECTIONS: DVC resolves
+# it from params.yaml, so a stage depends on the section of the task it runs, not on the others.
+TASK_SECTION = "${base.task}"
+
 SECTIONS: dict[str, type] = {
     "base": Base,
     "ingest": Ingest,
     "validate": Validate,
     "tokenize": Tokenize,
-    "long_text": LongText,
-    "masking": Masking,
+    # What one task alone reads sits in a section named after the task (Python: p.fill_mask).
+    TEXT_CLASSIFICATION: LongText,
+    TOKEN_CLASSIFICATION: Tagging,
+    FILL_MASK: Masking,
     "finetune": Finetune,
     "evaluate": Evaluate,
     "export": Export,
@@ -322,18 +345,25 @@ class Params:
     def select(self, *names: str) -> Params:
         """Only the named sections (a stage's own), so that what it records and fingerprints
         does not depend on what else the caller loaded."""
-        missing = [name for name in names if name not in self.sections]
+        task = self.sections["base"].task if "base" in self.sections else None
+        wanted = [task if name == TASK_SECTION else name for name in names]
+        missing = [str(name) for name in wanted if name not in self.sections]
         if missing:
             raise ParamsError(
                 f"{self.path}: missing section(s) {', '.join(missing)}; this stage reads "
-                f"{', '.join(names)}"
+                f"{', '.join(map(str, wanted))}"
             )
-        return Params(self.path, {name: self.sections[name] for name in names})
+        return Params(self.path, {name: self.sections[name] for name in wanted})
+
+    def with_section(self, name: str, raw: Any, where: str | Path) -> Params:
+        """These params and the section `name` checked from `raw` (as an artifact recorded it)."""
+        return Params(self.path, {**self.sections, name: _section(Path(where), name, raw)})
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections", {})
-        if name in sections:
-            return sections[name]
+        for key in (name, name.replace("_", "-")):  # p.fill_mask is the section "fill-mask"
+            if key in sections:
+                return sections[key]
         raise AttributeError(f"params section {name!r} was not loaded")
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
@@ -437,6 +467,12 @@ def from_dict(raw: Any, *names: str, where: str | Path = "params") -> Params:
             f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}"
         )
     wanted = names or tuple(SECTIONS)
+    if TASK_SECTION in wanted:
+        base = raw.get("base")
+        task = base.get("task") if isinstance(base, dict) else None
+        if task not in TASKS:
+            raise ParamsError(f"{path}: base.task {task!r} must be one of {list(TASKS)}")
+        wanted = tuple(task if name == TASK_SECTION else name for name in wanted)
     for name in wanted:
         if name not in raw:
             raise ParamsError(f"{path}: missing section {name!r}")

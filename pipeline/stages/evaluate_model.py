@@ -16,7 +16,7 @@ from pipeline.core.atomic import atomic_dir, write_json
 log = logging.getLogger(__name__)
 
 # The params.yaml sections this stage reads (dvc.yaml lists the same).
-SECTIONS = ("base", "long_text", "evaluate", "tracking")
+SECTIONS = ("base", params.TASK_SECTION, "evaluate", "tracking")
 
 
 def run(

@@ -20,7 +20,7 @@ from pipeline.export.options import ExportOptions
 log = logging.getLogger(__name__)
 
 # The params.yaml sections this stage reads (dvc.yaml lists the same).
-SECTIONS = ("base", "tokenize", "long_text", "export", "tracking")
+SECTIONS = ("base", params.TASK_SECTION, "export", "tracking")
 
 
 def run(

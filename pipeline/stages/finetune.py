@@ -26,7 +26,9 @@ from pipeline.train.vocabulary import TOKENIZER_DIR
 log = logging.getLogger(__name__)
 
 # The params.yaml sections this stage reads (dvc.yaml lists the same).
-SECTIONS = ("base", "masking", "finetune", "tracking")
+# And its task's section where training reads it (the masking), as tokenize recorded it beside
+# the tokenized data (task_params.json).
+SECTIONS = ("base", "finetune", "tracking")
 
 
 def world_size() -> int:
@@ -103,6 +105,11 @@ def run(
         torch.set_num_threads(max(1, p.finetune.threads // world_size()))
     set_seed(p.base.seed)
     labels = json.loads(layout.labels_file(validated_dir).read_text(encoding="utf-8"))
+    recorded = layout.task_params_file(tokenized_dir)
+    if not recorded.is_file():
+        raise FileNotFoundError(f"{recorded}: missing; re-run the tokenize stage first")
+    for name, section in json.loads(recorded.read_text(encoding="utf-8")).items():
+        p = p.with_section(name, section, recorded)  # the masking, for a masked LM
     data = load_from_disk(str(tokenized_dir))
     train = data["train"]
     if p.finetune.max_train_samples and len(train) > p.finetune.max_train_samples:

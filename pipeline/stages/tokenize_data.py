@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
+from bertrt.contract import TEXT_CLASSIFICATION
 from pipeline import tasks
 from pipeline.core import entry, imports, layout, lineage, params
 from pipeline.core.atomic import atomic_dir, write_json
@@ -23,7 +24,10 @@ from pipeline.train.vocabulary import TOKENIZER_DIR
 log = logging.getLogger(__name__)
 
 # The params.yaml sections this stage reads (dvc.yaml lists the same).
-SECTIONS = ("base", "tokenize", "long_text", "masking")
+SECTIONS = ("base", "tokenize", params.TASK_SECTION)
+# Task params read after training only (how a long text's window logits combine): not part of
+# the tokens' fingerprint.
+NOT_TOKENS = (f"{TEXT_CLASSIFICATION}.aggregate",)
 
 
 def run(validated_dir: Path, p: params.Params, out_dir: Path, report: Path) -> dict[str, Any]:
@@ -41,7 +45,7 @@ def run(validated_dir: Path, p: params.Params, out_dir: Path, report: Path) -> d
         raise ValueError(f"base.model {p.base.model!r} has no fast tokenizer (tokenizer.json)")
     if task.window_stride(p) and not 0 < task.window_stride(p) < p.base.max_length // 2:
         raise ValueError(
-            f"tokenize.stride: {task.window_stride(p)} must be between 1 and half of "
+            f"{task.name}.stride: {task.window_stride(p)} must be between 1 and half of "
             f"base.max_length ({p.base.max_length}) so that windows advance"
         )
     stats: dict[str, Any] = {"max_length": p.base.max_length, "splits": {}}
@@ -63,7 +67,7 @@ def run(validated_dir: Path, p: params.Params, out_dir: Path, report: Path) -> d
         path = layout.split_file(validated_dir, split)
         # The saved fingerprint is a function of the inputs only, not of the environment.
         # (How windows' logits are aggregated is evaluate's business, not the tokens'.)
-        digest = p.digest(skip=("long_text.aggregate",))
+        digest = p.digest(skip=NOT_TOKENS)
         key = f"{lineage.file_digest(path)}|{digest}|{recipe}|{split}"
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         # Read into memory: nothing is written to (or reused from) a datasets cache folder.
@@ -83,6 +87,8 @@ def run(validated_dir: Path, p: params.Params, out_dir: Path, report: Path) -> d
         DatasetDict(splits).save_to_disk(str(tmp))
         if p.tokenize.vocab_extension_min_count:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        section = p.select(params.TASK_SECTION).as_dict() if task.trains_with_section else {}
+        write_json(layout.task_params_file(tmp), section)
     write_json(report, stats)
     return stats
 

@@ -116,6 +116,11 @@ class Task(ABC):
         """Adjust the model for training only (hooks that are not saved with it)."""
         return None
 
+    # Whether training reads the task's params section (the masking): the tokenize stage then
+    # hands it to the fine-tune beside the data, so that other tasks' fine-tunes do not depend
+    # on it.
+    trains_with_section: bool = False
+
     # Whether the Trainer drops dataset columns the model's forward() does not take; a task
     # whose collator reads extra columns (and whose datasets hold nothing else) sets False.
     remove_unused_columns: bool = True

@@ -20,7 +20,7 @@ def jieba_tokenizer(user_words: str) -> Any:
 
     segmenter = jieba.Tokenizer()
     if user_words:
-        segmenter.load_userdict(str(resolve_path(user_words, "masking.user_words")))
+        segmenter.load_userdict(str(resolve_path(user_words, "fill-mask.user_words")))
     return segmenter
 
 
@@ -159,7 +159,7 @@ def salient_ids(tokenizer: Any, words_file: str) -> list[list[int]]:
     """The token ids of each salient word (longest first, so a longer name wins)."""
     if not words_file:
         return []
-    path = resolve_path(words_file, "masking.salient_words")
+    path = resolve_path(words_file, "fill-mask.salient_words")
     words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()]
     ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
     return sorted((i for i in ids if i), key=len, reverse=True)

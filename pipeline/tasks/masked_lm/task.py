@@ -42,6 +42,7 @@ class MaskedLM(Task):
     long_inputs = "cut into blocks (tokenize.group_texts) or truncated"
     reads_folders = True
     remove_unused_columns = False
+    trains_with_section = True
 
     # ingest ---------------------------------------------------------------------------------
     def accepts(self, path: Path) -> bool:
@@ -165,11 +166,11 @@ class MaskedLM(Task):
                 tokenizer,
                 p.base.max_length,
                 p.tokenize.group_texts,
-                p.masking,
+                p.fill_mask,
             )
             if split != "train":
-                return masks.mask_once(rows, tokenizer, p.masking, seed)
-            if not p.masking.whole_word:
+                return masks.mask_once(rows, tokenizer, p.fill_mask, seed)
+            if not p.fill_mask.whole_word:
                 rows.pop("offset_mapping")
             return rows
 
@@ -199,7 +200,7 @@ class MaskedLM(Task):
         return {}
 
     def collator(self, tokenizer: Any, p: Params) -> Any:
-        return masks.MaskingCollator(tokenizer, p.masking)
+        return masks.MaskingCollator(tokenizer, p.fill_mask)
 
     def prepare_training(self, model: Any) -> None:
         sparse_head.install(model)  # the vocabulary-wide head runs on masked positions only

@@ -80,7 +80,7 @@ class TextClassification(Task):
     name = TEXT_CLASSIFICATION
     columns = (TEXT, LABEL)
     selection_metric = "macro_f1"
-    long_inputs = "read as long_text.strategy says (truncate, head+tail or windows)"
+    long_inputs = "read as text-classification.strategy says (truncate, head+tail or windows)"
     headline = ("accuracy", "macro_f1", "ece", "calibration.ece_after", "validation.macro_f1")
 
     def accepts(self, path: Path) -> bool:
@@ -249,7 +249,7 @@ class TextClassification(Task):
         }
 
     def reading(self, p: Params) -> long_text.Reading:
-        return p.long_text.reading()
+        return p.text_classification.reading()
 
     def model_class(self) -> Any:
         from transformers import AutoModelForSequenceClassification

@@ -202,7 +202,7 @@ class TokenClassification(Task):
         }
 
     def window_stride(self, p: Params) -> int:
-        return p.tokenize.stride
+        return p.token_classification.stride
 
     def tokenize(
         self,
@@ -216,7 +216,7 @@ class TokenClassification(Task):
         label2id = {label: i for i, label in enumerate(labels)}
         # With every subword labelled, a word's later subwords continue its entity (B- -> I-).
         inside = {i: label2id.get("I-" + label[2:], i) for label, i in label2id.items()}
-        all_subwords = p.tokenize.label_all_subwords
+        all_subwords = p.token_classification.label_all_subwords
 
         def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
             enc = tokenizer(
@@ -224,9 +224,9 @@ class TokenClassification(Task):
                 is_split_into_words=True,
                 truncation=True,
                 max_length=p.base.max_length,
-                stride=p.tokenize.stride,
+                stride=p.token_classification.stride,
                 # stride 0 cuts at max_length, as the runtime then does.
-                return_overflowing_tokens=bool(p.tokenize.stride),
+                return_overflowing_tokens=bool(p.token_classification.stride),
                 return_offsets_mapping=True,
             )
             samples = enc.get("overflow_to_sample_mapping", list(range(len(enc["input_ids"]))))
