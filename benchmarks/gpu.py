@@ -370,7 +370,7 @@ def run(
         "machine": {**measure.machine(), "gpu": gpu, "cuda": torch.version.cuda},
         "versions": measure.versions(),
         "model": {
-            "base_model": manifest.provenance.get("base_model", {}).get("name"),
+            "base_model": manifest.provenance.base_model.name if manifest.provenance else None,
             "folder": str(model_dir),
             "labels": manifest.labels,
             "max_length": max_length,

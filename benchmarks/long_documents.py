@@ -154,7 +154,9 @@ def run(raw: Path, params_path: Path, model_dir: Path, snippets: int, batch_size
         },
         "max_length": model.engine.max_length,
         "variant": model.variant,
-        "model_sha256": model.manifest.provenance.get("finetuned_sha256", "")[:12],
+        "model_sha256": (
+            model.manifest.provenance.finetuned_sha256[:12] if model.manifest.provenance else None
+        ),
         "readings": rows,
         "chosen_on_validation": chosen["reading"],
         "tfidf": tfidf,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import logging
 import time
@@ -231,7 +232,11 @@ class Engine:
             "long_text": self.reading.as_dict(),
             "temperature": self.manifest.temperature,
             "metrics": self.manifest.metrics,
-            "base_model": self.manifest.provenance.get("base_model", {}),
+            "base_model": (
+                dataclasses.asdict(self.manifest.provenance.base_model)
+                if self.manifest.provenance
+                else None
+            ),
         }
 
 

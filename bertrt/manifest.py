@@ -76,6 +76,44 @@ class VariantEntry:
 
 
 @dataclass
+class BaseModel:
+    """The checkpoint fine-tuning started from."""
+
+    name: str
+    sha256: str
+
+
+@dataclass
+class Git:
+    """The source commit the model was made from (not the release commit or tag, given later)."""
+
+    source_commit: str | None
+    dirty: bool | None
+
+
+@dataclass
+class Provenance:
+    """Where the model came from: a record for people and audits; the runtime shows it and acts
+    on none of it.
+
+    Args:
+        finetuned_sha256: the fine-tuned weights' digest; the MLflow run is tagged with it.
+        dvc_stages: the DVC outputs this package comes from (path -> md5).
+        environment: the machine, Python, lock file and packages that made it.
+    """
+
+    base_model: BaseModel
+    vocab_size: int
+    finetuned_sha256: str
+    data_sha256: str
+    params_sha256: str
+    git: Git
+    mlflow_experiment: str
+    dvc_stages: dict[str, Any]
+    environment: dict[str, Any]
+
+
+@dataclass
 class Manifest:
     """What the runtime needs to serve a model folder, and where the model came from.
 
@@ -89,8 +127,8 @@ class Manifest:
         variants: shipped graphs by name.
         rejected_variants: graphs built and gated but not shipped, with the gate that refused them.
         files: sha256 and size of every file the folder ships.
-        provenance: base model, data and params digests, git, DVC stages, MLflow run (a record
-            for people and audits; the runtime shows it and never acts on it).
+        provenance: base model, data and params digests, git, DVC stages, MLflow experiment;
+            None for a folder exported outside the pipeline.
     """
 
     task: str
@@ -107,7 +145,7 @@ class Manifest:
     temperature: float = 1.0
     metrics: dict[str, Any] = field(default_factory=dict)
     rejected_variants: dict[str, VariantEntry] = field(default_factory=dict)
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance | None = None
     schema_version: int = SCHEMA_VERSION
 
     def problems(self) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bertrt.contract import MODEL_CARD_FILE
-from bertrt.manifest import Manifest
+from bertrt.manifest import Manifest, Provenance
 from pipeline.core.atomic import atomic_file
 
 
@@ -13,7 +13,6 @@ def render(manifest: Manifest) -> str:
     """Markdown: what the model is, how it was made, how well it does, how to run it."""
     metrics = manifest.metrics
     info = manifest.provenance
-    git = info.get("git", {})
     reading = manifest.reading()
     if manifest.window_stride:
         long_texts = f"longer texts are read in windows sharing {manifest.window_stride} tokens"
@@ -42,16 +41,7 @@ def render(manifest: Manifest) -> str:
         "",
         "## Provenance",
         "",
-        f"- base model: `{info.get('base_model', {}).get('name')}` "
-        f"(weights sha256 `{info.get('base_model', {}).get('sha256')}`); vocabulary "
-        f"{info.get('vocab_size')} tokens",
-        f"- fine-tuned weights sha256: `{info.get('finetuned_sha256')}`",
-        f"- data sha256: `{info.get('data_sha256')}`; params sha256: "
-        f"`{info.get('params_sha256')}`",
-        f"- git commit `{git.get('source_commit')}`"
-        + (" (uncommitted changes)" if git.get("dirty") else ""),
-        f"- MLflow: the run tagged `model_sha256` = `{info.get('finetuned_sha256')}` in "
-        f"experiment `{info.get('mlflow_experiment')}`",
+        *(_provenance(info) if info else ["Not recorded: exported outside the pipeline."]),
         "",
         "## Test metrics",
         "",
@@ -102,3 +92,16 @@ def write(folder: Path, manifest: Manifest) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(render(manifest), encoding="utf-8")
     return path
+
+
+def _provenance(info: Provenance) -> list[str]:
+    return [
+        f"- base model: `{info.base_model.name}` (weights sha256 `{info.base_model.sha256}`); "
+        f"vocabulary {info.vocab_size} tokens",
+        f"- fine-tuned weights sha256: `{info.finetuned_sha256}`",
+        f"- data sha256: `{info.data_sha256}`; params sha256: `{info.params_sha256}`",
+        f"- git commit `{info.git.source_commit}`"
+        + (" (uncommitted changes)" if info.git.dirty else ""),
+        f"- MLflow: the run tagged `model_sha256` = `{info.finetuned_sha256}` in "
+        f"experiment `{info.mlflow_experiment}`",
+    ]

@@ -21,7 +21,7 @@ from bertrt.contract import (
     output_names,
 )
 from bertrt.engine import Engine, open_engine
-from bertrt.manifest import Manifest, VariantEntry
+from bertrt.manifest import Manifest, Provenance, VariantEntry
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.export.options import ExportOptions, ExportTask, Reference, Score
 from pipeline.export.variants import Shape, add_variants
@@ -98,7 +98,7 @@ def build(
     score: Score | None = None,
     calibration_texts: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
-    provenance: dict[str, Any] | None = None,
+    provenance: Provenance | None = None,
 ) -> dict[str, Any]:
     """Export, check parity on `texts`, add the gated variants, and write the complete model
     folder atomically.
@@ -138,7 +138,7 @@ def build(
             variants={BASE_VARIANT: VariantEntry.of(BASE_VARIANT)},
             files=manifest_io.file_entries(tmp, files),
             metrics=metrics or {},
-            provenance=provenance or {},
+            provenance=provenance,
         )
         manifest_io.write(tmp, manifest)
         engine = open_engine(tmp, device="cpu", variant=BASE_VARIANT)

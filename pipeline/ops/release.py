@@ -95,7 +95,12 @@ def register(
 
     found = manifests.read(model_dir)
     provenance = found.provenance
-    model_hash = str(provenance.get("finetuned_sha256"))
+    if provenance is None:
+        raise ReleaseError(
+            f"{model_dir}: its manifest records no provenance (exported outside the pipeline); "
+            "release a folder that `make run` exported"
+        )
+    model_hash = provenance.finetuned_sha256
     tracking.connect(cfg)
     run_id = tracking.find_run(cfg, model_hash)
     if not run_id:
@@ -124,8 +129,8 @@ def register(
         mlflow.set_tags({"git_tag": tag, "release_commit": commit})
     version = mlflow.register_model(info.model_uri, name)
     client = mlflow.MlflowClient()
-    dvc = provenance.get("dvc_stages", {})
-    environment = provenance.get("environment", {})
+    dvc = provenance.dvc_stages
+    environment = provenance.environment
     description = (
         f"Release {tag} (commit {commit[:10]}) of task {found.task}: model "
         f"{model_hash[:12]}, run {run_id}. Test metrics: "

@@ -195,6 +195,7 @@ def run(tag: str, rerun: bool) -> int:
     print(f"{tag} restored in {where}: {json.dumps(metrics)}")
     if not rerun:
         return 0
+    # Read as plain JSON: the tag may have written an older manifest schema than this code reads.
     manifest = json.loads((where / layout.ONNX_MODEL / MANIFEST_FILE).read_text("utf-8"))
     made_on = manifest.get("provenance", {}).get("environment", {})
     here = lineage.environment()

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from bertrt import manifest as manifest_io
+from bertrt.manifest import BaseModel, Git, Provenance
 from pipeline import tasks
 from pipeline.core import entry, lineage, params, tracking
 from pipeline.core.atomic import write_json
@@ -53,22 +54,22 @@ def run(
     )
     model_hash = lineage.model_digest(model_dir)
     git = lineage.git_info()
-    provenance = {
-        "base_model": {"name": p.base.model, "sha256": lineage.base_model_digest(p.base.model)},
-        "vocab_size": config.vocab_size,
-        "finetuned_sha256": model_hash,
-        "data_sha256": lineage.file_digest(test_path.parent),
-        "params_sha256": params_sha256,
+    provenance = Provenance(
+        base_model=BaseModel(p.base.model, lineage.base_model_digest(p.base.model)),
+        vocab_size=config.vocab_size,
+        finetuned_sha256=model_hash,
+        data_sha256=lineage.file_digest(test_path.parent),
+        params_sha256=params_sha256,
         # Only what the inputs decide, so that re-running a tag gives the same bytes: the source
         # commit (not the release commit or tag, given later), and the MLflow run is found by
         # the model's hash (tag model_sha256), as a re-run in another store makes another run.
-        "git": {k: git[k] for k in ("source_commit", "dirty")},
-        "mlflow_experiment": p.tracking.experiment,
+        git=Git(git["source_commit"], git["dirty"]),
+        mlflow_experiment=p.tracking.experiment,
         # The data and model this package comes from (reports hold timings; checkpoints are
         # scratch; this stage's own entry is still the previous run's).
-        "dvc_stages": lineage.dvc_lock_hashes(artifacts_only=True, skip=(out_dir,)),
-        "environment": lineage.environment(),
-    }
+        dvc_stages=lineage.dvc_lock_hashes(artifacts_only=True, skip=(out_dir,)),
+        environment=lineage.environment(),
+    )
     with tracking.run_for_model(p.tracking, model_hash):
         tracking.log_params_once(p.flat())
         parity = model_folder.build(
