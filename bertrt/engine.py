@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import gc
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,13 +25,22 @@ from bertrt.contract import (
     CPU,
     CUDA,
     INPUT_NAMES,
+    LABELLED_TASKS,
     LABELS_FILE,
+    MANIFEST_FILE,
     TENSORRT,
     TOKENIZER_FILE,
     preferred,
 )
 from bertrt.manifest import Manifest, VariantEntry
-from bertrt.session import DeviceError, int8_kernels, run, start_session
+from bertrt.session import (
+    DeviceError,
+    GraphError,
+    cuda_possible,
+    int8_kernels,
+    run,
+    start_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,17 +291,20 @@ def open_engine(
         # Every listed file, and the files this runtime reads even if the manifest omits them.
         used = {TOKENIZER_FILE, LABELS_FILE} | {e.file for e in manifest.variants.values()}
         manifest_io.verify(folder, manifest, sorted(used | set(manifest.files)))
+        _same_labels(folder, manifest)
     # Start on the file the device would prefer; re-open if the provider changes the choice.
-    first = CPU if device == "cpu" else TENSORRT if tensorrt else CUDA
+    # Where no CUDA session can start, a CUDA-only graph (fp16) is not even opened.
+    if device == "cpu" or (device == "auto" and not cuda_possible()):
+        first = CPU
+    else:
+        first = TENSORRT if tensorrt else CUDA
     wanted = choose_variant(manifest, first, variant)
     profile = (manifest.inputs, manifest.max_length)
     try:
         session, provider = start_session(
             _path(folder, manifest, wanted), device, threads, tensorrt, profile
         )
-    except DeviceError:
-        raise
-    except Exception:
+    except GraphError:
         if device != "auto":
             raise
         # A GPU-only variant (fp16) may not load on the CPU fallback; pick again for the CPU.
@@ -305,7 +318,8 @@ def open_engine(
             tensorrt,
             profile,
         )
-    path = folder / TOKENIZER_FILE
+    _check_outputs(folder, manifest, chosen, session)
+    path = manifest_io.inside(folder, TOKENIZER_FILE)
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # the tokenizers library raises its own exception types
@@ -407,4 +421,30 @@ def _int8_untested_here(name: str, entry: VariantEntry, provider: str) -> bool:
 
 
 def _path(folder: Path, manifest: Manifest, variant: str) -> Path:
-    return folder / manifest.variants[variant].file
+    return manifest_io.inside(folder, manifest.variants[variant].file)
+
+
+def _same_labels(folder: Path, manifest: Manifest) -> None:
+    """labels.json (whose digest was just checked) must say what the manifest says."""
+    path = manifest_io.inside(folder, LABELS_FILE)
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{path}: not valid JSON ({exc}); re-export") from None
+    if labels != manifest.labels:
+        raise manifest_io.IntegrityError(
+            f"{path}: {labels!r:.120} differs from {MANIFEST_FILE}'s labels "
+            f"{manifest.labels!r:.120}; restore the folder from the export"
+        )
+
+
+def _check_outputs(folder: Path, manifest: Manifest, variant: str, session: Any) -> None:
+    """A labelled task's graph must score as many labels as the manifest names."""
+    if manifest.task not in LABELLED_TASKS:
+        return
+    width = session.get_outputs()[0].shape[-1]
+    if isinstance(width, int) and width != len(manifest.labels):
+        raise ModelFolderError(
+            f"{folder / manifest.variants[variant].file}: the graph scores {width} labels, "
+            f"{MANIFEST_FILE} names {len(manifest.labels)}; re-export the model"
+        )

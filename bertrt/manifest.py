@@ -146,7 +146,36 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     rejected_variants: dict[str, VariantEntry] = field(default_factory=dict)
     provenance: Provenance | None = None
+    # sha256 of the settings the runtime acts on (settings_digest); `write` sets it, `read`
+    # checks it, so that a hand edit of one of them (swapped labels, another temperature) is
+    # refused rather than served. Only a signature (bertrt.signing) stops an editor who also
+    # recomputes it.
+    settings_sha256: str = ""
     schema_version: int = SCHEMA_VERSION
+
+    def settings_digest(self) -> str:
+        """sha256 of every field the runtime acts on: task, labels, lengths, input and output
+        names, long-text reading, temperature, and each variant's file, precision, providers and
+        int8 facts (not the gate figures, metrics or provenance it only shows; the files'
+        digests are checked against the files themselves)."""
+        acted_on = {
+            "task": self.task,
+            "labels": self.labels,
+            "max_length": self.max_length,
+            "pad_token_id": self.pad_token_id,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "opset": self.opset,
+            "window_stride": self.window_stride,
+            "long_text": self.long_text,
+            "temperature": self.temperature,
+            "variants": {
+                name: [v.file, v.precision, v.providers, v.int8_weights, v.gated_int8_kernels]
+                for name, v in sorted(self.variants.items())
+            },
+        }
+        blob = json.dumps(acted_on, sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()
 
     def problems(self) -> list[str]:
         """What makes the values unusable, beyond their JSON types."""
@@ -214,6 +243,12 @@ class Manifest:
                 f"{where}: task {manifest.task!r} is not one this runtime serves ({list(TASKS)}); "
                 "install a newer runtime"
             )
+        if manifest.settings_sha256 != manifest.settings_digest():
+            raise IntegrityError(
+                f"{where}: the settings the runtime acts on (labels, temperature, reading, "
+                "lengths, variants) do not match their digest: edited or damaged; "
+                "restore the folder from the export"
+            )
         return manifest
 
 
@@ -269,6 +304,7 @@ def write(folder: Path, manifest: Manifest) -> Path:
     """Write manifest.json atomically (temporary file, then rename)."""
     path = folder / MANIFEST_FILE
     tmp = path.with_suffix(".json.tmp")
+    manifest.settings_sha256 = manifest.settings_digest()
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True, ensure_ascii=False)
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -289,11 +325,26 @@ def read(folder: Path) -> Manifest:
     return Manifest.from_dict(data, path)
 
 
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name`, refused unless it resolves inside the folder (symlinks followed), before
+    anything is read from it."""
+    root = Path(folder).resolve()
+    path = Path(folder) / name
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        raise IntegrityError(
+            f"{Path(folder) / MANIFEST_FILE}: {name!r} points outside the model folder; "
+            "restore the folder from the export"
+        ) from None
+    return path
+
+
 def verify(folder: Path, manifest: Manifest, names: list[str] | None = None) -> None:
     """Check the sha256 and size of the named files (all listed files when None)."""
     files = manifest.files
     for name in names if names is not None else sorted(files):
-        path = Path(folder) / name
+        path = inside(folder, name)
         if name not in files:
             raise IntegrityError(f"{path}: not listed in {MANIFEST_FILE}; re-run the export")
         if not path.is_file():

@@ -31,6 +31,10 @@ class DeviceError(RuntimeError):
     """The requested device cannot run the model."""
 
 
+class GraphError(ValueError):
+    """An ONNX graph that ONNX Runtime cannot load (corrupt, or an opset it does not know)."""
+
+
 def _options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -120,8 +124,20 @@ def cuda_driver() -> bool:
     return False
 
 
+def cuda_possible() -> bool:
+    """Whether a CUDA session could start here at all (the CUDA build and a driver)."""
+    return CUDA in ort.get_available_providers() and cuda_driver()
+
+
 def _start(path: Path, providers: list[Any], threads: int) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), sess_options=_options(threads), providers=providers)
+    try:
+        return ort.InferenceSession(str(path), sess_options=_options(threads), providers=providers)
+    except Exception as exc:  # ORT raises its own pybind classes (Fail, InvalidGraph, ...)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphError(
+            f"{path}: ONNX Runtime {ort.__version__} cannot load this graph ({reason:.300}); "
+            "re-export the model, or install the ONNX Runtime it was exported for"
+        ) from None
 
 
 def start_session(
@@ -135,14 +151,14 @@ def start_session(
     `profile` (the graph's inputs and max_length) sizes a TensorRT engine."""
     if device not in DEVICES:
         raise DeviceError(f"device {device!r} is not one of {list(DEVICES)}")
-    if device in ("auto", "cuda") and CUDA in ort.get_available_providers() and cuda_driver():
+    if device in ("auto", "cuda") and cuda_possible():
         providers: list[Any] = [CUDA, CPU]
         if tensorrt and TENSORRT in ort.get_available_providers():
             options = tensorrt_options(*profile) if profile else tensorrt_options()
             providers.insert(0, (TENSORRT, options))
         try:
             session = _start(path, providers, threads)
-        except Exception as exc:  # reported below with the cause
+        except GraphError as exc:  # reported below with the cause
             if device == "cuda":
                 raise DeviceError(f"CUDA session for {path} failed to start: {exc}") from exc
             session = None

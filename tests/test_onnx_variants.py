@@ -135,9 +135,9 @@ def test_int8_gated_with_exact_kernels_is_not_picked_where_they_saturate(
     recorded = _manifest(variant_dir)["variants"]["int8"]["gated_int8_kernels"]
     assert recorded == int8_kernels()  # the export's own CPU
     copy = shutil.copytree(variant_dir, tmp_path / "model")
-    manifest = _manifest(copy)
-    manifest["variants"]["int8"]["gated_int8_kernels"] = "exact"
-    (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    manifest = manifest_io.read(copy)  # as if exported on a CPU with exact int8 kernels
+    manifest.variants["int8"].gated_int8_kernels = "exact"
+    manifest_io.write(copy, manifest)
     monkeypatch.setattr(engine_module, "int8_kernels", lambda: "saturating")
     probed = load(copy, device="cpu").engine.probe_s
     assert "int8" not in probed
@@ -495,3 +495,25 @@ def test_smoothed_int8_is_recorded_and_its_source_removed(
     fp32 = load(out, device="cpu", variant="fp32").predict(texts)
     agree = np.mean([a.label == b.label for a, b in zip(got, fp32, strict=True)])
     assert agree >= 0.9
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_a_load_without_cuda_never_opens_the_cuda_only_graph(
+    variant_dir: Path, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bertrt import engine as engine_module
+    from bertrt.contract import CPU, VARIANTS
+
+    cuda_only = {v.file for v in VARIANTS.values() if CPU not in v.providers}
+    assert cuda_only & {e.file for e in manifest_io.read(variant_dir).variants.values()}
+    opened: list[str] = []
+    start = engine_module.start_session
+
+    def recording(path: Path, *args: Any, **kwargs: Any) -> Any:
+        opened.append(path.name)
+        return start(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "start_session", recording)
+    monkeypatch.setattr(engine_module, "cuda_possible", lambda: False)
+    load(variant_dir, device=device)
+    assert opened and not set(opened) & cuda_only, opened

@@ -459,3 +459,91 @@ def test_an_unreadable_tokenizer_without_verification_names_the_file(model_copy:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ModelFolderError, match=r"tokenizer\.json: not a readable tokenizer"):
         bertrt.load(model_copy, device="cpu", verify=False)
+
+
+# --- a model folder edited, pointed outside itself, or inconsistent with its graph -------------
+
+
+def test_swapped_labels_in_the_manifest_are_refused(model_copy: Path) -> None:
+    _edit_manifest(model_copy, lambda m: m.update(labels=m["labels"][::-1]))
+    with pytest.raises(IntegrityError, match="do not match their digest"):
+        bertrt.load(model_copy, device="cpu", verify=False)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.update(temperature=m["temperature"] * 2),
+        lambda m: m.update(max_length=m["max_length"] // 2),
+        lambda m: m["variants"]["fp32"].update(providers=["CPUExecutionProvider"]),
+    ],
+    ids=["temperature", "max_length", "providers"],
+)
+def test_every_setting_the_runtime_acts_on_is_covered(model_copy: Path, change) -> None:
+    _edit_manifest(model_copy, change)
+    with pytest.raises(IntegrityError, match="do not match their digest"):
+        bertrt.load(model_copy, device="cpu")
+
+
+def test_labels_json_must_say_what_the_manifest_says(model_copy: Path) -> None:
+    from bertrt import manifest as manifest_io
+
+    (model_copy / LABELS_FILE).write_text(json.dumps(["rotten", "fresh"]))
+    manifest = manifest_io.read(model_copy)
+    manifest.files = manifest_io.file_entries(model_copy, sorted(manifest.files))
+    manifest_io.write(model_copy, manifest)  # its digest updated too: only the labels differ
+    with pytest.raises(IntegrityError, match="labels.json: .* differs from manifest.json"):
+        bertrt.load(model_copy, device="cpu")
+
+
+def test_more_labels_than_the_graph_scores_are_refused_at_load(model_copy: Path) -> None:
+    from bertrt import manifest as manifest_io
+
+    labels = ["fresh", "rotten", "stale"]
+    (model_copy / LABELS_FILE).write_text(json.dumps(labels))
+    manifest = manifest_io.read(model_copy)
+    manifest.labels = labels
+    manifest.files = manifest_io.file_entries(model_copy, sorted(manifest.files))
+    manifest_io.write(model_copy, manifest)
+    with pytest.raises(ModelFolderError, match="the graph scores 2 labels, manifest.json names 3"):
+        bertrt.load(model_copy, device="cpu")
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_one_line_naming_it(model_copy: Path) -> None:
+    import onnx
+
+    from bertrt import manifest as manifest_io
+    from bertrt.session import GraphError
+
+    graph = onnx.load(str(model_copy / "model.onnx"))
+    graph.opset_import[0].version = 99
+    onnx.save(graph, str(model_copy / "model.onnx"))
+    manifest = manifest_io.read(model_copy)
+    manifest.files = manifest_io.file_entries(model_copy, sorted(manifest.files))
+    manifest_io.write(model_copy, manifest)
+    with pytest.raises(GraphError) as caught:
+        bertrt.load(model_copy, device="cpu", variant="fp32")
+    message = str(caught.value)
+    assert "model.onnx: ONNX Runtime" in message and "cannot load this graph" in message
+    assert "\n" not in message and caught.value.__cause__ is None
+
+
+@pytest.mark.parametrize("outside", ["/etc/passwd", "../../../../../../etc/passwd", "0-link"])
+def test_a_path_outside_the_folder_is_refused_before_it_is_read(
+    model_copy: Path, outside: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bertrt import manifest as manifest_io
+
+    if outside == "0-link":  # a symlink inside the folder that resolves outside it
+        (model_copy / outside).symlink_to("/etc/passwd")
+    target = Path("/etc/passwd")
+    manifest = manifest_io.read(model_copy)
+    manifest.files[outside] = {"sha256": manifest_io.sha256_file(target), "bytes": 1}
+    manifest_io.write(model_copy, manifest)
+    read = []
+    monkeypatch.setattr(manifest_io, "sha256_file", lambda path, *a: read.append(path) or "")
+    with pytest.raises(IntegrityError) as caught:
+        bertrt.load(model_copy, device="cpu")
+    assert f"{outside!r} points outside the model folder" in str(caught.value)
+    assert str(target.stat().st_size) not in str(caught.value).split("points")[1]
+    assert all(Path(p).resolve() != target for p in read), "refused before reading"
