@@ -5,13 +5,20 @@ bounded queue and a deadline per request."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+# How many recent runs the drain rate (and so Retry-After) is measured over.
+DRAIN_RUNS = 32
 
 
 class Overloaded(RuntimeError):
@@ -74,6 +81,17 @@ class Batcher:
         self.tasks: list[asyncio.Task] = []
         self.runs = 0
         self.last_run_s = 0.05
+        # (texts, seconds) of the recent runs: the drain rate that Retry-After is based on.
+        self.recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=DRAIN_RUNS)
+
+    def retry_after(self) -> int:
+        """Seconds until the waiting texts have drained at the recent rate, in [1, deadline].
+        The rate is the median of the recent runs' texts per second, so that one slow run (a
+        long text) does not stand for the others."""
+        if not self.recent:
+            return 1
+        rate = statistics.median(n / max(s, 1e-6) for n, s in self.recent) * self.workers
+        return int(min(max(1, math.ceil(self.waiting_texts / rate)), self.deadline))
 
     async def start(self) -> None:
         self.wakeup = asyncio.Event()
@@ -95,10 +113,9 @@ class Batcher:
         if self.wakeup is None:
             raise RuntimeError("Batcher.start() was not awaited")
         if self.waiting_texts + len(texts) > self.max_queue:
-            retry = max(1, round(self.last_run_s * self.waiting_texts / self.max_texts))
             raise Overloaded(
                 f"{self.waiting_texts} texts are waiting (limit {self.max_queue}); retry later",
-                retry,
+                self.retry_after(),
             )
         loop = asyncio.get_running_loop()
         job = Job(
@@ -177,6 +194,7 @@ class Batcher:
             return
         self.runs += 1
         self.last_run_s = time.monotonic() - start
+        self.recent.append((len(texts), self.last_run_s))
         at = 0
         for job in jobs:
             if not job.future.done():

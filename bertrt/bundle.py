@@ -56,8 +56,11 @@ def _toml_list(items: list[str]) -> str:
 
 
 def default_variants(manifest: manifest_io.Manifest) -> list[str]:
-    """What the runtime would pick on CPU and on CUDA: the graphs a wheel needs by default."""
-    return sorted({choose_variant(manifest, provider, None) for provider in (CPU, CUDA)})
+    """The graphs a wheel carries by default: every shipped CPU graph, because which of them is
+    fastest depends on the CPU the wheel lands on (the runtime times them there at load), and
+    the graph the runtime starts on under CUDA."""
+    on_cpu = {name for name, entry in manifest.variants.items() if CPU in entry.providers}
+    return sorted(on_cpu | {choose_variant(manifest, CUDA, None)})
 
 
 def bundled_manifest(

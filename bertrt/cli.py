@@ -16,9 +16,8 @@ from bertrt.api import load
 from bertrt.bundle import ONNXRUNTIMES, build_wheel
 from bertrt.locate import BundleError, resolve_model
 from bertrt.manifest import IntegrityError
-from bertrt.predictors import Predictor
-from bertrt.predictors.fill_mask import BEAM_SIZE, STRATEGIES
-from bertrt.predictors.token_classification import AGGREGATIONS
+from bertrt.predictors import REGISTRY, Predictor
+from bertrt.predictors.base import Option
 from bertrt.progress import Progress
 from bertrt.registry import RegistryError
 from bertrt.session import DEVICES, DeviceError
@@ -27,14 +26,6 @@ log = logging.getLogger(__name__)
 
 # Lines read, predicted and written at a time, so a file of any size streams through.
 CHUNK = 2048
-# predict() keyword -> the flag that sets it.
-OPTION_FLAGS = {
-    "top_k": "--top-k",
-    "aggregation": "--aggregation",
-    "tokens": "--tokens",
-    "strategy": "--strategy",
-    "beam_size": "--beam-size",
-}
 JSON_TYPES = {dict: "object", list: "array", int: "number", float: "number", bool: "boolean"}
 
 
@@ -104,14 +95,62 @@ def write_predictions(
         out.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a predict() option: --top-k for top_k."""
+    return "--" + name.replace("_", "-")
+
+
+def task_options() -> dict[str, dict[str, Option]]:
+    """Option name -> {task: its declaration}, over every registered predictor: the command line
+    is parsed before the model, and so its task, is known."""
+    options: dict[str, dict[str, Option]] = {}
+    for task, predictor in REGISTRY.items():
+        for option in predictor.OPTIONS:
+            options.setdefault(option.name, {})[task] = option
+    return options
+
+
+def describe(option: Option) -> str:
+    """An option's help with its bounds and default, as --help shows it."""
+    notes = []
+    most = "the label count" if option.maximum_labels else option.maximum
+    if option.minimum is not None and most is not None:
+        notes.append(f"{option.minimum} to {most}")
+    elif option.minimum is not None or most is not None:
+        notes.append(f"at least {option.minimum}" if most is None else f"at most {most}")
+    if option.default is not None and option.type is not bool:
+        notes.append(f"default {option.default}")
+    return option.help + (f" ({', '.join(notes)})" if notes else "")
+
+
+def add_option(parser: argparse.ArgumentParser, name: str, declared: dict[str, Option]) -> None:
+    """One flag for an option however many tasks declare it. Its default is None, so that the
+    loaded predictor's own default applies and a flag its task lacks can be refused."""
+    kinds = {option.type for option in declared.values()}
+    if len(kinds) > 1:
+        raise TypeError(f"option {name} has a different type in each of {sorted(declared)}")
+    (kind,) = kinds
+    # argparse formats help with %.
+    text = "; ".join(f"{task}: {describe(o)}" for task, o in declared.items()).replace("%", "%%")
+    if kind is bool:
+        parser.add_argument(flag(name), dest=name, action="store_const", const=True, help=text)
+        return
+    choices = None
+    if all(option.choices for option in declared.values()):
+        choices = list(dict.fromkeys(c for option in declared.values() for c in option.choices))
+    parser.add_argument(flag(name), dest=name, type=kind, choices=choices, help=text)
+
+
 def predict_options(args: argparse.Namespace, model: Predictor) -> dict[str, Any]:
     """The task options given on the command line; one the model's task lacks is an error."""
-    given = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
+    names = task_options()
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    own = [option.name for option in model.OPTIONS]
     for name in given:
-        if name not in model.OPTIONS:
+        if name not in own:
             raise InputError(
-                f"{OPTION_FLAGS[name]} does not apply to this {model.task} model; "
-                f"its options are {[OPTION_FLAGS[o] for o in model.OPTIONS] or 'none'}"
+                f"{flag(name)} does not apply to this {model.task} model; "
+                f"its options are {[flag(o) for o in own] or 'none'}"
             )
     return given
 
@@ -160,15 +199,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {**model.metadata(), "shipped_variants": sorted(model.manifest.variants)}
     provenance = model.manifest.provenance
     if provenance:  # where the package came from: commit, DVC outputs, lock, MLflow run
-        model_hash = provenance.get("finetuned_sha256")
+        model_hash = provenance.finetuned_sha256
+        environment = provenance.environment  # a record of the machine: shown as it is
         info["lineage"] = {
-            "git_commit": provenance.get("git", {}).get("source_commit"),
-            "uncommitted_changes": provenance.get("git", {}).get("dirty"),
-            "dvc_stages": provenance.get("dvc_stages", {}),
-            "lock": {k: provenance.get("environment", {}).get(k) for k in ("lock", "lock_sha256")},
-            "cpu": provenance.get("environment", {}).get("cpu"),
+            "git_commit": provenance.git.source_commit,
+            "uncommitted_changes": provenance.git.dirty,
+            "dvc_stages": provenance.dvc_stages,
+            "lock": {k: environment.get(k) for k in ("lock", "lock_sha256")},
+            "cpu": environment.get("cpu"),
             "model_sha256": model_hash,
-            "mlflow_run": f"experiment {provenance.get('mlflow_experiment')!r}, "
+            "mlflow_run": f"experiment {provenance.mlflow_experiment!r}, "
             f"tags.model_sha256 = '{model_hash}'",
         }
     print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -248,34 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts to predict")
     predict.add_argument("--input", help='JSONL file ("text" objects or strings), - for stdin')
     predict.add_argument("--output", default="-", help="JSONL file to write, - for stdout")
-    predict.add_argument(
-        "--top-k",
-        type=int,
-        help="text classification: add the k best labels with their scores; fill-mask: the k "
-        "best tokens per mask and fills per run of masks (default 5)",
-    )
-    predict.add_argument(
-        "--aggregation",
-        choices=AGGREGATIONS,
-        help="token classification: how tokens form entities (default simple)",
-    )
-    predict.add_argument(
-        "--tokens",
-        action="store_const",
-        const=True,
-        help="token classification: add every token's own tag",
-    )
-    predict.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        help="fill-mask: joint fills of consecutive masks: beam search or greedy left to right, "
-        "or independent (one pass; for whole-word-masking models) (default beam)",
-    )
-    predict.add_argument(
-        "--beam-size",
-        type=int,
-        help=f"fill-mask: partial fills kept per step (default {BEAM_SIZE})",
-    )
+    for name, declared in task_options().items():
+        add_option(predict, name, declared)
     predict.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

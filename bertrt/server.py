@@ -1,10 +1,12 @@
-"""HTTP serving of a text classifier: FastAPI with body and batch limits, run by uvicorn."""
+"""HTTP serving of a predictor: FastAPI with body and batch limits, run by uvicorn; the request
+and response schemas are built from what the predictor declares (its OPTIONS and RESULT)."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import socket
@@ -12,8 +14,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
-from typing import Annotated, Any, Literal
+from functools import cache, partial
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NotRequired,
+    get_args,
+    get_origin,
+    get_type_hints,
+    is_typeddict,
+)
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
@@ -28,9 +39,8 @@ from pydantic import (
 
 from bertrt import __version__
 from bertrt.batcher import Batcher, DeadlineExceeded, Overloaded
-from bertrt.contract import FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from bertrt.predictors import Predictor
-from bertrt.predictors.fill_mask import BEAM_SIZE, MAX_BEAM
+from bertrt.predictors.base import Doc, Option
 
 log = logging.getLogger(__name__)
 
@@ -46,165 +56,106 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def integer(ge: int, le: int | None = None) -> Any:
+def integer(ge: int | None = None, le: int | None = None) -> Any:
     """A strict integer in [ge, le] (no "2" for 2, no true for 1) that takes JSON's 2.0; the
     bounds come before the validator, so that the schema states them as minimum/maximum."""
     return Annotated[int, Field(strict=True, ge=ge, le=le), BeforeValidator(_integral)]
 
 
-def _bare_list(data: Any) -> Any:
-    """Accept `["a", "b"]` as `{"texts": ["a", "b"]}`; explain a body that was not JSON."""
-    if isinstance(data, str | bytes):
-        raise ValueError(
-            "the body was not read as JSON; send it with Content-Type: application/json"
-        )
-    return {"texts": data} if isinstance(data, list) else data
-
-
-class PredictRequest(BaseModel):
-    """Texts to classify: `{"texts": [...], "top_k": k}`, or a bare JSON list of strings."""
+class TextsRequest(BaseModel):
+    """What every request model shares: no unknown keys, and a bare list taken as the texts."""
 
     model_config = ConfigDict(extra="forbid")
-
-    texts: list[str] = Field(description="texts to classify, in order")
-    top_k: integer(1) | None = Field(default=None, description="also return the k best labels")
 
     @model_validator(mode="before")
     @classmethod
     def bare_list(cls, data: Any) -> Any:
-        return _bare_list(data)
+        """Accept `["a", "b"]` as `{"texts": ["a", "b"]}`; explain a body that was not JSON."""
+        if isinstance(data, str | bytes):
+            raise ValueError(
+                "the body was not read as JSON; send it with Content-Type: application/json"
+            )
+        return {"texts": data} if isinstance(data, list) else data
 
 
-class TagRequest(BaseModel):
-    """Texts to tag: `{"texts": [...], "aggregation": "simple", "tokens": false}` or a list."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    texts: list[str] = Field(description="texts to find entities in, in order")
-    aggregation: Literal["simple", "first", "max", "average"] = Field(
-        default="simple",
-        description="simple groups tokens; first, max and average give each word one tag first",
-    )
-    tokens: bool = Field(default=False, strict=True, description="also return every token's tag")
-
-    @model_validator(mode="before")
-    @classmethod
-    def bare_list(cls, data: Any) -> Any:
-        return _bare_list(data)
+def option_field(option: Option, maximum: int | None) -> tuple[Any, Any]:
+    """The request field of one predict() option: its type, bounds or choices, and default."""
+    strict: dict[str, Any] = {}
+    if option.type is int:
+        annotation = integer(option.minimum, maximum)
+    elif option.choices:
+        annotation = Literal[option.choices]
+    else:
+        annotation = option.type
+        strict = {"strict": True}  # true, not 1 or "true"; a string, not a number
+    if option.default is None:
+        annotation = annotation | None
+    return annotation, Field(default=option.default, description=option.help, **strict)
 
 
-class FillRequest(BaseModel):
-    """Texts with mask tokens: `{"texts": [...], "top_k": 5, "strategy": "beam"}` or a list."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    texts: list[str] = Field(description="texts with one mask token per token to fill")
-    top_k: integer(1, 100) = Field(default=5, description="best tokens per mask and fills per run")
-    strategy: Literal["beam", "greedy", "independent"] = Field(
-        default="beam",
-        description="joint fills of consecutive masks: beam search or greedy left to right, or "
-        "independent (each mask from one pass; for whole-word-masking models)",
-    )
-    beam_size: integer(1, MAX_BEAM) = Field(
-        default=BEAM_SIZE, description="partial fills kept at each step"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def bare_list(cls, data: Any) -> Any:
-        return _bare_list(data)
-
-
-class TokenScore(BaseModel):
-    token: str
-    score: float = Field(description="probability")
-
-
-class FillOut(BaseModel):
-    start: int = Field(description="offset of the run's first mask in the text (code points)")
-    end: int = Field(description="offset just past its last mask")
-    masks: int = Field(description="consecutive masks in the run")
-    candidates: list[TokenScore] = Field(description="joint fills, best first")
-
-
-class FillingOut(BaseModel):
-    sequence: str = Field(description="the text with each run's best fill put in")
-    masks: list[list[TokenScore]] = Field(description="per mask, its best tokens on their own")
-    fills: list[FillOut]
-
-
-class FillResponse(BaseModel):
-    predictions: list[FillingOut]
-    variant: str
-    provider: str
-
-
-class LabelScore(BaseModel):
-    label: str
-    score: float
-
-
-class PredictionOut(BaseModel):
-    label: str
-    score: float = Field(description="softmax probability of the label")
-    top_k: list[LabelScore] | None = None
-
-
-class PredictResponse(BaseModel):
-    predictions: list[PredictionOut]
-    variant: str
-    provider: str
-
-
-class EntityOut(BaseModel):
-    type: str = Field(description="entity type, e.g. PER")
-    score: float = Field(description="mean probability of the entity's tags")
-    text: str = Field(description="the entity exactly as it appears in the text")
-    start: int = Field(description="offset of its first character in the text (code points)")
-    end: int = Field(description="offset just past its last character")
-
-
-class TokenOut(BaseModel):
-    text: str
-    tag: str
-    score: float
-    start: int
-    end: int
-
-
-class TaggingOut(BaseModel):
-    entities: list[EntityOut]
-    tokens: list[TokenOut] | None = None
-
-
-class TagResponse(BaseModel):
-    predictions: list[TaggingOut]
-    variant: str
-    provider: str
-
-
-# Task -> (request body, response body) of POST /predict.
-SCHEMAS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
-    TEXT_CLASSIFICATION: (PredictRequest, PredictResponse),
-    TOKEN_CLASSIFICATION: (TagRequest, TagResponse),
-    FILL_MASK: (FillRequest, FillResponse),
-}
-
-
-def for_model(model: type[BaseModel], predictor: Predictor) -> type[BaseModel]:
-    """`model` with what this predictor accepts stated in the schema: an optional `top_k` capped
-    at the label count, and texts that must hold the mask token for a fill-mask model."""
-    fields: dict[str, Any] = {}
-    top_k = model.model_fields.get("top_k")
-    if top_k is not None and top_k.default is None:
-        capped = integer(1, len(predictor.labels)) | None
-        fields["top_k"] = (capped, Field(None, description=top_k.description))
+def request_model(predictor: Predictor) -> type[BaseModel]:
+    """The body of POST /predict: the texts, and the predictor's options with what this model
+    accepts stated in the schema (`top_k` capped at its label count, texts that must hold the
+    mask token of a fill-mask model)."""
+    texts: Any = list[str]
     mask = getattr(predictor, "mask_token", None)
     if mask:
-        texts = model.model_fields["texts"]
-        masked = list[Annotated[str, Field(pattern=re.escape(mask))]]
-        fields["texts"] = (masked, Field(description=texts.description))
-    return create_model(model.__name__, __base__=model, **fields) if fields else model
+        texts = list[Annotated[str, Field(pattern=re.escape(mask))]]
+    fields: dict[str, Any] = {"texts": (texts, Field(description=predictor.TEXTS))}
+    for option in predictor.OPTIONS:
+        maximum = len(predictor.labels) if option.maximum_labels else option.maximum
+        fields[option.name] = option_field(option, maximum)
+    example = "".join(f', "{o.name}": {json.dumps(o.default)}' for o in predictor.OPTIONS)
+    what = predictor.TEXTS[:1].upper() + predictor.TEXTS[1:]
+    return create_model(
+        f"{predictor.SCHEMA_NAME}Request",
+        __base__=TextsRequest,
+        __doc__=f'{what}: `{{"texts": [...]{example}}}`, or a bare JSON list of strings.',
+        **fields,
+    )
+
+
+def _response_type(hint: Any) -> Any:
+    """`hint` with each TypedDict in it, in lists or not, made a pydantic model."""
+    if is_typeddict(hint):
+        return record_model(hint)
+    if get_origin(hint) is list:
+        (item,) = get_args(hint)
+        return list[_response_type(item)]
+    return hint
+
+
+@cache
+def record_model(record: type) -> type[BaseModel]:
+    """The pydantic model of a result TypedDict, named as it is: its `Doc`s the descriptions,
+    its NotRequired keys optional (left out of responses, which exclude None)."""
+    fields: dict[str, Any] = {}
+    # The hints, not __required_keys__: under `from __future__ import annotations` Python 3.11
+    # counts a NotRequired key as required there.
+    for name, hint in get_type_hints(record, include_extras=True).items():
+        required, description = True, None
+        while get_origin(hint) in (NotRequired, Annotated):
+            if get_origin(hint) is NotRequired:
+                required, (hint,) = False, get_args(hint)
+            else:
+                hint, *extras = get_args(hint)
+                description = next((e.text for e in extras if isinstance(e, Doc)), description)
+        annotation = _response_type(hint)
+        if required:
+            fields[name] = (annotation, Field(description=description))
+        else:
+            fields[name] = (annotation | None, Field(default=None, description=description))
+    return create_model(record.__name__, **fields)
+
+
+def response_model(predictor: Predictor) -> type[BaseModel]:
+    """The body POST /predict answers with: the predictor's RESULT per text, variant, provider."""
+    return create_model(
+        f"{predictor.SCHEMA_NAME}Response",
+        predictions=(list[record_model(predictor.RESULT)], ...),
+        variant=(str, ...),
+        provider=(str, ...),
+    )
 
 
 class Health(BaseModel):
@@ -375,8 +326,7 @@ def create_app(
         """Labels, variant, provider and the metrics recorded in the model's manifest."""
         return {**meta, "shipped_variants": sorted(predictor.manifest.variants)}
 
-    request_model, response_model = SCHEMAS[predictor.task]
-    request_model = for_model(request_model, predictor)
+    body_model = request_model(predictor)
 
     async def predict(request: BaseModel) -> dict[str, Any]:
         """The model's prediction per text (a label, entities, or fills), in the order sent;
@@ -405,10 +355,10 @@ def create_app(
         }
 
     # The body's schema depends on the task, so the annotation is set before FastAPI reads it.
-    predict.__annotations__["request"] = request_model
+    predict.__annotations__["request"] = body_model
     body_schema = {
         "anyOf": [
-            {"$ref": f"#/components/schemas/{request_model.__name__}"},
+            {"$ref": f"#/components/schemas/{body_model.__name__}"},
             {"type": "array", "items": {"type": "string"}, "description": "just the texts"},
         ]
     }
@@ -420,7 +370,7 @@ def create_app(
                 "content": {"application/json": {"schema": body_schema}},
             }
         },
-        response_model=response_model,
+        response_model=response_model(predictor),
         response_model_exclude_none=True,
         responses={
             **too_large,

@@ -104,3 +104,27 @@ def test_a_malformed_text_fails_only_its_own_request(model) -> None:
 def test_limits_must_be_positive(model) -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         Batcher(model.predict, max_texts=0)
+
+
+@pytest.mark.parametrize("slow_runs", [0, 1, 3])
+def test_retry_after_follows_the_recent_drain_rate_not_one_slow_run(slow_runs: int) -> None:
+    """2,048 texts waiting, runs of 64 texts in 0.05 s (about 1.6 s to drain), a few of them a
+    single long text that took 600 s: Retry-After stays at the drain time."""
+    batcher = Batcher(lambda texts: texts, max_texts=64, max_queue=2048, deadline_s=30)
+    batcher.waiting_texts = 2048
+    for _ in range(32 - slow_runs):
+        batcher.recent.append((64, 0.05))
+    for _ in range(slow_runs):
+        batcher.recent.append((1, 600.0))
+    assert batcher.retry_after() == 2  # ceil(2048 / 1280)
+
+
+def test_retry_after_is_bounded_by_the_deadline_and_one_second() -> None:
+    batcher = Batcher(lambda texts: texts, deadline_s=10)
+    assert batcher.retry_after() == 1  # nothing measured yet
+    batcher.waiting_texts = 2048
+    batcher.recent.extend([(1, 5.0)] * 4)  # 0.2 texts/s: 10,240 s to drain
+    assert batcher.retry_after() == 10
+    batcher.waiting_texts = 1
+    batcher.recent.extend([(64, 0.001)] * 32)
+    assert batcher.retry_after() == 1

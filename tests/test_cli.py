@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from conftest import synthetic_reviews
 import bertrt
 from bertrt import cli
 from bertrt.cli import InputError, main, parse_line
+from bertrt.predictors import REGISTRY
+from bertrt.predictors.base import Option
 from bertrt.predictors.text_classification import TextClassifier
 from bertrt.progress import Progress
 
@@ -278,3 +283,64 @@ def test_a_lone_surrogate_is_a_clear_error(
     err = capsys.readouterr().err
     assert "text 1 cannot be tokenised" in err and "lone surrogates" in err
     assert "Traceback" not in err
+
+
+def predict_help(capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_declared_option_is_a_flag_that_leaves_the_default_to_the_predictor(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # no help line wrapped
+    usage = predict_help(capsys)
+    args = cli.build_parser().parse_args(["predict", "--model", "m"])
+    for task, predictor in REGISTRY.items():
+        signature = inspect.signature(predictor.predict).parameters
+        for option in predictor.OPTIONS:
+            assert cli.flag(option.name) in usage
+            assert f"{task}: {option.help}" in usage
+            assert getattr(args, option.name) is None
+            # Unset, the flag is not passed: predict()'s default must be the declared one.
+            assert signature[option.name].default == option.default, (task, option.name)
+
+
+@dataclass(frozen=True)
+class Echoed:
+    text: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"text": self.text}
+
+
+class Echo:
+    """A task the runtime lacks, declared in one class: registered, the CLI takes its option."""
+
+    task = "echo"
+    OPTIONS = (Option("shout", bool, default=False, help="upper-case the texts"),)
+
+    def predict(
+        self, texts: Sequence[str], batch_size: int = 32, shout: bool = False
+    ) -> list[Echoed]:
+        return [Echoed(t.upper() if shout else t) for t in texts]
+
+
+def test_a_registered_predictor_gets_its_flags(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "REGISTRY", {**REGISTRY, "echo": Echo})
+    monkeypatch.setattr(cli, "open_model", lambda args: Echo())
+    monkeypatch.setenv("COLUMNS", "1000")
+    assert main(["predict", "--model", "m", "--shout", "hi"]) == 0
+    assert read_jsonl(capsys.readouterr().out) == [{"text": "HI"}]
+    assert main(["predict", "--model", "m", "hi"]) == 0
+    assert read_jsonl(capsys.readouterr().out) == [{"text": "hi"}]
+    assert main(["predict", "--model", "m", "--top-k", "2", "hi"]) == 1
+    assert "--top-k does not apply to this echo model; its options are ['--shout']" in (
+        capsys.readouterr().err
+    )
+    (line,) = [line for line in predict_help(capsys).splitlines() if "  --shout" in line]
+    assert line.split() == ["--shout", "echo:", "upper-case", "the", "texts"]

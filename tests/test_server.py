@@ -12,9 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Any, NotRequired, TypedDict, get_origin, get_type_hints
 
 import httpx
 import pytest
@@ -22,7 +25,9 @@ import uvicorn
 from conftest import synthetic_reviews
 
 import bertrt
-from bertrt.contract import MANIFEST_FILE
+from bertrt.contract import FILL_MASK, MANIFEST_FILE, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from bertrt.predictors import REGISTRY
+from bertrt.predictors.base import Doc, Option
 from bertrt.predictors.text_classification import TextClassifier
 from bertrt.server import create_app
 
@@ -435,3 +440,93 @@ def test_a_flood_of_slow_header_connections_is_cut_off_and_others_are_served(
             except OSError:
                 closed += 1
         assert closed == len(slow), f"{len(slow) - closed} slow connections still open"
+
+
+# The model folder fixture of each registered task.
+TASK_FOLDERS = {
+    TEXT_CLASSIFICATION: "onnx_model_dir",
+    TOKEN_CLASSIFICATION: "ner_dir",
+    FILL_MASK: "fill_dir",
+}
+
+
+@pytest.mark.parametrize("task", sorted(REGISTRY))
+def test_each_task_is_served_with_the_schemas_its_predictor_declares(
+    task: str, request: pytest.FixtureRequest
+) -> None:
+    predictor = bertrt.load(request.getfixturevalue(TASK_FOLDERS[task]), device="cpu")
+    cls = REGISTRY[task]
+    schemas = create_app(predictor).openapi()["components"]["schemas"]
+    body = schemas[f"{cls.SCHEMA_NAME}Request"]
+    assert list(body["properties"]) == ["texts", *(o.name for o in cls.OPTIONS)]
+    assert body["properties"]["texts"]["description"] == cls.TEXTS
+    for option in cls.OPTIONS:
+        field = body["properties"][option.name]
+        assert (field["description"], field.get("default")) == (option.help, option.default)
+        if option.choices:
+            assert field["enum"] == list(option.choices)
+    predictions = schemas[f"{cls.SCHEMA_NAME}Response"]["properties"]["predictions"]
+    record = schemas[cls.RESULT.__name__]
+    assert predictions["items"] == {"$ref": f"#/components/schemas/{cls.RESULT.__name__}"}
+    hints = get_type_hints(cls.RESULT, include_extras=True)
+    assert list(record["properties"]) == list(hints)
+    optional = {key for key, hint in hints.items() if get_origin(hint) is NotRequired}
+    assert set(record["required"]) == set(hints) - optional
+
+
+class EchoOut(TypedDict):
+    text: Annotated[str, Doc("the text, upper-cased on request")]
+    length: NotRequired[int]
+
+
+@dataclass(frozen=True)
+class Echoed:
+    text: str
+
+    def as_dict(self) -> EchoOut:
+        return {"text": self.text}
+
+
+class Echo:
+    """A task the runtime lacks, declared in one class: served without a change to the server."""
+
+    task = "echo"
+    OPTIONS = (Option("shout", bool, default=False, help="upper-case the texts"),)
+    RESULT = EchoOut
+    TEXTS = "texts to echo"
+    SCHEMA_NAME = "Echo"
+    variant, provider, folder, labels = "fp32", "CPUExecutionProvider", Path("echo"), []
+    manifest = SimpleNamespace(variants={"fp32": {}})
+
+    def predict(self, texts: Sequence[str], batch_size: int = 32, shout: bool = False) -> list:
+        return [Echoed(t.upper() if shout else t) for t in texts]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"task": self.task, "labels": self.labels}
+
+
+def test_a_new_predictor_gets_its_request_and_response_schemas() -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Echo())) as local:
+        shouted = local.post("/predict", json={"texts": ["hi"], "shout": True})
+        assert shouted.json() == {
+            "predictions": [{"text": "HI"}],
+            "variant": "fp32",
+            "provider": "CPUExecutionProvider",
+        }
+        assert local.post("/predict", json=["hi"]).json()["predictions"] == [{"text": "hi"}]
+        for bad, error in [({"shout": "yes"}, "bool_type"), ({"top_k": 2}, "extra_forbidden")]:
+            refused = local.post("/predict", json={"texts": ["hi"], **bad})
+            assert refused.status_code == 422
+            assert [e["type"] for e in refused.json()["detail"]] == [error]
+        schemas = local.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["EchoRequest"]["properties"]["shout"] == {
+        "type": "boolean",
+        "title": "Shout",
+        "default": False,
+        "description": "upper-case the texts",
+    }
+    assert schemas["EchoOut"]["required"] == ["text"]
+    text = schemas["EchoOut"]["properties"]["text"]
+    assert text["description"] == "the text, upper-cased on request"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bertrt.contract import FILL_MASK, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
-from bertrt.predictors.base import EngineBacked, Predictor, Result, softmax
+from bertrt.predictors.base import Doc, EngineBacked, Option, Predictor, Result, softmax
 from bertrt.predictors.fill_mask import FillMask
 from bertrt.predictors.text_classification import Prediction, TextClassifier
 from bertrt.predictors.token_classification import Entity, Tagging, TokenClassifier
@@ -16,9 +16,11 @@ REGISTRY: dict[str, type[Predictor]] = {
 
 __all__ = [
     "REGISTRY",
+    "Doc",
     "EngineBacked",
     "Entity",
     "FillMask",
+    "Option",
     "Prediction",
     "Predictor",
     "Result",

@@ -1,20 +1,66 @@
-"""What every task's predictor shares: the protocol the CLI and server use, the engine-backed
-attributes, and the softmax."""
+"""What every task's predictor shares: the protocol the CLI and server use, the declarations of
+its options and results they are built from, the engine-backed attributes, and the softmax."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from bertrt.engine import Engine
 from bertrt.manifest import Manifest
 
+OPTION_TYPES = (int, str, bool)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a predictor's predict(), declared once: the server's request field
+    and the CLI's flag are built from it.
+
+    Args:
+        type: int, str or bool.
+        default: what predict() takes when the option is not given (None: off).
+        help: what it does, one line; the server's field description and the CLI's help.
+        choices: the values a str option takes.
+        minimum: the least an int option takes.
+        maximum: the most an int option takes.
+        maximum_labels: at most the loaded model's label count (known only once it is loaded).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    maximum: int | None = None
+    maximum_labels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in OPTION_TYPES:
+            raise TypeError(f"option {self.name}: type must be one of {OPTION_TYPES}")
+        if self.choices and self.type is not str:
+            raise TypeError(f"option {self.name}: only a str option has choices")
+        bounded = self.minimum is not None or self.maximum is not None or self.maximum_labels
+        if bounded and self.type is not int:
+            raise TypeError(f"option {self.name}: only an int option has bounds")
+        if self.choices and self.default not in self.choices:
+            raise ValueError(f"option {self.name}: default {self.default!r} not in its choices")
+
+
+@dataclass(frozen=True)
+class Doc:
+    """The description of a field of a RESULT TypedDict: `Annotated[float, Doc("probability")]`."""
+
+    text: str
+
 
 class Result(Protocol):
-    def as_dict(self) -> dict[str, Any]: ...
+    def as_dict(self) -> Mapping[str, Any]: ...
 
 
 class Predictor(Protocol):
@@ -22,7 +68,10 @@ class Predictor(Protocol):
 
     engine: Engine
     task: str
-    OPTIONS: tuple[str, ...]  # the keyword options its predict() takes besides batch_size
+    OPTIONS: ClassVar[tuple[Option, ...]]  # the keyword options of predict() but batch_size
+    RESULT: ClassVar[type]  # the TypedDict of what its results' as_dict() returns
+    TEXTS: ClassVar[str]  # what the texts it takes are, e.g. "texts to classify, in order"
+    SCHEMA_NAME: ClassVar[str]  # the server's schemas are {SCHEMA_NAME}Request and ...Response
 
     def predict(self, texts: Sequence[str], batch_size: int = 32, **options: Any) -> list[Any]: ...
 

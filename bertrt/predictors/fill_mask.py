@@ -15,14 +15,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, TypedDict
 
 import numpy as np
 from tokenizers import Encoding
 
 from bertrt.contract import FILL_MASK
 from bertrt.engine import CHUNK, Engine, ModelFolderError
-from bertrt.predictors.base import EngineBacked
+from bertrt.predictors.base import Doc, EngineBacked, Option
 from bertrt.session import run
 
 MASK_TOKENS = ("[MASK]", "<mask>")
@@ -42,12 +42,30 @@ def join_cjk(text: str) -> str:
     return _CJK_GAP.sub("", " ".join(text.split()))
 
 
+class TokenScore(TypedDict):
+    token: str
+    score: Annotated[float, Doc("probability")]
+
+
+class FillOut(TypedDict):
+    start: Annotated[int, Doc("offset of the run's first mask in the text (code points)")]
+    end: Annotated[int, Doc("offset just past its last mask")]
+    masks: Annotated[int, Doc("consecutive masks in the run")]
+    candidates: Annotated[list[TokenScore], Doc("joint fills, best first")]
+
+
+class FillingOut(TypedDict):
+    sequence: Annotated[str, Doc("the text with each run's best fill put in")]
+    masks: Annotated[list[list[TokenScore]], Doc("per mask, its best tokens on their own")]
+    fills: list[FillOut]
+
+
 @dataclass(frozen=True)
 class Candidate:
     token: str
     score: float
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> TokenScore:
         return {"token": self.token, "score": self.score}
 
 
@@ -60,7 +78,7 @@ class Fill:
     masks: int
     candidates: list[Candidate]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> FillOut:
         return {
             "start": self.start,
             "end": self.end,
@@ -77,7 +95,7 @@ class Filling:
     masks: list[list[Candidate]]
     fills: list[Fill]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> FillingOut:
         return {
             "sequence": self.sequence,
             "masks": [[c.as_dict() for c in mask] for mask in self.masks],
@@ -135,7 +153,35 @@ class FillMask(EngineBacked):
 
     engine: Engine
     task = FILL_MASK
-    OPTIONS = ("top_k", "strategy", "beam_size")
+    OPTIONS = (
+        Option(
+            "top_k",
+            int,
+            default=5,
+            help="the k best tokens per mask and fills per run of masks",
+            minimum=1,
+            maximum=MAX_TOP_K,
+        ),
+        Option(
+            "strategy",
+            str,
+            default="beam",
+            help="joint fills of consecutive masks: beam search or greedy left to right, or "
+            "independent (each mask from one pass; for whole-word-masking models)",
+            choices=STRATEGIES,
+        ),
+        Option(
+            "beam_size",
+            int,
+            default=BEAM_SIZE,
+            help="partial fills kept at each step",
+            minimum=1,
+            maximum=MAX_BEAM,
+        ),
+    )
+    RESULT = FillingOut
+    TEXTS = "texts with one mask token per token to fill"
+    SCHEMA_NAME = "Fill"
 
     def __post_init__(self) -> None:
         tokenizer = self.engine.tokenizer

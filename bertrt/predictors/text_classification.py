@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, NotRequired, TypedDict
 
 import numpy as np
 
 from bertrt.contract import TEXT_CLASSIFICATION
 from bertrt.engine import CHUNK, Engine
 from bertrt.long_text import aggregate
-from bertrt.predictors.base import EngineBacked, softmax
+from bertrt.predictors.base import Doc, EngineBacked, Option, softmax
+
+
+class LabelScore(TypedDict):
+    label: str
+    score: float
+
+
+class PredictionOut(TypedDict):
+    label: str
+    score: Annotated[float, Doc("softmax probability of the label")]
+    top_k: NotRequired[list[LabelScore]]
 
 
 @dataclass(frozen=True)
@@ -20,8 +31,8 @@ class Prediction:
     score: float
     top_k: list[tuple[str, float]] | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"label": self.label, "score": self.score}
+    def as_dict(self) -> PredictionOut:
+        out: PredictionOut = {"label": self.label, "score": self.score}
         if self.top_k is not None:
             out["top_k"] = [{"label": label, "score": score} for label, score in self.top_k]
         return out
@@ -33,7 +44,19 @@ class TextClassifier(EngineBacked):
 
     engine: Engine
     task = TEXT_CLASSIFICATION
-    OPTIONS = ("top_k",)
+    OPTIONS = (
+        Option(
+            "top_k",
+            int,
+            default=None,
+            help="also return the k best labels with their scores",
+            minimum=1,
+            maximum_labels=True,
+        ),
+    )
+    RESULT = PredictionOut
+    TEXTS = "texts to classify, in order"
+    SCHEMA_NAME = "Predict"
 
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Raw logits, one row per text, in the caller's order."""

@@ -4,19 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, NotRequired, TypedDict
 
 import numpy as np
 from tokenizers import Encoding
 
 from bertrt.contract import TOKEN_CLASSIFICATION
 from bertrt.engine import CHUNK, Engine
-from bertrt.predictors.base import EngineBacked, softmax
+from bertrt.predictors.base import Doc, EngineBacked, Option, softmax
 
 # As transformers.pipeline("ner") defines them: "simple" groups tokens; "first", "max" and
 # "average" first give each word one tag (its first token's, its most confident token's, or the
 # argmax of its tokens' mean scores), then group words.
 AGGREGATIONS = ("simple", "first", "max", "average")
+
+
+class TokenOut(TypedDict):
+    text: str
+    tag: str
+    score: float
+    start: int
+    end: int
+
+
+class EntityOut(TypedDict):
+    type: Annotated[str, Doc("entity type, e.g. PER")]
+    score: Annotated[float, Doc("mean probability of the entity's tags")]
+    text: Annotated[str, Doc("the entity exactly as it appears in the text")]
+    start: Annotated[int, Doc("offset of its first character in the text (code points)")]
+    end: Annotated[int, Doc("offset just past its last character")]
+
+
+class TaggingOut(TypedDict):
+    entities: list[EntityOut]
+    tokens: NotRequired[list[TokenOut]]
 
 
 @dataclass(frozen=True)
@@ -29,8 +50,14 @@ class Token:
     start: int
     end: int
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("text", "tag", "score", "start", "end")}
+    def as_dict(self) -> TokenOut:
+        return {
+            "text": self.text,
+            "tag": self.tag,
+            "score": self.score,
+            "start": self.start,
+            "end": self.end,
+        }
 
 
 @dataclass(frozen=True)
@@ -41,8 +68,14 @@ class Entity:
     start: int
     end: int
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("type", "score", "text", "start", "end")}
+    def as_dict(self) -> EntityOut:
+        return {
+            "type": self.type,
+            "score": self.score,
+            "text": self.text,
+            "start": self.start,
+            "end": self.end,
+        }
 
 
 @dataclass(frozen=True)
@@ -52,8 +85,8 @@ class Tagging:
     entities: list[Entity]
     tokens: list[Token] | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"entities": [e.as_dict() for e in self.entities]}
+    def as_dict(self) -> TaggingOut:
+        out: TaggingOut = {"entities": [e.as_dict() for e in self.entities]}
         if self.tokens is not None:
             out["tokens"] = [t.as_dict() for t in self.tokens]
         return out
@@ -92,7 +125,20 @@ class TokenClassifier(EngineBacked):
 
     engine: Engine
     task = TOKEN_CLASSIFICATION
-    OPTIONS = ("aggregation", "tokens")
+    OPTIONS = (
+        Option(
+            "aggregation",
+            str,
+            default="simple",
+            help="how tokens form entities: simple groups tokens; first, max and average give "
+            "each word one tag first",
+            choices=AGGREGATIONS,
+        ),
+        Option("tokens", bool, default=False, help="also return every token's own tag"),
+    )
+    RESULT = TaggingOut
+    TEXTS = "texts to find entities in, in order"
+    SCHEMA_NAME = "Tag"
 
     def token_scores(
         self, texts: Sequence[str], batch_size: int = 32
