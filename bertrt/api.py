@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bertrt.engine import ModelFolderError, open_engine
+import bertrt.manifest as manifest_io
+from bertrt.contract import MANIFEST_FILE
+from bertrt.engine import Engine, ModelFolderError, open_engine
 from bertrt.locate import bundled_dir, resolve_model
-from bertrt.predictors import REGISTRY, Predictor
+from bertrt.predictors import REGISTRY, TASKS, Predictor
 
 
 def load(
@@ -33,11 +35,34 @@ def load(
     """
     if isinstance(model_dir, str):
         model_dir = resolve_model(model_dir)
-    engine = open_engine(model_dir, device, variant, threads, tensorrt, verify)
-    predictor = REGISTRY.get(engine.manifest.task)
+    where = Path(model_dir) / MANIFEST_FILE
+    task = manifest_io.read(Path(model_dir)).task  # before any graph is opened
+    predictor = REGISTRY.get(task)
     if predictor is None:
-        raise ModelFolderError(f"{model_dir}: task {engine.manifest.task!r} has no predictor")
+        raise manifest_io.IntegrityError(
+            f"{where}: task {task!r} is not one this runtime serves ({list(TASKS)}); "
+            "install a newer runtime"
+        )
+    engine = open_engine(model_dir, device, variant, threads, tensorrt, verify)
+    if predictor.LABELLED:
+        _check_labels(engine, predictor)
     return predictor(engine)
+
+
+def _check_labels(engine: Engine, predictor: type[Predictor]) -> None:
+    """A labelled task's folder names labels, as many as its graph scores."""
+    where = engine.folder / MANIFEST_FILE
+    labels = engine.manifest.labels
+    if not labels:
+        raise manifest_io.IntegrityError(
+            f"{where}: labels must not be empty for task {predictor.task!r}; re-run the export"
+        )
+    width = engine.session.get_outputs()[0].shape[-1]
+    if isinstance(width, int) and width != len(labels):
+        raise ModelFolderError(
+            f"{engine.folder / engine.manifest.variants[engine.variant].file}: the graph scores "
+            f"{width} labels, {MANIFEST_FILE} names {len(labels)}; re-export the model"
+        )
 
 
 def load_bundled(

@@ -1,8 +1,9 @@
 """The ONNX contract between the export stage and the runtime, declared once.
 
-Task names, the variants (file, precision, providers, preference), file names, provider names,
-input names and each task's output axes live here; the pipeline (params, tasks, export) and the
-runtime import them from this module.
+The variants (file, precision, providers, preference), file names, provider names and the input
+names and axes live here; the pipeline (params, tasks, export) and the runtime import them from
+this module. What differs by task (its name, its outputs) each predictor declares
+(bertrt.predictors).
 """
 
 from __future__ import annotations
@@ -21,23 +22,6 @@ MODEL_CARD_FILE = "README.md"
 # RoBERTa-style models have no token_type_ids) and the runtime feeds only what the graph declares.
 INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 INPUT_AXES: dict[int, str] = {0: "batch", 1: "sequence"}
-
-TEXT_CLASSIFICATION = "text-classification"
-TOKEN_CLASSIFICATION = "token-classification"
-FILL_MASK = "fill-mask"
-
-# Task -> output name -> its dynamic axes. A per-text output has only a batch axis; a per-token
-# output also has the sequence axis, and the runtime reads it only where the attention mask is 1.
-OUTPUTS: dict[str, dict[str, dict[int, str]]] = {
-    TEXT_CLASSIFICATION: {"logits": {0: "batch"}},
-    TOKEN_CLASSIFICATION: {"logits": {0: "batch", 1: "sequence"}},
-    # One row of vocabulary scores per token; the runtime reads the rows at mask tokens.
-    FILL_MASK: {"logits": {0: "batch", 1: "sequence"}},
-}
-
-TASKS: tuple[str, ...] = tuple(OUTPUTS)
-# Tasks whose outputs are scores over labels.json (fill-mask scores the tokenizer's vocabulary).
-LABELLED_TASKS: tuple[str, ...] = (TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION)
 
 # ONNX Runtime's names for the places a graph runs.
 CPU = "CPUExecutionProvider"
@@ -95,20 +79,3 @@ def preferred(provider: str) -> list[str]:
     """The variants the runtime starts on for `provider`, best first (then the plain graph)."""
     ranked = [v for v in VARIANTS.values() if provider in v.providers and v.preference is not None]
     return [v.name for v in sorted(ranked, key=lambda v: v.preference)]
-
-
-def output_names(task: str) -> tuple[str, ...]:
-    """The graph's output names for `task`."""
-    return tuple(OUTPUTS[task])
-
-
-def per_token(task: str) -> bool:
-    """Whether the task's first output has a sequence axis (one row per token)."""
-    return 1 in next(iter(OUTPUTS[task].values()))
-
-
-def dynamic_axes(input_names: tuple[str, ...], task: str) -> dict[str, dict[int, str]]:
-    """Batch and sequence axes on every input; the task's axes on every output."""
-    axes: dict[str, dict[int, str]] = {name: dict(INPUT_AXES) for name in input_names}
-    axes.update({name: dict(out) for name, out in OUTPUTS[task].items()})
-    return axes

@@ -25,7 +25,6 @@ from bertrt.contract import (
     CPU,
     CUDA,
     INPUT_NAMES,
-    LABELLED_TASKS,
     LABELS_FILE,
     MANIFEST_FILE,
     TENSORRT,
@@ -318,7 +317,6 @@ def open_engine(
             tensorrt,
             profile,
         )
-    _check_outputs(folder, manifest, chosen, session)
     path = manifest_io.inside(folder, TOKENIZER_FILE)
     try:
         tokenizer = Tokenizer.from_file(str(path))
@@ -435,16 +433,4 @@ def _same_labels(folder: Path, manifest: Manifest) -> None:
         raise manifest_io.IntegrityError(
             f"{path}: {labels!r:.120} differs from {MANIFEST_FILE}'s labels "
             f"{manifest.labels!r:.120}; restore the folder from the export"
-        )
-
-
-def _check_outputs(folder: Path, manifest: Manifest, variant: str, session: Any) -> None:
-    """A labelled task's graph must score as many labels as the manifest names."""
-    if manifest.task not in LABELLED_TASKS:
-        return
-    width = session.get_outputs()[0].shape[-1]
-    if isinstance(width, int) and width != len(manifest.labels):
-        raise ModelFolderError(
-            f"{folder / manifest.variants[variant].file}: the graph scores {width} labels, "
-            f"{MANIFEST_FILE} names {len(manifest.labels)}; re-export the model"
         )

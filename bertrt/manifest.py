@@ -11,13 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertrt.contract import (
-    LABELLED_TASKS,
-    MANIFEST_FILE,
-    SCHEMA_VERSION,
-    TASKS,
-    VARIANTS,
-)
+from bertrt.contract import MANIFEST_FILE, SCHEMA_VERSION, VARIANTS
 from bertrt.long_text import Reading
 
 
@@ -180,8 +174,6 @@ class Manifest:
     def problems(self) -> list[str]:
         """What makes the values unusable, beyond their JSON types."""
         found = []
-        if self.task in LABELLED_TASKS and not self.labels:
-            found.append(f"labels must not be empty for task {self.task!r}")
         if not self.outputs:
             found.append("outputs must name at least one graph output")
         if not self.inputs:
@@ -238,11 +230,6 @@ class Manifest:
         problems = manifest.problems()
         if problems:
             raise IntegrityError(f"{where}: {'; '.join(problems)}; re-run the export stage")
-        if manifest.task not in TASKS:
-            raise IntegrityError(
-                f"{where}: task {manifest.task!r} is not one this runtime serves ({list(TASKS)}); "
-                "install a newer runtime"
-            )
         if manifest.settings_sha256 != manifest.settings_digest():
             raise IntegrityError(
                 f"{where}: the settings the runtime acts on (labels, temperature, reading, "

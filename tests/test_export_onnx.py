@@ -10,7 +10,8 @@ import onnx
 import pytest
 from conftest import synthetic_reviews
 
-from bertrt.contract import INPUT_NAMES, MANIFEST_FILE, output_names
+from bertrt.contract import INPUT_NAMES, MANIFEST_FILE
+from bertrt.predictors import output_names
 from pipeline import tasks
 from pipeline.export.model_folder import ParityError, build
 from pipeline.export.options import ExportOptions

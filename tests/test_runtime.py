@@ -417,7 +417,6 @@ MANIFEST_DAMAGE = [
     ),
     (lambda m: m.update(outputs=[]), "outputs must name at least one graph output"),
     (lambda m: m.update(labels=[1, 2]), "key 'labels' must be a list of strings"),
-    (lambda m: m.update(labels=[]), "labels must not be empty for task 'text-classification'"),
     (lambda m: m.update(max_length="64"), "key 'max_length' must be a JSON integer"),
     (lambda m: m.update(max_lenght=64), "key 'max_lenght' is not one this runtime reads"),
     (lambda m: m.pop("temperature"), "key 'temperature' is missing"),
@@ -436,7 +435,6 @@ MANIFEST_DAMAGE = [
         lambda m: m["variants"].update(int4=m["variants"]["fp32"]),
         "variants['int4'] is not a variant this runtime knows",
     ),
-    (lambda m: m.update(task="summarization"), "task 'summarization' is not one this runtime"),
 ]
 
 
@@ -547,3 +545,24 @@ def test_a_path_outside_the_folder_is_refused_before_it_is_read(
     assert f"{outside!r} points outside the model folder" in str(caught.value)
     assert str(target.stat().st_size) not in str(caught.value).split("points")[1]
     assert all(Path(p).resolve() != target for p in read), "refused before reading"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("task", "summarization", "task 'summarization' is not one this runtime serves"),
+        ("labels", [], "labels must not be empty for task 'text-classification'"),
+    ],
+)
+def test_a_folder_this_runtime_cannot_serve_is_refused_naming_the_manifest(
+    model_copy: Path, field: str, value: object, message: str
+) -> None:
+    """Written by an exporter (its digest consistent), yet not servable here."""
+    from bertrt import manifest as manifest_io
+
+    manifest = manifest_io.read(model_copy)
+    setattr(manifest, field, value)
+    manifest_io.write(model_copy, manifest)
+    with pytest.raises(IntegrityError) as caught:
+        bertrt.load(model_copy, device="cpu", verify=False)
+    assert message in str(caught.value) and "manifest.json" in str(caught.value)

@@ -25,8 +25,8 @@ import uvicorn
 from conftest import synthetic_reviews
 
 import bertrt
-from bertrt.contract import FILL_MASK, MANIFEST_FILE, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
-from bertrt.predictors import REGISTRY
+from bertrt.contract import MANIFEST_FILE
+from bertrt.predictors import FILL_MASK, REGISTRY, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from bertrt.predictors.base import Doc, Option
 from bertrt.predictors.text_classification import TextClassifier
 from bertrt.server import create_app

@@ -10,8 +10,7 @@ import pytest
 from conftest import TASK_DATA, write_params, write_splits
 
 import bertrt
-from bertrt.contract import TASKS
-from bertrt.predictors import REGISTRY
+from bertrt.predictors import REGISTRY, TASKS
 from pipeline import tasks
 from pipeline.core import params
 from pipeline.stages import evaluate_model, export_onnx, finetune, tokenize_data, validate

@@ -71,6 +71,8 @@ class Predictor(Protocol):
     OPTIONS: ClassVar[tuple[Option, ...]]  # the keyword options of predict() but batch_size
     RESULT: ClassVar[type]  # the TypedDict of what its results' as_dict() returns
     TEXTS: ClassVar[str]  # what the texts it takes are, e.g. "texts to classify, in order"
+    OUTPUTS: ClassVar[dict[str, dict[int, str]]]  # the graph's outputs -> their dynamic axes
+    LABELLED: ClassVar[bool]  # its outputs score labels.json (not the vocabulary)
     SCHEMA_NAME: ClassVar[str]  # the server's schemas are {SCHEMA_NAME}Request and ...Response
 
     def predict(self, texts: Sequence[str], batch_size: int = 32, **options: Any) -> list[Any]: ...

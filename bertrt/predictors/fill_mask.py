@@ -15,15 +15,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, TypedDict
+from typing import Annotated, ClassVar, TypedDict
 
 import numpy as np
 from tokenizers import Encoding
 
-from bertrt.contract import FILL_MASK
 from bertrt.engine import CHUNK, Engine, ModelFolderError
 from bertrt.predictors.base import Doc, EngineBacked, Option
 from bertrt.session import run
+
+# The task's name, in manifests, params.yaml and the registry.
+FILL_MASK = "fill-mask"
 
 MASK_TOKENS = ("[MASK]", "<mask>")
 STRATEGIES = ("beam", "greedy", "independent")
@@ -153,6 +155,10 @@ class FillMask(EngineBacked):
 
     engine: Engine
     task = FILL_MASK
+    # The graph's outputs and their dynamic axes (vocabulary scores per token: the runtime
+    # reads the rows at mask tokens).
+    OUTPUTS: ClassVar[dict[str, dict[int, str]]] = {"logits": {0: "batch", 1: "sequence"}}
+    LABELLED = False  # scores over labels.json (else over the tokenizer's vocabulary)
     OPTIONS = (
         Option(
             "top_k",

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, NotRequired, TypedDict
+from typing import Annotated, ClassVar, NotRequired, TypedDict
 
 import numpy as np
 
-from bertrt.contract import TEXT_CLASSIFICATION
 from bertrt.engine import CHUNK, Engine
 from bertrt.long_text import aggregate
 from bertrt.predictors.base import Doc, EngineBacked, Option, softmax
+
+# The task's name, in manifests, params.yaml and the registry.
+TEXT_CLASSIFICATION = "text-classification"
 
 
 class LabelScore(TypedDict):
@@ -44,6 +46,9 @@ class TextClassifier(EngineBacked):
 
     engine: Engine
     task = TEXT_CLASSIFICATION
+    # The graph's outputs and their dynamic axes (a label per text: one row of logits per text).
+    OUTPUTS: ClassVar[dict[str, dict[int, str]]] = {"logits": {0: "batch"}}
+    LABELLED = True  # scores over labels.json (else over the tokenizer's vocabulary)
     OPTIONS = (
         Option(
             "top_k",

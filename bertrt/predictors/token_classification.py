@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, NotRequired, TypedDict
+from typing import Annotated, ClassVar, NotRequired, TypedDict
 
 import numpy as np
 from tokenizers import Encoding
 
-from bertrt.contract import TOKEN_CLASSIFICATION
 from bertrt.engine import CHUNK, Engine
 from bertrt.predictors.base import Doc, EngineBacked, Option, softmax
+
+# The task's name, in manifests, params.yaml and the registry.
+TOKEN_CLASSIFICATION = "token-classification"
 
 # As transformers.pipeline("ner") defines them: "simple" groups tokens; "first", "max" and
 # "average" first give each word one tag (its first token's, its most confident token's, or the
@@ -125,6 +127,10 @@ class TokenClassifier(EngineBacked):
 
     engine: Engine
     task = TOKEN_CLASSIFICATION
+    # The graph's outputs and their dynamic axes (a label per token, read only where the
+    # attention mask is 1).
+    OUTPUTS: ClassVar[dict[str, dict[int, str]]] = {"logits": {0: "batch", 1: "sequence"}}
+    LABELLED = True  # scores over labels.json (else over the tokenizer's vocabulary)
     OPTIONS = (
         Option(
             "aggregation",

@@ -13,14 +13,9 @@ from typing import Any
 
 import yaml
 
-from bertrt.contract import (
-    FILL_MASK,
-    OPTIONAL_VARIANTS,
-    TASKS,
-    TEXT_CLASSIFICATION,
-    TOKEN_CLASSIFICATION,
-)
+from bertrt.contract import OPTIONAL_VARIANTS
 from bertrt.long_text import Reading
+from bertrt.predictors import FILL_MASK, TASKS, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from pipeline.core import precision
 
 TAG_SCHEMES = ("iob1", "iob2", "bioes")

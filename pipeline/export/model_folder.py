@@ -11,17 +11,10 @@ from typing import Any
 import numpy as np
 
 from bertrt import manifest as manifest_io
-from bertrt.contract import (
-    BASE_VARIANT,
-    INPUT_NAMES,
-    LABELS_FILE,
-    TOKENIZER_FILE,
-    VARIANTS,
-    dynamic_axes,
-    output_names,
-)
+from bertrt.contract import BASE_VARIANT, INPUT_NAMES, LABELS_FILE, TOKENIZER_FILE, VARIANTS
 from bertrt.engine import Engine, open_engine
 from bertrt.manifest import Manifest, Provenance, VariantEntry
+from bertrt.predictors import dynamic_axes, output_names
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.export.options import ExportOptions, ExportTask, Reference, Score
 from pipeline.export.variants import Shape, add_variants

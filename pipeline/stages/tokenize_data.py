@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from bertrt.contract import TEXT_CLASSIFICATION
+from bertrt.predictors import TEXT_CLASSIFICATION
 from pipeline import tasks
 from pipeline.core import entry, imports, layout, lineage, params
 from pipeline.core.atomic import atomic_dir, write_json

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bertrt.contract import FILL_MASK, TASKS, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from bertrt.predictors import FILL_MASK, TASKS, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from pipeline.tasks.base import Task
 from pipeline.tasks.masked_lm.task import MaskedLM
 from pipeline.tasks.text_classification.task import TextClassification

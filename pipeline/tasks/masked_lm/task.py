@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bertrt.contract import FILL_MASK
+from bertrt.predictors import FILL_MASK
 from pipeline.core.params import Params
 from pipeline.core.sources import from_pretrained, load_options, resolve_model, resolve_path
 from pipeline.core.tables import SPLITS, table_format, text_key

@@ -10,8 +10,8 @@ import pandas as pd
 from pandera.errors import SchemaErrors
 
 from bertrt import long_text
-from bertrt.contract import TEXT_CLASSIFICATION
 from bertrt.long_text import aggregate
+from bertrt.predictors import TEXT_CLASSIFICATION
 from pipeline.core.params import Params
 from pipeline.core.tables import SPLITS, TableError, read_table, table_format, text_key
 from pipeline.tasks.base import Task

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bertrt.contract import TOKEN_CLASSIFICATION
+from bertrt.predictors import TOKEN_CLASSIFICATION
 from bertrt.predictors.token_classification import merge_windows
 from pipeline.core.params import Params
 from pipeline.core.tables import SPLITS, TableError, read_table, table_format
