@@ -1,4 +1,5 @@
-# Run `make` to list the targets. Every target is one command; dvc.yaml holds the pipeline itself.
+# Run `make` to list the targets by group: each `##@` line opens a group, each `## ` comment
+# is the target's line in the list. Every target is one command; dvc.yaml holds the pipeline.
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
@@ -15,10 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean
-
-help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+.PHONY: help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean docs docs-build docs-figures
 
 # The environment comes from a lock (locks/README.md): every package pinned with its hash, nothing
 # resolved at install time. VARIANT=gpu installs PyPI's CUDA build of torch instead of the CPU one.
@@ -34,75 +32,39 @@ $(STAMP): $(LOCK) locks/assets.txt pyproject.toml
 	$(BIN)/pip install --no-deps -e .
 	touch $@
 
-venv: $(STAMP) ## create the virtual environment from the lock (VARIANT=cpu|gpu)
+##@ Run: the pipeline and its results
 
-lock: ## re-pin every package with hashes from requirements*.txt into locks/ (needs uv)
-	locks/compile.sh
+venv: $(STAMP) ## create the virtual environment from the lock (VARIANT=cpu|gpu)
 
 run: $(STAMP) ## run the whole pipeline on the embedded default model and data
 	dvc repro
+	@$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg
 	@$(BIN)/python -m pipeline.ops.summary
 
 repro: $(STAMP) ## dvc repro (what changed only), without the summary
 	dvc repro
 
-relog: $(STAMP) ## after a tracking outage: fill the training run in from reports/ (see docs/reliability.md)
-	$(BIN)/python -m pipeline.ops.relog --params params.yaml --report reports/train.json --curves reports/training
+metrics: $(STAMP) ## show the committed metrics of the last run
+	dvc metrics show
+
+##@ Experiment: configs, sweeps, tracking
 
 exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v]
 	$(BIN)/python -m pipeline.ops.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(foreach s,$(SET),--set $(s))
 
-sweep: $(STAMP) ## the classification sweep of configs/sweeps/cls.yaml, queued, then ranked by validation macro-F1
+sweep: $(STAMP) ## queue and run configs/sweeps/cls.yaml, ranked by validation macro-F1
 	$(BIN)/python -m pipeline.ops.sweep $(or $(CONFIG),configs/sweeps/cls.yaml)
-
-test: $(STAMP) ## run the test suite (offline, CPU)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --durations=15
-
-test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope -m "not slow"
-
-test-gpu: $(STAMP) ## the gpu-marked tests (CUDA fp32 and fp16 with IO binding, TensorRT); they skip without a GPU
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m gpu
-
-lint: $(STAMP) ## ruff lint and format check, the import layers (lint-imports), dvc.yaml's code deps
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/python -m pipeline.ops.code_deps --check
-
-deps: $(STAMP) ## write each dvc.yaml stage's code deps from the import graph
-	$(BIN)/python -m pipeline.ops.code_deps
-
-format: $(STAMP) ## ruff format and fix
-	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
-
-bench: $(STAMP) ## CPU benchmark: PyTorch pipeline vs ORT variants, written to docs/benchmarks.md
-	$(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu.json
-	$(BIN)/python -m benchmarks.train_mlm --model package:cognition/model --out docs/benchmarks.md
-	$(BIN)/python -m benchmarks.train_cls --validated data/validated --rows 2000 --target-rows 0 --out docs/benchmarks.md --json reports/bench_train.json
-	$(BIN)/python -m benchmarks.serving --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_serving.json
-	$(BIN)/python -m benchmarks.load --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_load.json
-	$(BIN)/python -m benchmarks.overhead --validated data/validated --params params.yaml --out docs/benchmarks.md --json reports/bench_overhead.json
-	$(BIN)/python -m benchmarks.long_documents --raw data/raw --model-dir models/onnx --out docs/benchmarks.md --json reports/long_documents.json
-
-bench-avx2: $(STAMP) ## CPU benchmark with AVX-512, VNNI and AMX hidden from CPUID: what and how fast an AVX2-only server computes
-	$(BIN)/python -m benchmarks.isa avx2 -- $(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu_avx2.json --section "CPU, AVX2 kernels"
-
-bench-gpu: $(STAMP) ## GPU benchmarks (need CUDA): inference torch vs ORT CUDA fp16 with IO binding; fine-tuning speed, memory and MFU
-	$(BIN)/python -m benchmarks.gpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_gpu.json
-	$(BIN)/python -m benchmarks.train_cls --device cuda --validated data/validated --rows 0 --target-rows 0 --out docs/benchmarks.md --json reports/bench_train_gpu.json
-
-package: $(STAMP) ## build an installable wheel with the runtime and the exported model into dist/
-	$(BIN)/python -m bertrt package --model models/onnx --out dist
-
-serve: $(STAMP) ## serve the exported model on http://127.0.0.1:8000
-	$(BIN)/python -m bertrt serve --model models/onnx
 
 mlflow-ui: $(STAMP) ## browse the runs at http://127.0.0.1:5000
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
-push: $(STAMP) ## store data, models and the run cache in the DVC remote (.dvc/config)
-	dvc push --run-cache
+mlflow-server: $(STAMP) ## a team tracking server: PostgreSQL + served artifacts on 127.0.0.1:5001
+	$(BIN)/python -m pipeline.ops.team_server --dir .mlflow-server --port 5001 --db-port 5433
 
-pull: $(STAMP) ## fetch the data, models and run cache of this commit from the DVC remote
-	dvc pull --run-cache
+relog: $(STAMP) ## after a tracking outage: fill the run in from reports/ (docs/reliability.md)
+	$(BIN)/python -m pipeline.ops.relog --params params.yaml --report reports/train.json --curves reports/training
+
+##@ Release: tag, register, reproduce
 
 release: $(STAMP) ## tag a finished run, push its artifacts, register its model: make release TAG=v1
 	$(BIN)/python -m pipeline.ops.release $(TAG) --params params.yaml --model models/onnx --test data/validated/test.parquet $(if $(MODEL),--name $(MODEL))
@@ -113,11 +75,70 @@ promote: $(STAMP) ## point models:/MODEL@production at a version: make promote M
 reproduce: $(STAMP) ## restore a tag's artifacts in .reproduce/TAG; RERUN=1 re-runs and compares
 	$(BIN)/python -m pipeline.ops.reproduce $(TAG) $(if $(RERUN),--rerun)
 
-mlflow-server: $(STAMP) ## a team tracking server: PostgreSQL + served artifacts on 127.0.0.1:5001
-	$(BIN)/python -m pipeline.ops.team_server --dir .mlflow-server --port 5001 --db-port 5433
+push: $(STAMP) ## store data, models and the run cache in the DVC remote (.dvc/config)
+	dvc push --run-cache
 
-metrics: $(STAMP) ## show the committed metrics of the last run
-	dvc metrics show
+pull: $(STAMP) ## fetch the data, models and run cache of this commit from the DVC remote
+	dvc pull --run-cache
+
+##@ Serve: the exported model
+
+serve: $(STAMP) ## serve the exported model on http://127.0.0.1:8000
+	$(BIN)/python -m bertrt serve --model models/onnx
+
+package: $(STAMP) ## build a wheel with the runtime and the exported model into dist/
+	$(BIN)/python -m bertrt package --model models/onnx --out dist
+
+##@ Develop: tests, lint, locks, docs, benchmarks
+
+help: ## list the targets by group (the default goal)
+	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s\n", substr($$0, 5)} /^[a-z][a-z0-9-]*:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+test: $(STAMP) ## run the test suite (offline, CPU)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --durations=15
+
+test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope -m "not slow"
+
+test-gpu: $(STAMP) ## the gpu-marked tests (CUDA, IO binding, TensorRT); they skip without a GPU
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m gpu
+
+lint: $(STAMP) ## ruff lint and format check, import layers (lint-imports), dvc.yaml code deps
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/python -m pipeline.ops.code_deps --check
+
+format: $(STAMP) ## ruff format and fix
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+deps: $(STAMP) ## write each dvc.yaml stage's code deps from the import graph
+	$(BIN)/python -m pipeline.ops.code_deps
+
+lock: ## re-pin every package with hashes from requirements*.txt into locks/ (needs uv)
+	locks/compile.sh
+
+docs: $(STAMP) ## serve the documentation site on http://127.0.0.1:8001 (live reload)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
+
+docs-build: $(STAMP) ## build the documentation site into site/ (fails on any warning)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-figures: $(STAMP) ## redraw docs/img/training-curves.svg from reports/training/*.csv
+	$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg
+
+bench: $(STAMP) ## CPU benchmarks: PyTorch vs ORT variants, training, serving; docs/benchmarks.md
+	$(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu.json
+	$(BIN)/python -m benchmarks.train_mlm --model package:cognition/model --out docs/benchmarks.md
+	$(BIN)/python -m benchmarks.train_cls --validated data/validated --rows 2000 --target-rows 0 --out docs/benchmarks.md --json reports/bench_train.json
+	$(BIN)/python -m benchmarks.serving --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_serving.json
+	$(BIN)/python -m benchmarks.load --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_load.json
+	$(BIN)/python -m benchmarks.overhead --validated data/validated --params params.yaml --out docs/benchmarks.md --json reports/bench_overhead.json
+	$(BIN)/python -m benchmarks.long_documents --raw data/raw --model-dir models/onnx --out docs/benchmarks.md --json reports/long_documents.json
+
+bench-avx2: $(STAMP) ## the CPU benchmark with AVX-512, VNNI and AMX hidden: an AVX2-only server
+	$(BIN)/python -m benchmarks.isa avx2 -- $(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu_avx2.json --section "CPU, AVX2 kernels"
+
+bench-gpu: $(STAMP) ## GPU benchmarks (need CUDA): inference and fine-tuning speed, memory, MFU
+	$(BIN)/python -m benchmarks.gpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_gpu.json
+	$(BIN)/python -m benchmarks.train_cls --device cuda --validated data/validated --rows 0 --target-rows 0 --out docs/benchmarks.md --json reports/bench_train_gpu.json
 
 clean: ## remove the virtual environment and caches (keeps data, models and mlflow.db)
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist build
