@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -257,6 +258,36 @@ def cmd_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded(kind: type, low: float, high: float | None = None) -> Any:
+    """An argparse type: `kind` in [low, high], else a usage error naming the bounds."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (high is not None and value > high):
+            where = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use a value {where}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = _bounded(int, 1)
+PORT = _bounded(int, 1, 65535)
+SECONDS = _bounded(float, 0.001)
+
+
+class Terminated(Exception):
+    """SIGTERM: stop as an interrupt does, leaving no partial output."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares."""
     parser.add_argument(
@@ -268,13 +299,15 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variant", help="fp32, fp32-optimized, fp16, int8 or int8-portable (default: best)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: ORT decides)")
+    parser.add_argument(
+        "--threads", type=_bounded(int, 0), default=0, help="CPU threads (0: ORT decides)"
+    )
     parser.add_argument(
         "--tensorrt",
         action="store_true",
         help="on CUDA, try TensorRT first (fp16; engines cached in BERTRT_TENSORRT_CACHE)",
     )
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=POSITIVE, default=32)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,35 +342,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to bind (loopback by default); set BERTRT_API_TOKEN to require a token",
     )
     serve.add_argument(
-        "--max-connections", type=int, default=512, help="open connections; more get 503"
+        "--max-connections", type=POSITIVE, default=512, help="open connections; more get 503"
     )
     serve.add_argument(
         "--header-timeout",
-        type=float,
+        type=SECONDS,
         default=10.0,
         help="seconds a client has to send a request's headers before it is cut off",
     )
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    serve.add_argument("--max-batch", type=int, default=256, help="most texts per request")
-    serve.add_argument("--max-concurrency", type=int, default=2, help="inferences at once")
+    serve.add_argument("--port", type=PORT, default=8000)
+    serve.add_argument("--max-body-bytes", type=POSITIVE, default=1 << 20)
+    serve.add_argument("--max-batch", type=POSITIVE, default=256, help="most texts per request")
+    serve.add_argument("--max-concurrency", type=POSITIVE, default=2, help="inferences at once")
     serve.add_argument(
         "--gather-ms",
-        type=float,
+        type=_bounded(float, 0),
         default=5.0,
         help="gather concurrent requests' texts for at most this long into one run (0: no wait)",
     )
     serve.add_argument(
         "--gather-texts",
-        type=int,
+        type=POSITIVE,
         default=64,
         help="or until this many wait (1: none)",
     )
     serve.add_argument(
-        "--max-queue", type=int, default=2048, help="texts allowed to wait; more get 503"
+        "--max-queue", type=POSITIVE, default=2048, help="texts allowed to wait; more get 503"
     )
     serve.add_argument(
-        "--deadline", type=float, default=30.0, help="seconds a request may take; later: 504"
+        "--deadline", type=SECONDS, default=30.0, help="seconds a request may take; later: 504"
     )
     serve.set_defaults(run=cmd_serve)
 
@@ -364,8 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run one command, turn expected failures into one-line errors."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.run is cmd_predict:  # the server handles SIGTERM itself (in-flight requests finish)
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.run(args)
+    except (KeyboardInterrupt, Terminated) as exc:
+        output = getattr(args, "output", "-")
+        left = "" if output == "-" else f"; {output} was not written"
+        name = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"bertrt: {name}{left}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except (
         ValueError,
         TypeError,

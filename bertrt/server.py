@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import socket
 import time
@@ -26,7 +27,9 @@ from typing import (
     is_typeddict,
 )
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import (
     BaseModel,
@@ -72,9 +75,7 @@ class TextsRequest(BaseModel):
     def bare_list(cls, data: Any) -> Any:
         """Accept `["a", "b"]` as `{"texts": ["a", "b"]}`; explain a body that was not JSON."""
         if isinstance(data, str | bytes):
-            raise ValueError(
-                "the body was not read as JSON; send it with Content-Type: application/json"
-            )
+            raise ValueError(f"{NOT_JSON}; send it with Content-Type: application/json")
         return {"texts": data} if isinstance(data, list) else data
 
 
@@ -238,14 +239,17 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == "/health":
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, credentials = given.partition(b" ")
+        # The scheme is case-insensitive (RFC 7235 section 2.1); the token is compared in
+        # constant time.
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token):
             await self.app(scope, receive, send)
             return
         reply = JSONResponse(
@@ -316,6 +320,15 @@ def create_app(
         app.add_middleware(BearerAuth, token=token)
     too_large = {413: {"model": Problem, "description": "body or batch over the limit"}}
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """400 for a body that is not JSON, else 422 naming each field; the offending input is
+        echoed JSON-safe (NaN, Infinity and 1e400 are valid to Python's parser, not to JSON)."""
+        errors = [_json_safe(error) for error in jsonable_encoder(exc.errors())]
+        if any(e["type"] == "json_invalid" or NOT_JSON in str(e["msg"]) for e in errors):
+            return JSONResponse({"detail": f"{NOT_JSON}; {SEND_JSON}"}, status_code=400)
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.get("/health")
     async def health() -> Health:
         """The server is up and its model is loaded."""
@@ -356,10 +369,12 @@ def create_app(
 
     # The body's schema depends on the task, so the annotation is set before FastAPI reads it.
     predict.__annotations__["request"] = body_model
-    body_schema = {
+    # The bare list takes what the object's texts take (a fill-mask text must hold the mask).
+    texts = body_model.model_json_schema()["properties"]["texts"]
+    body_schema: dict[str, Any] = {
         "anyOf": [
             {"$ref": f"#/components/schemas/{body_model.__name__}"},
-            {"type": "array", "items": {"type": "string"}, "description": "just the texts"},
+            {"type": "array", "items": texts["items"], "description": "just the texts"},
         ]
     }
     app.post(
@@ -375,13 +390,44 @@ def create_app(
         responses={
             **too_large,
             400: {"model": Problem, "description": "the body is not JSON (or not UTF-8)"},
+            # FastAPI's own default, listed for the fields' messages; non-finite numbers too.
             408: {"model": Problem, "description": "the body was not received in time"},
             422: {"description": "malformed request"},
             503: {"model": Problem, "description": "queue full; retry after Retry-After s"},
             504: {"model": Problem, "description": "not answered within the deadline"},
         },
     )(predict)
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, with the body as declared: the request object or a bare list
+        (FastAPI also puts a `$ref` beside the `anyOf`, which forbids the list)."""
+        if app.openapi_schema is None:
+            schema = generated()
+            content = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+            content["application/json"]["schema"] = body_schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+NOT_JSON = "the body was not read as JSON"
+SEND_JSON = 'send a JSON object or list with Content-Type: application/json, e.g. ["a text"]'
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as strings ("NaN", "Infinity"), the message saying so."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        safe = {k: _json_safe(v) for k, v in value.items()}
+        if "input" in value and value["input"] != safe["input"] and "msg" in safe:
+            safe["msg"] = f"{safe['msg']}; got {safe['input']}: send a finite JSON number"
+        return safe
+    return value
 
 
 def serve(

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,3 +345,50 @@ def test_a_registered_predictor_gets_its_flags(
     )
     (line,) = [line for line in predict_help(capsys).splitlines() if "  --shout" in line]
     assert line.split() == ["--shout", "echo:", "upper-case", "the", "texts"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "argument --port: 70000 is out of range: use a value between 1"),
+        (["--port", "0"], "argument --port: 0 is out of range"),
+        (["--max-connections", "0"], "argument --max-connections: 0 is out of range"),
+        (["--max-batch", "-3"], "argument --max-batch: -3 is out of range"),
+        (["--deadline", "0"], "argument --deadline: 0 is out of range"),
+        (["--port", "http"], "argument --port: 'http' is not a int"),
+    ],
+)
+def test_serve_flags_out_of_range_are_usage_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--model", "m", *flags])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(15, 143, "terminated"), (2, 130, "interrupted")]
+)
+def test_a_signal_during_predict_leaves_no_partial_output(
+    onnx_model_dir: Path, tmp_path: Path, signum: int, code: int, word: str
+) -> None:
+    """SIGTERM or SIGINT while the output is being written: one line, no traceback, neither the
+    output nor its temporary file left."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'"review number {i} was fine"\n' for i in range(400_000)))
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "bertrt", "--log-level", "warning", "predict", "--device", "cpu"]
+    argv += ["--model", str(onnx_model_dir), "--input", str(source), "--output", str(out)]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    partial = out.with_name(out.name + ".tmp")
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert partial.exists(), "the output was being written"
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"bertrt: {word}; {out} was not written"
+    assert "Traceback" not in err
+    assert not partial.exists() and not out.exists()

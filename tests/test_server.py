@@ -150,7 +150,6 @@ def test_twenty_concurrent_requests_get_their_own_answers(url: str, model: TextC
 
 
 MALFORMED = [
-    (b"this is not json", "json_invalid", ["body", 0]),
     (b'{"texts": "one string"}', "list_type", ["body", "texts"]),
     (b'{"texts": ["fine", 7]}', "string_type", ["body", "texts", 1]),
     (b'["fine", null]', "string_type", ["body", "texts", 1]),
@@ -172,13 +171,47 @@ def test_malformed_body_is_422_naming_the_problem(
     assert all(e["msg"] for e in errors)
 
 
-def test_body_sent_as_form_data_is_422_asking_for_json(client: httpx.Client) -> None:
-    response = client.post("/predict", content=b'["fine"]', headers={"content-type": "text/plain"})
-    assert response.status_code == 422
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [(b"this is not json", "application/json"), (b'["fine"]', "text/plain")],
+)
+def test_a_body_that_is_not_json_is_400_as_the_schema_says(
+    client: httpx.Client, body: bytes, content_type: str
+) -> None:
+    response = client.post("/predict", content=body, headers={"content-type": content_type})
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("the body was not read as JSON; send a JSON")
+    documented = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["responses"]
+    assert "not JSON" in documented["400"]["description"]
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        (b'{"texts": ["a"], "top_k": NaN}', ["body", "top_k"]),
+        (b'{"texts": ["a"], "top_k": 1e400}', ["body", "top_k"]),
+        (b"[Infinity]", ["body", "texts", 0]),
+        (b'{"texts": [-Infinity]}', ["body", "texts", 0]),
+    ],
+)
+def test_non_finite_numbers_are_422_naming_the_field(
+    client: httpx.Client, body: bytes, loc: list
+) -> None:
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
     (error,) = response.json()["detail"]
-    assert error["msg"] == (
-        "Value error, the body was not read as JSON; send it with Content-Type: application/json"
-    )
+    assert error["loc"] == loc and "send a finite JSON number" in error["msg"]
+
+
+def test_the_published_body_schema_takes_the_object_and_the_bare_list(
+    client: httpx.Client,
+) -> None:
+    body = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]
+    assert set(schema) == {"anyOf"}, "nothing beside the anyOf (a $ref there forbids the list)"
+    kinds = [option.get("type") or option["$ref"].rsplit("/", 1)[-1] for option in schema["anyOf"]]
+    assert kinds == ["PredictRequest", "array"]
+    assert client.post("/predict", json=["fine"]).status_code == 200
 
 
 def test_top_k_over_the_label_count_is_422(client: httpx.Client) -> None:
@@ -346,6 +379,15 @@ def test_a_token_guards_every_path_but_health(model: TextClassifier) -> None:
         assert local.post("/predict", json={"texts": ["good"]}, headers=wrong).status_code == 401
         right = {"Authorization": "Bearer s3cret"}
         assert local.post("/predict", json={"texts": ["good"]}, headers=right).status_code == 200
+        for scheme in ("bearer", "BEARER", "bEaReR"):  # case-insensitive (RFC 7235)
+            header = {"Authorization": f"{scheme} s3cret"}
+            assert local.post("/predict", json=["good"], headers=header).status_code == 200
+        assert (
+            local.post(
+                "/predict", json=["good"], headers={"Authorization": "Basic s3cret"}
+            ).status_code
+            == 401
+        )
         assert local.get("/metadata", headers=right).status_code == 200
 
 
