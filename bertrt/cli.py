@@ -55,6 +55,13 @@ def parse_line(raw: bytes, number: int, source: str) -> str:
     if not isinstance(value, str):
         kind = "null" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
         raise InputError(f"{where}: found a JSON {kind}; {expected}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape of half a surrogate pair, "\ud800"
+        raise InputError(
+            f"{where}: the text holds a lone surrogate ({value[exc.start]!r} at character "
+            f"{exc.start}), which is not Unicode text; send valid Unicode"
+        ) from None
     return value
 
 

@@ -392,3 +392,19 @@ def test_a_signal_during_predict_leaves_no_partial_output(
     assert err.strip().splitlines()[-1] == f"bertrt: {word}; {out} was not written"
     assert "Traceback" not in err
     assert not partial.exists() and not out.exists()
+
+
+def test_a_lone_surrogate_deep_in_a_file_is_named_by_its_line(
+    onnx_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Line 2,050 is the second chunk's second line: the error names the file's line."""
+    source = tmp_path / "in.jsonl"
+    lines = [json.dumps(f"review {i}") for i in range(3000)]
+    lines[2049] = '"bad \\ud800 text"'
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["predict", "--model", str(onnx_model_dir), "--input", str(source)]
+    assert main([*argv, "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{source}, line 2050: the text holds a lone surrogate" in err, err
+    assert not out.exists() and "Traceback" not in err

@@ -1,11 +1,15 @@
-"""Print what the last pipeline run produced and where to look next."""
+"""Print what the last pipeline run produced, which graph the runtime picks here, and where to
+look next (the end of `make run`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
+from bertrt.contract import MANIFEST_FILE
 from pipeline.core import layout
 
 
@@ -13,21 +17,82 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def quality(evaluation: dict[str, Any]) -> list[str]:
+    """The test metrics; the ECE named as uncalibrated and, where a temperature ships, after it."""
+    overall = evaluation.get("overall", {})
+    calibration = evaluation.get("calibration", {})
+    lines = []
+    if overall:
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in overall.items() if isinstance(v, float) and k != "ece"
+        )
+        lines.append(f"  test {shown} on {overall.get('rows')} rows")
+    if "ece_after" in calibration:
+        lines.append(
+            f"  calibration (ECE, test): {calibration['ece_before']:.4f} uncalibrated, "
+            f"{calibration['ece_after']:.4f} with the shipped temperature "
+            f"{calibration['temperature']:.3f} (fitted on validation)"
+        )
+    elif "ece" in overall:
+        lines.append(f"  calibration (ECE, test): {overall['ece']:.4f} uncalibrated")
+    return lines
+
+
+def variants(export: dict[str, Any]) -> list[str]:
+    """One row per graph the export built: its gate against PyTorch, its size, shipped or why."""
+    rows = [("variant", "agreement", "drop", "MB", "shipped")]
+    gates = {**export.get("variants", {}), **export.get("rejected_variants", {})}
+    for name, gate in gates.items():
+        agreement, drop = gate.get("agreement"), gate.get("metric_drop")
+        rows.append(
+            (
+                name,
+                "parity" if agreement is None else f"{agreement:.4f}",
+                "" if drop is None else f"{drop:.4f}",
+                f"{gate['bytes'] / 2**20:.1f}" if "bytes" in gate else "",
+                "yes" if gate.get("passed") else f"no: {gate.get('reason', '')}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return [
+        "    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4]
+        for row in rows
+    ]
+
+
+def picked_here(model: Path) -> str:
+    """The graph `bertrt.load` chooses on this machine, and why (its probe's timings)."""
+    import bertrt
+
+    logging.getLogger("bertrt").setLevel(logging.WARNING)
+    engine = bertrt.load(model).engine
+    if not engine.probe_s:
+        return f"{engine.variant} on {engine.provider} (the only candidate there)"
+    timed = ", ".join(f"{n} {s * 1000:.1f} ms" for n, s in sorted(engine.probe_s.items()))
+    return (
+        f"{engine.variant} on {engine.provider}: the fastest on a probe batch here, or within "
+        f"15% of the preferred graph ({timed})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reports", type=Path, default=Path("reports"))
     parser.add_argument("--model", type=Path, default=layout.ONNX_MODEL)
     args = parser.parse_args(argv)
-    evaluation = read(args.reports / "eval.json").get("overall", {})
     train = read(args.reports / "train.json")
     export = read(args.reports / "export.json")
     print("\nPipeline finished.")
-    if evaluation:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items() if isinstance(v, float))
-        print(f"  test {shown} on {evaluation.get('rows')} rows")
+    for line in quality(read(args.reports / "eval.json")):
+        print(line)
     if export:
         parity = export.get("parity", {})
         print(f"  ONNX parity: max |dlogit| {parity.get('max_abs_logit_diff', float('nan')):.2e}")
+        print("  graphs, gated against PyTorch on the test split:")
+        for line in variants(export):
+            print(line)
+    if (args.model / MANIFEST_FILE).is_file():
+        print(f"  the runtime picks here: {picked_here(args.model)}")
     if train:
         print(f"  MLflow run {train.get('mlflow_run_id')} in {train.get('tracking_uri')}")
     print("Next:")
@@ -38,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  dvc plots show --json     # training curves and confusion matrix")
     print(f'  python -m bertrt predict --model {args.model} "a warm, funny film"')
     print(f"  python -m bertrt serve --model {args.model}")
+    print("  make docs                 # the documentation site on http://127.0.0.1:8001")
     return 0
 
 
