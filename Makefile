@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean docs docs-build docs-figures
+.PHONY: gpu-check gpu-check-prepare help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean docs docs-build docs-figures
 
 # The environment comes from a lock (locks/README.md): every package pinned with its hash, nothing
 # resolved at install time. VARIANT=gpu installs PyPI's CUDA build of torch instead of the CPU one.
@@ -102,6 +102,12 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 
 test-gpu: $(STAMP) ## the gpu-marked tests (CUDA, IO binding, TensorRT); they skip without a GPU
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m gpu
+
+gpu-check-prepare: $(STAMP) ## pieces under 60 MiB in gpu-carry/ for the GPU check (docs/gpu.md)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.gpu_carry prepare --dir gpu-carry --lock locks/gpu.txt --finetuned models/finetuned --validated data/validated --params params.yaml
+
+gpu-check: ## on the GPU machine, its python3: install gpu-carry/, then the 8-minute check into OUT
+	python3 -m benchmarks.gpu_check --carry gpu-carry --out $(or $(OUT),gpu-carry/report)
 
 lint: $(STAMP) ## ruff lint and format check, import layers (lint-imports), dvc.yaml code deps
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/python -m pipeline.ops.code_deps --check
