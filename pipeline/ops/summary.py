@@ -70,8 +70,8 @@ def picked_here(model: Path) -> str:
         return f"{engine.variant} on {engine.provider} (the only candidate there)"
     timed = ", ".join(f"{n} {s * 1000:.1f} ms" for n, s in sorted(engine.probe_s.items()))
     return (
-        f"{engine.variant} on {engine.provider}: the fastest on a probe batch here, or within "
-        f"15% of the preferred graph ({timed})"
+        f"{engine.variant} on {engine.provider}, timed on a probe batch at load ({timed}; "
+        "the preferred graph stays unless another is 15% faster)"
     )
 
 
