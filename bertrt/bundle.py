@@ -21,6 +21,8 @@ ONNXRUNTIMES = ("onnxruntime-gpu", "onnxruntime")
 EXTRAS = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
 REQUIREMENTS = ("tokenizers==0.23.3", "numpy>=1.26")
 SERVE_REQUIREMENTS = ("fastapi>=0.115", "uvicorn>=0.30")
+# `python -m bertrt batch`: the versions of requirements.txt.
+DASK_REQUIREMENTS = ("dask[dataframe]==2026.8.0", "distributed==2026.8.0")
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 
 PYPROJECT = """\
@@ -37,6 +39,7 @@ dependencies = {dependencies}
 {readme}
 [project.optional-dependencies]
 serve = {serve}
+dask = {dask}
 cpu = {cpu}
 gpu = {gpu}
 
@@ -122,6 +125,7 @@ def write_project(
             version=version,
             dependencies=_toml_list([*runtime, *REQUIREMENTS]),
             serve=_toml_list(list(SERVE_REQUIREMENTS)),
+            dask=_toml_list(list(DASK_REQUIREMENTS)),
             cpu=_toml_list([f"{EXTRAS['cpu']}=={ORT_VERSION}"]),
             gpu=_toml_list([f"{EXTRAS['gpu']}=={ORT_VERSION}"]),
             readme=readme,

@@ -1,8 +1,10 @@
-"""Command line: predict (texts or JSONL), info, serve and package an exported model folder."""
+"""Command line: predict (texts or JSONL), batch (on Dask), info, serve and package an exported
+model folder."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
+import bertrt.manifest as manifest_io
 from bertrt.api import load
 from bertrt.bundle import ONNXRUNTIMES, build_wheel
 from bertrt.locate import BundleError, resolve_model
@@ -201,6 +204,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Score a CSV, JSONL or Parquet table on a Dask cluster into Parquet; print a summary."""
+    try:
+        import bertrt.batch as batch
+    except ModuleNotFoundError as exc:
+        raise BundleError(
+            f"batch scoring needs Dask ({exc}); install the wheel's [dask] extra "
+            "(pip install 'bertrt-model-NAME[dask]') or pip install 'dask[dataframe]' distributed"
+        ) from None
+    folder = resolve_model(args.model)  # fails here, before a cluster starts
+    task = manifest_io.read(folder).task
+    options = predict_options(args, REGISTRY[task]) if task in REGISTRY else {}
+    threads = args.threads
+    if args.local and not threads:
+        # N single-threaded workers on one machine: split its cores rather than each take all.
+        threads = max(1, (os.cpu_count() or 1) // args.local)
+    spec = batch.ModelSpec(args.model, args.device, args.variant, threads, args.tensorrt)
+    client, cluster = batch.open_client(args.scheduler, args.local)
+    try:
+        summary = batch.run(
+            args.input,
+            args.output,
+            spec,
+            client,
+            args.text_column,
+            args.id_column,
+            args.batch_size,
+            options,
+        )
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    print(json.dumps(dataclasses.asdict(summary)))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the model's metadata as JSON."""
     model = open_model(args)
@@ -318,7 +358,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `bertrt` argument parser with its four commands."""
+    """The `bertrt` argument parser with its five commands."""
     parser = argparse.ArgumentParser(prog="bertrt", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -336,6 +376,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
     predict.set_defaults(run=cmd_predict)
+
+    batch = commands.add_parser(
+        "batch", help="score a CSV, JSONL or Parquet table on Dask; Parquet out (needs dask)"
+    )
+    _model_options(batch)
+    batch.add_argument(
+        "--input", required=True, help="CSV, JSONL or Parquet: a file, folder or glob (fsspec URL)"
+    )
+    batch.add_argument(
+        "--output", required=True, help="folder for part-NNNNN.parquet, one per input partition"
+    )
+    where = batch.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", help="address of a running scheduler, tcp://HOST:PORT")
+    where.add_argument(
+        "--local",
+        type=POSITIVE,
+        metavar="N",
+        help="start a local cluster of N one-thread worker processes on 127.0.0.1 (default: 1)",
+    )
+    batch.add_argument("--text-column", default="text", help="the column of texts")
+    batch.add_argument("--id-column", help="a column to copy into the output (default: row)")
+    for name, declared in task_options().items():
+        add_option(batch, name, declared)
+    batch.set_defaults(run=cmd_batch)
 
     info = commands.add_parser("info", help="print the model's metadata")
     _model_options(info)

@@ -87,6 +87,8 @@ def test_wheel_depends_on_the_runtime_stack_only(wheel: Path) -> None:
         "numpy>=1.26",
         'fastapi>=0.115; extra == "serve"',
         'uvicorn>=0.30; extra == "serve"',
+        'dask[dataframe]==2026.8.0; extra == "dask"',
+        'distributed==2026.8.0; extra == "dask"',
         'onnxruntime==1.31.1; extra == "cpu"',
         'onnxruntime-gpu==1.31.1; extra == "gpu"',
     ]
