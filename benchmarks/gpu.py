@@ -275,6 +275,25 @@ def backends(
     return made
 
 
+def compare_to_reference(
+    rows: list[dict[str, Any]], labels: dict[tuple[str, str], list[str]]
+) -> None:
+    """Per row, its label agreement with PyTorch fp32's on the same workload and its speed over
+    PyTorch fp32's at the same batch (None where the reference did not run)."""
+    speed = {
+        (r["workload"], r["batch"]): r["texts_per_s"] for r in rows if r["backend"] == REFERENCE
+    }
+    for row in rows:
+        reference = labels.get((REFERENCE, row["workload"]))
+        got = labels[row["backend"], row["workload"]]
+        # Without the reference (it failed) there is nothing to compare with.
+        row["agreement"] = (
+            float((np.array(got) == np.array(reference)).mean()) if reference else None
+        )
+        base = speed.get((row["workload"], row["batch"]))
+        row["ratio"] = row["texts_per_s"] / base if base else None
+
+
 def run(
     model_dir: Path,
     finetuned: Path,
@@ -351,18 +370,7 @@ def run(
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-    speed = {
-        (r["workload"], r["batch"]): r["texts_per_s"] for r in rows if r["backend"] == REFERENCE
-    }
-    for row in rows:
-        reference = labels.get((REFERENCE, row["workload"]))
-        got = labels[row["backend"], row["workload"]]
-        # Without the reference (it failed) there is nothing to compare with.
-        row["agreement"] = (
-            float((np.array(got) == np.array(reference)).mean()) if reference else None
-        )
-        base = speed.get((row["workload"], row["batch"]))
-        row["ratio"] = row["texts_per_s"] / base if base else None
+    compare_to_reference(rows, labels)
     data = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,

@@ -191,24 +191,10 @@ def tests(spec: dict[str, Any], rec: Record) -> None:
 
 
 def compare(data: dict[str, Any], labels: dict[tuple[str, str], list[str]]) -> None:
-    """Agreement with PyTorch fp32's labels and speed over its, per row (as benchmarks.gpu)."""
-    import numpy as np
+    """Agreement with PyTorch fp32's labels and speed over its, per row."""
+    from benchmarks.gpu import compare_to_reference
 
-    from benchmarks.gpu import REFERENCE
-
-    speed = {
-        (r["workload"], r["batch"]): r["texts_per_s"]
-        for r in data["results"]
-        if r["backend"] == REFERENCE
-    }
-    for row in data["results"]:
-        reference = labels.get((REFERENCE, row["workload"]))
-        got = labels[row["backend"], row["workload"]]
-        row["agreement"] = (
-            float((np.array(got) == np.array(reference)).mean()) if reference else None
-        )
-        base = speed.get((row["workload"], row["batch"]))
-        row["ratio"] = row["texts_per_s"] / base if base else None
+    compare_to_reference(data["results"], labels)
 
 
 def headline(data: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -204,15 +205,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def optional(module: str, what: str, install: str) -> Any:
+    """`module`, imported only by the command that needs it; missing, a one-line error saying
+    what to install."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise BundleError(f"{what} ({exc}); {install}") from None
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     """Score a CSV, JSONL or Parquet table on a Dask cluster into Parquet; print a summary."""
-    try:
-        import bertrt.batch as batch
-    except ModuleNotFoundError as exc:
-        raise BundleError(
-            f"batch scoring needs Dask ({exc}); install the wheel's [dask] extra "
-            "(pip install 'bertrt-model-NAME[dask]') or pip install 'dask[dataframe]' distributed"
-        ) from None
+    batch = optional(
+        "bertrt.batch",
+        "batch scoring needs Dask",
+        "install the wheel's [dask] extra (pip install 'bertrt-model-NAME[dask]') or "
+        "pip install 'dask[dataframe]' distributed",
+    )
     folder = resolve_model(args.model)  # fails here, before a cluster starts
     task = manifest_io.read(folder).task
     options = predict_options(args, REGISTRY[task]) if task in REGISTRY else {}
@@ -265,13 +274,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model over HTTP until interrupted."""
-    try:
-        import bertrt.server as server
-    except ModuleNotFoundError as exc:
-        raise BundleError(
-            f"serving needs fastapi and uvicorn ({exc}); install the wheel's [serve] extra "
-            "or pip install fastapi uvicorn"
-        ) from None
+    server = optional(
+        "bertrt.server",
+        "serving needs fastapi and uvicorn",
+        "install the wheel's [serve] extra or pip install fastapi uvicorn",
+    )
     model = open_model(args)
     server.serve(
         model,
