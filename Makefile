@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: gpu-check gpu-check-prepare help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean docs docs-build docs-figures
+.PHONY: gpu-check gpu-check-prepare help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean docs docs-build docs-figures docs-tables
 
 # The environment comes from a lock (locks/README.md): every package pinned with its hash, nothing
 # resolved at install time. VARIANT=gpu installs PyPI's CUDA build of torch instead of the CPU one.
@@ -38,7 +38,7 @@ venv: $(STAMP) ## create the virtual environment from the lock (VARIANT=cpu|gpu)
 
 run: $(STAMP) ## run the whole pipeline on the embedded default model and data
 	dvc repro
-	@$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg
+	@$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg --reports reports --page docs/text-classification.md
 	@$(BIN)/python -m pipeline.ops.summary
 
 repro: $(STAMP) ## dvc repro (what changed only), without the summary
@@ -66,8 +66,8 @@ relog: $(STAMP) ## after a tracking outage: fill the run in from reports/ (docs/
 
 ##@ Release: tag, register, reproduce
 
-release: $(STAMP) ## tag a finished run, push its artifacts, register its model: make release TAG=v1
-	$(BIN)/python -m pipeline.ops.release $(TAG) --params params.yaml --model models/onnx --test data/validated/test.parquet $(if $(MODEL),--name $(MODEL))
+release: $(STAMP) ## tag a finished run, push its artifacts, register its model: make release TAG=v1 [SIGNING_KEY=key.pem] [SIGNED=1]
+	$(BIN)/python -m pipeline.ops.release $(TAG) --params params.yaml --model models/onnx --test data/validated/test.parquet $(if $(MODEL),--name $(MODEL)) $(if $(SIGNING_KEY),--signing-key $(SIGNING_KEY)) $(if $(SIGNED),--signed)
 
 promote: $(STAMP) ## point models:/MODEL@production at a version: make promote MODEL=m VERSION=2
 	$(BIN)/python -m pipeline.ops.release --params params.yaml --promote $(MODEL) $(VERSION)
@@ -127,17 +127,22 @@ docs: $(STAMP) ## serve the documentation site on http://127.0.0.1:8001 (live re
 docs-build: $(STAMP) ## build the documentation site into site/ (fails on any warning)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-docs-figures: $(STAMP) ## redraw docs/img/training-curves.svg from reports/training/*.csv
-	$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg
+docs-figures: $(STAMP) ## redraw the training curves and the results table from reports/
+	$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg --reports reports --page docs/text-classification.md
 
 bench: $(STAMP) ## CPU benchmarks: PyTorch vs ORT variants, training, serving; docs/benchmarks.md
 	$(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu.json
-	$(BIN)/python -m benchmarks.train_mlm --model package:cognition/model --out docs/benchmarks.md
+	$(BIN)/python -m benchmarks.train_mlm --model package:cognition/model --out docs/benchmarks.md --json reports/bench_train_mlm.json
 	$(BIN)/python -m benchmarks.train_cls --validated data/validated --rows 2000 --target-rows 0 --out docs/benchmarks.md --json reports/bench_train.json
 	$(BIN)/python -m benchmarks.serving --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_serving.json
 	$(BIN)/python -m benchmarks.load --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_load.json
 	$(BIN)/python -m benchmarks.overhead --validated data/validated --params params.yaml --out docs/benchmarks.md --json reports/bench_overhead.json
 	$(BIN)/python -m benchmarks.long_documents --raw data/raw --model-dir models/onnx --out docs/benchmarks.md --json reports/long_documents.json
+	$(BIN)/python -m benchmarks.dask_batch --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_dask.json
+	$(BIN)/python -m benchmarks.docs_tables
+
+docs-tables: $(STAMP) ## re-render docs/benchmarks.md from the benchmarks' JSON reports
+	$(BIN)/python -m benchmarks.docs_tables --write
 
 bench-avx2: $(STAMP) ## the CPU benchmark with AVX-512, VNNI and AMX hidden: an AVX2-only server
 	$(BIN)/python -m benchmarks.isa avx2 -- $(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu_avx2.json --section "CPU, AVX2 kernels"

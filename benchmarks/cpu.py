@@ -219,6 +219,8 @@ def run(
             result["file_mb"] = folder_manifest.files[file]["bytes"] / 2**20
     shutil.rmtree(scratch, ignore_errors=True)
     data = {
+        "module": "benchmarks.cpu",
+        "heading": section,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
         "machine": machine,
@@ -237,10 +239,7 @@ def run(
         "batch_sizes": sizes,
         "results": results,
     }
-    body = markdown(data)
-    print(body)
-    report.write_section(out, section, body)
-    report.write_json(json_path, data)
+    report.save(data, out, json_path)
     return data
 
 
@@ -269,7 +268,7 @@ def markdown(data: dict[str, Any]) -> str:
             else "."
         ),
         f"- Threads: {data['threads']} for PyTorch and for ONNX Runtime.",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
+        f"- Versions: {report.versions_line(data)}.",
         f"- Model: `{model['folder']}` (base {model['base_model'] or 'not recorded'}), labels "
         f"{model['labels']}, max_length "
         f"{model['max_length']}; {data['texts']} test texts, {model['tokens']['mean']:.1f} tokens "

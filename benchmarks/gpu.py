@@ -372,6 +372,8 @@ def run(
                 torch.cuda.empty_cache()
     compare_to_reference(rows, labels)
     data = {
+        "module": "benchmarks.gpu",
+        "heading": "GPU",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
         "device": device,
@@ -393,11 +395,10 @@ def run(
         "model_only": model_rows,
         "notes": notes,
     }
-    body = markdown(data)
-    print(body)
     if device == "cuda" and out is not None and json_path is not None:
-        report.write_section(out, "GPU", body)
-        report.write_json(json_path, data)
+        report.save(data, out, json_path)
+    else:
+        print(report.render(data))
     return data
 
 
@@ -411,7 +412,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"- Machine: {m['gpu']} (CUDA {m['cuda']}), {m['cpu']}, {m['physical_cores']} cores, "
         f"{m['memory_gib']} GiB, {m['os']}, Python {m['python']}.",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
+        f"- Versions: {report.versions_line(data)}.",
         f"- Model: `{model['folder']}` (base {model['base_model'] or 'not recorded'}), labels "
         f"{model['labels']}, max_length {model['max_length']}. Workloads: the "
         f"{data['texts']} test texts ({model['tokens']['mean']:.1f} tokens on average), and "

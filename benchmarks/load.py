@@ -125,7 +125,8 @@ def run(
         return asyncio.run(soak(url, server.process.pid, texts, clients, warmup, requests))
 
 
-def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+def markdown(data: dict[str, Any]) -> str:
+    command, machine = data["command"], data["machine"]
     return "\n".join(
         [
             f"Measured with `{command}` on {machine['cpu']} "
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = measure.machine()
     threads = args.threads or machine["logical_cores"]
     data = run(args.model_dir, args.test, args.clients, args.warmup, args.requests, threads)
-    report.publish("benchmarks.load", argv, HEADING, markdown, data, machine, args.out, args.json)
+    report.publish("benchmarks.load", argv, HEADING, data, machine, args.out, args.json)
     return 0
 
 

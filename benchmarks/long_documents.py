@@ -13,7 +13,6 @@ baseline's C are chosen on the validation documents; the test documents are repo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -173,7 +172,8 @@ def describe(reading: Any) -> str:
     return reading.strategy
 
 
-def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+def markdown(data: dict[str, Any]) -> str:
+    command, machine = data["command"], data["machine"]
     tfidf = data["tfidf"]
     rows = [
         *data["readings"],
@@ -230,11 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("reports/long_documents.json"))
     args = parser.parse_args(argv)
     data = run(args.raw, args.params, args.model_dir, args.snippets, args.batch_size)
-    command = "python -m benchmarks.long_documents " + " ".join(
-        sys.argv[1:] if argv is None else argv
+    report.publish(
+        "benchmarks.long_documents", argv, HEADING, data, measure.machine(), args.out, args.json
     )
-    report.write_section(args.out, HEADING, markdown(data, command, measure.machine()))
-    report.write_json(args.json, data)
     for row in data["readings"]:
         print(
             f"{row['reading']:<32} val {row['validation_accuracy']:.3f}  "

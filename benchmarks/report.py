@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 TITLE = "# Benchmarks\n"
+# What every JSON report written by `publish` holds besides its data.
+RECORD_KEYS = ("module", "heading", "command", "date", "machine", "versions")
 
 
 def table(rows: Sequence[dict[str, Any]], columns: dict[str, str]) -> str:
@@ -52,20 +57,54 @@ def publish(
     module: str,
     argv: list[str] | None,
     heading: str,
-    render: Callable[[dict[str, Any], str, dict[str, Any]], str],
     data: dict[str, Any],
     machine: dict[str, Any],
     out: Path,
     json_path: Path,
 ) -> str:
-    """Render `data` with the command that made it, write its section of `out` and the JSON
-    report (with the machine), print and return the section."""
-    command = f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = render(data, command, machine)
-    write_section(out, heading, text)
-    write_json(json_path, {"machine": machine, **data})
+    """Write the JSON report of one measurement (its data, and what a reader needs to trust it:
+    the module, its command, the date, the machine and the versions) and the `## heading`
+    section of `out` rendered from that report alone; print and return the section.
+
+    `docs/benchmarks.md` is only ever written from such reports (`benchmarks.docs_tables`
+    re-renders every section from its JSON, and a test fails where the two disagree)."""
+    from benchmarks import measure
+
+    record = {
+        **data,
+        "module": module,
+        "heading": heading,
+        "command": shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]),
+        "date": data.get("date") or datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "versions": data.get("versions") or measure.versions(),
+    }
+    return save(record, out, json_path)
+
+
+def save(record: dict[str, Any], out: Path, json_path: Path) -> str:
+    """Write a complete report (`RECORD_KEYS` and its data) and its section; print the section."""
+    text = render(record)
+    write_json(json_path, record)
+    write_section(out, record["heading"], text)
     print(text)
     return text
+
+
+def versions_line(record: dict[str, Any]) -> str:
+    """The report's package versions in a fixed order (JSON reports keep their keys sorted)."""
+    from benchmarks import measure
+
+    found = record["versions"]
+    return ", ".join(f"{name} {found[name]}" for name in measure.PACKAGES if name in found)
+
+
+def render(record: dict[str, Any]) -> str:
+    """The markdown section of a JSON report that `publish` wrote: its module's `markdown`."""
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"not a benchmark report: no {', '.join(missing)}")
+    return importlib.import_module(record["module"]).markdown(record).strip() + "\n"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -167,7 +167,8 @@ def run(model_dir: Path, test: Path, clients: int, seconds: float, threads: int)
     }
 
 
-def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+def markdown(data: dict[str, Any]) -> str:
+    command, machine = data["command"], data["machine"]
     bound = data["ceiling"]
     share = (
         f"The server's gain ({data['ratio'] - 1:+.0%}) is {data['share_of_gain']:.0%} of the "
@@ -221,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("reports/bench_serving.json"))
     args = parser.parse_args(argv)
     data = run(args.model_dir, args.test, args.clients, args.seconds, args.threads)
-    command = "python -m benchmarks.serving " + " ".join(sys.argv[1:] if argv is None else argv)
-    report.write_section(args.out, HEADING, markdown(data, command, measure.machine()))
-    report.write_json(args.json, data)
+    report.publish(
+        "benchmarks.serving", argv, HEADING, data, measure.machine(), args.out, args.json
+    )
     for name, values in data["results"].items():
         print(
             f"{name:<36} {values['texts_per_s']:8.1f} texts/s  p50 {values['p50_ms']:7.1f} ms  "

@@ -379,7 +379,8 @@ def run(
     }
 
 
-def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+def markdown(data: dict[str, Any]) -> str:
+    command, machine = data["command"], data["machine"]
     one_epoch = [r for r in data["results"] if "first_epoch_seconds" not in r]
     best = max(one_epoch, key=lambda r: r["speedup"])
     by_name = {r["setting"]: r for r in data["results"]}
@@ -525,7 +526,6 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks.train_cls",
         argv,
         HEADINGS[args.device],
-        markdown,
         data,
         machine,
         args.out,

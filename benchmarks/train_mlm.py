@@ -7,9 +7,7 @@ ones (what the fill-mask task trains with), in one process on the same batch.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -75,14 +73,15 @@ def run(model_spec: str, batch_size: int, length: int, probability: float, steps
     }
 
 
-def markdown(data: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+def markdown(data: dict[str, Any]) -> str:
+    command, machine = data["command"], data["machine"]
     rows = [
         {"head": "every position (stock)", "s": data["dense_s"], "x": 1.0},
         {"head": "masked positions only (ours)", "s": data["sparse_s"], "x": data["speedup"]},
     ]
     return "\n".join(
         [
-            f"Measured {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} with",
+            f"Measured {data['date']} with",
             "",
             f"    {command}",
             "",
@@ -106,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probability", type=float, default=0.15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--json", type=Path, default=Path("reports/bench_train_mlm.json"))
     args = parser.parse_args(argv)
     data = run(args.model, args.batch_size, args.length, args.probability, args.steps)
-    command = "python -m benchmarks.train_mlm " + " ".join(sys.argv[1:] if argv is None else argv)
-    report.write_section(args.out, HEADING, markdown(data, command, measure.machine()))
+    report.publish(
+        "benchmarks.train_mlm", argv, HEADING, data, measure.machine(), args.out, args.json
+    )
     print(
         f"masked-LM step: {data['dense_s']:.3f} s (every position) vs {data['sparse_s']:.3f} s "
         f"(masked only): {data['speedup']:.2f}x"

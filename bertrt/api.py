@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import bertrt.manifest as manifest_io
+from bertrt import signing
 from bertrt.contract import MANIFEST_FILE
 from bertrt.engine import Engine, ModelFolderError, open_engine
 from bertrt.locate import bundled_dir, resolve_model
+from bertrt.long_text import MAX_WINDOWS
 from bertrt.predictors import REGISTRY, TASKS, Predictor
+
+# Read by `load` when its argument is not given, so that every way of loading a model (the
+# command line, the server, an MLflow pyfunc, Dask workers) honours them.
+PUBLIC_KEY_ENV = "BERTRT_PUBLIC_KEY"
+MAX_WINDOWS_ENV = "BERTRT_MAX_WINDOWS"
 
 
 def load(
@@ -18,6 +26,8 @@ def load(
     threads: int = 0,
     tensorrt: bool = False,
     verify: bool = True,
+    public_key: str | Path | None = None,
+    max_windows: int | None = None,
 ) -> Predictor:
     """Open an exported model folder on `device` and return the predictor of its task.
 
@@ -29,24 +39,53 @@ def load(
         threads: intra-op threads on CPU; 0 lets ONNX Runtime decide.
         tensorrt: try TensorRT before CUDA where it loads.
         verify: check every file's sha256 against the manifest first.
+        public_key: a PEM public key file (default: $BERTRT_PUBLIC_KEY): the folder's signature
+            (bertrt.signing) is checked with it before anything in the folder is read, and an
+            unsigned or changed folder is refused. Needs model-signing.
+        max_windows: the most windows a text is read as (windows reading, or a stride); a
+            longer text is refused with TextTooLong (default: $BERTRT_MAX_WINDOWS, else
+            bertrt.long_text.MAX_WINDOWS).
 
     `model_dir` may also name a model bundled into this installation (`default`, `bundled`) or
     an MLflow registry URI (`models:/name@production`; needs mlflow).
     """
     if isinstance(model_dir, str):
         model_dir = resolve_model(model_dir)
-    where = Path(model_dir) / MANIFEST_FILE
-    task = manifest_io.read(Path(model_dir)).task  # before any graph is opened
-    predictor = REGISTRY.get(task)
+    folder = Path(model_dir)
+    key = public_key or os.environ.get(PUBLIC_KEY_ENV) or None
+    if key:
+        signing.verify(folder, key)
+    limit = window_limit(max_windows)
+    manifest = manifest_io.read(folder)  # the task, before any graph is opened
+    predictor = REGISTRY.get(manifest.task)
     if predictor is None:
         raise manifest_io.IntegrityError(
-            f"{where}: task {task!r} is not one this runtime serves ({list(TASKS)}); "
-            "install a newer runtime"
+            f"{folder / MANIFEST_FILE}: task {manifest.task!r} is not one this runtime serves "
+            f"({list(TASKS)}); install a newer runtime"
         )
-    engine = open_engine(model_dir, device, variant, threads, tensorrt, verify)
+    engine = open_engine(
+        folder, device, variant, threads, tensorrt, verify, manifest=manifest, max_windows=limit
+    )
     if predictor.LABELLED:
         _check_labels(engine, predictor)
     return predictor(engine)
+
+
+def window_limit(max_windows: int | None = None) -> int:
+    """`max_windows`, else $BERTRT_MAX_WINDOWS, else MAX_WINDOWS; at least 1."""
+    source = "max_windows"
+    if max_windows is None:
+        raw = os.environ.get(MAX_WINDOWS_ENV, "").strip()
+        if not raw:
+            return MAX_WINDOWS
+        source = MAX_WINDOWS_ENV
+        try:
+            max_windows = int(raw)
+        except ValueError:
+            raise ValueError(f"{MAX_WINDOWS_ENV}={raw!r} is not a whole number") from None
+    if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+        raise ValueError(f"{source} must be a whole number >= 1, got {max_windows!r}")
+    return max_windows
 
 
 def _check_labels(engine: Engine, predictor: type[Predictor]) -> None:
@@ -72,6 +111,10 @@ def load_bundled(
     threads: int = 0,
     tensorrt: bool = False,
     verify: bool = True,
+    public_key: str | Path | None = None,
+    max_windows: int | None = None,
 ) -> Predictor:
     """Open the model bundled into this installation; the options are those of `bertrt.load`."""
-    return load(bundled_dir(name), device, variant, threads, tensorrt, verify)
+    return load(
+        bundled_dir(name), device, variant, threads, tensorrt, verify, public_key, max_windows
+    )

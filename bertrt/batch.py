@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import threading
+import typing
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +25,16 @@ log = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 PART = "part-{:05d}.parquet"
+# Column dtypes of the result keys with a scalar type; any other (lists, objects) is JSON text.
+JSON = "string"  # lists and objects are written as JSON text
+DTYPES = {str: "string", float: "float64", int: "int64", bool: "bool"}
 ROW = "row"  # the output's id column when the input has none: the row number in the whole input
 # Bytes of a CSV or JSONL file per partition: the same input and size give the same partitions,
 # so a rerun's part-NNNNN names the same rows.
 BLOCKSIZE = 64 * 2**20
 
 # One predictor per worker process and model: integrity check and variant probe run once there.
-_MODELS: dict[tuple[Any, ...], Predictor] = {}
+_MODELS: dict[ModelSpec, Predictor] = {}
 _MODELS_LOCK = threading.Lock()
 
 
@@ -43,6 +47,10 @@ class ModelSpec:
     variant: str | None = None
     threads: int = 0
     tensorrt: bool = False
+    # A PEM public key file, at this path on every worker: each checks the folder's signature
+    # before it reads the model (a worker's $BERTRT_PUBLIC_KEY when None).
+    public_key: str | None = None
+    max_windows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,18 @@ class Summary:
 
 def worker_model(spec: ModelSpec) -> Predictor:
     """The predictor of `spec` in this process, loaded on first use."""
-    key = (spec.model, spec.device, spec.variant, spec.threads, spec.tensorrt)
     with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load(spec.model, spec.device, spec.variant, spec.threads, spec.tensorrt)
-        return _MODELS[key]
+        if spec not in _MODELS:
+            _MODELS[spec] = load(
+                spec.model,
+                spec.device,
+                spec.variant,
+                spec.threads,
+                spec.tensorrt,
+                public_key=spec.public_key,
+                max_windows=spec.max_windows,
+            )
+        return _MODELS[spec]
 
 
 def input_format(path: str) -> tuple[str, str]:
@@ -103,14 +118,29 @@ def read_table(path: str, text_column: str, id_column: str | None) -> dd.DataFra
     return frame[columns]
 
 
-def result_columns(results: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """One column per result key: scalars as they are, lists and objects as JSON strings."""
-    columns: dict[str, list[Any]] = {}
-    for key in results[0] if results else ():
-        values = [r.get(key) for r in results]
-        if any(isinstance(v, (list, dict)) for v in values):
+def result_layout(predictor: type[Predictor], options: dict[str, Any]) -> dict[str, str]:
+    """The output columns of a task and their pandas dtypes, from its declared result: every
+    required key, and each optional one whose option of the same name is on (`top_k`,
+    `tokens`). Every part file has this layout, an empty partition's too."""
+    layout = {}
+    # With postponed annotations a TypedDict counts every key as required: read NotRequired here.
+    for key, hint in typing.get_type_hints(predictor.RESULT, include_extras=True).items():
+        if typing.get_origin(hint) is typing.NotRequired and not options.get(key):
+            continue
+        while typing.get_origin(hint) in (typing.NotRequired, typing.Annotated):
+            hint = typing.get_args(hint)[0]
+        layout[key] = DTYPES.get(hint, JSON)
+    return layout
+
+
+def result_columns(results: list[dict[str, Any]], layout: dict[str, str]) -> dict[str, Any]:
+    """One column per key of `layout`: scalars as they are, lists and objects as JSON strings."""
+    columns: dict[str, Any] = {}
+    for key, dtype in layout.items():
+        values = [r[key] for r in results]
+        if dtype == JSON and any(isinstance(v, (list, dict)) for v in values):
             values = [json.dumps(v, ensure_ascii=False) for v in values]
-        columns[key] = values
+        columns[key] = pd.Series(values, dtype=dtype)
     return columns
 
 
@@ -134,10 +164,10 @@ def score_partition(
     model = worker_model(spec)
     results = [p.as_dict() for p in model.predict(texts.tolist(), batch_size, **options)]
     if id_column:
-        ids = {id_column: frame[id_column].to_numpy()}
+        ids = {id_column: frame[id_column].reset_index(drop=True)}
     else:
-        ids = {ROW: range(first_row, first_row + len(frame))}
-    out = pd.DataFrame({**ids, **result_columns(results)})
+        ids = {ROW: pd.Series(range(first_row, first_row + len(frame)), dtype="int64")}
+    out = pd.DataFrame({**ids, **result_columns(results, result_layout(type(model), options))})
     fs, root = fsspec.core.url_to_fs(output)
     final = f"{root}/{PART.format(index)}"
     # A unique name: a task the scheduler re-runs (its worker seemed lost) must not collide.
@@ -215,5 +245,9 @@ def run(
         for i in todo
     ]
     rows = sum(client.gather(client.compute(tasks))) if tasks else 0
+    # Every part is written: what a killed worker or run left half-written is garbage now.
+    fs, root = fsspec.core.url_to_fs(output)
+    for stale in fs.glob(f"{root}/.part-*.tmp"):
+        fs.rm(stale)
     log.info("%d rows written in %d partitions to %s", rows, len(tasks), output)
     return Summary(len(parts), len(tasks), len(parts) - len(tasks), rows)

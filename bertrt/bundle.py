@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import bertrt.manifest as manifest_io
-from bertrt import __version__
-from bertrt.contract import CPU, CUDA, MODEL_CARD_FILE
+from bertrt import __version__, signing
+from bertrt.contract import CPU, CUDA, MANIFEST_FILE, MODEL_CARD_FILE
 from bertrt.engine import choose_variant
 from bertrt.locate import BundleError
+
+log = logging.getLogger(__name__)
 
 ORT_VERSION = "1.31.1"
 ONNXRUNTIMES = ("onnxruntime-gpu", "onnxruntime")
@@ -23,6 +26,9 @@ REQUIREMENTS = ("tokenizers==0.23.3", "numpy>=1.26")
 SERVE_REQUIREMENTS = ("fastapi>=0.115", "uvicorn>=0.30")
 # `python -m bertrt batch`: the versions of requirements.txt.
 DASK_REQUIREMENTS = ("dask[dataframe]==2026.8.0", "distributed==2026.8.0")
+# `bertrt.load(..., public_key=)`: the versions of requirements.txt; model-signing 1.1.1 imports
+# pyOpenSSL without declaring it.
+SIGNING_REQUIREMENTS = ("model-signing==1.1.1", "pyopenssl>=25")
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 
 PYPROJECT = """\
@@ -42,6 +48,7 @@ serve = {serve}
 dask = {dask}
 cpu = {cpu}
 gpu = {gpu}
+signing = {signing}
 
 [project.scripts]
 bertrt = "bertrt.cli:main"
@@ -91,8 +98,11 @@ def write_project(
     version: str,
     onnxruntime: str | None,
     variants: list[str] | None = None,
+    private_key: str | Path | None = None,
+    password: str | None = None,
 ) -> None:
-    """Lay out a setuptools project with the runtime's modules and the verified model folder."""
+    """Lay out a setuptools project with the runtime's modules and the verified model folder;
+    the bundled folder is signed with `private_key` when given (bertrt.signing)."""
     manifest = manifest_io.read(model_dir)
     manifest_io.verify(model_dir, manifest)
     bundled = bundled_manifest(manifest, variants)
@@ -113,6 +123,10 @@ def write_project(
             shutil.copy2(model_dir / file, target / file)
     manifest_io.write(target, bundled)
     manifest_io.verify(target, bundled)
+    if private_key is not None:
+        signing.sign(target, private_key, password)
+    else:
+        carry_signature(model_dir, target)
     readme = ""
     if (model_dir / MODEL_CARD_FILE).is_file():
         shutil.copy2(model_dir / MODEL_CARD_FILE, project / MODEL_CARD_FILE)
@@ -128,9 +142,33 @@ def write_project(
             dask=_toml_list(list(DASK_REQUIREMENTS)),
             cpu=_toml_list([f"{EXTRAS['cpu']}=={ORT_VERSION}"]),
             gpu=_toml_list([f"{EXTRAS['gpu']}=={ORT_VERSION}"]),
+            signing=_toml_list(list(SIGNING_REQUIREMENTS)),
             readme=readme,
         ),
         encoding="utf-8",
+    )
+
+
+def carry_signature(source: Path, target: Path) -> None:
+    """Copy the source folder's signature into the bundled folder when it still covers it: the
+    same files, the same manifest (so every listed file has the same digest) and model card.
+    A bundle of fewer graphs is another set of files: it is signed with a key or not at all."""
+    signature = source / signing.SIGNATURE_FILE
+    if not signature.is_file():
+        return
+    names = {p.name for p in source.iterdir()} - {signing.SIGNATURE_FILE}
+    same = names == {p.name for p in target.iterdir()} and all(
+        (source / f).read_bytes() == (target / f).read_bytes()
+        for f in (MANIFEST_FILE, MODEL_CARD_FILE)
+        if (source / f).is_file()
+    )
+    if same:
+        shutil.copy2(signature, target / signing.SIGNATURE_FILE)
+        return
+    log.warning(
+        "%s is signed, but the bundle holds other files (fewer graphs): its signature is left "
+        "out; sign the bundle with a private key (--private-key) to carry one",
+        source,
     )
 
 
@@ -141,6 +179,8 @@ def build_wheel(
     version: str | None = None,
     onnxruntime: str | None = None,
     variants: list[str] | None = None,
+    private_key: str | Path | None = None,
+    password: str | None = None,
 ) -> Path:
     """Build `bertrt-model-<name>`: the runtime plus the model folder as `bertrt/models/<name>/`.
 
@@ -150,6 +190,9 @@ def build_wheel(
         onnxruntime: None leaves ONNX Runtime to the extras `[cpu]` (onnxruntime) and `[gpu]`
             (onnxruntime-gpu); "onnxruntime" or "onnxruntime-gpu" makes it a plain dependency.
         variants: the graphs to bundle; by default those the runtime picks on CPU and on CUDA.
+        private_key: a PEM EC private key that signs the bundled folder (`password` if it is
+            encrypted); without one, the folder's signature is carried only where it still
+            covers the bundle (`carry_signature`).
     """
     if not NAME_PATTERN.fullmatch(name):
         raise BundleError(
@@ -169,7 +212,14 @@ def build_wheel(
     with tempfile.TemporaryDirectory(prefix="bertrt-bundle-") as tmp:
         project = Path(tmp) / "project"
         write_project(
-            Path(model_dir), project, name, version or __version__, onnxruntime, variants
+            Path(model_dir),
+            project,
+            name,
+            version or __version__,
+            onnxruntime,
+            variants,
+            private_key,
+            password,
         )
         # No isolation: the installed setuptools builds it, so no index is needed.
         builder = build.ProjectBuilder(project, runner=pyproject_hooks.quiet_subprocess_runner)

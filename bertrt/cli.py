@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
 import bertrt.manifest as manifest_io
-from bertrt.api import load
+from bertrt import signing
+from bertrt.api import MAX_WINDOWS_ENV, PUBLIC_KEY_ENV, load
 from bertrt.bundle import ONNXRUNTIMES, build_wheel
 from bertrt.locate import BundleError, resolve_model
+from bertrt.long_text import MAX_WINDOWS, TextTooLong
 from bertrt.manifest import IntegrityError
 from bertrt.predictors import REGISTRY, Predictor
 from bertrt.predictors.base import Option
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 # Lines read, predicted and written at a time, so a file of any size streams through.
 CHUNK = 2048
 JSON_TYPES = {dict: "object", list: "array", int: "number", float: "number", bool: "boolean"}
+SURROGATE = re.compile("[\ud800-\udfff]")
+SIGNING_PASSWORD_ENV = "BERTRT_SIGNING_KEY_PASSWORD"
 
 
 class InputError(ValueError):
@@ -39,19 +44,23 @@ class InputError(ValueError):
 
 
 def parse_line(raw: bytes, number: int, source: str) -> str:
-    """The text on one JSONL line: a JSON string or an object with a "text" string."""
+    """The text on one JSONL line: a JSON string or an object with a "text" string.
+
+    A line of any length is held as its bytes, its decoded string and the text at most (no
+    stripped or re-encoded copy), so a 50 MB line costs about three times 50 MB while read."""
     where = f"{source}, line {number}"
     expected = 'expected a JSON string or an object with a "text" string'
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if not line.strip():
+    if not line or line.isspace():
         raise InputError(f"{where}: blank line; {expected}")
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    del line
     if isinstance(value, dict):
         if "text" not in value:
             raise InputError(f'{where}: object has no "text" key (keys: {sorted(value)})')
@@ -59,28 +68,32 @@ def parse_line(raw: bytes, number: int, source: str) -> str:
     if not isinstance(value, str):
         kind = "null" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
         raise InputError(f"{where}: found a JSON {kind}; {expected}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a JSON escape of half a surrogate pair, "\ud800"
+    bad = None if value.isascii() else SURROGATE.search(value)
+    if bad is not None:  # a JSON escape of half a surrogate pair, "\ud800"
         raise InputError(
-            f"{where}: the text holds a lone surrogate ({value[exc.start]!r} at character "
-            f"{exc.start}), which is not Unicode text; send valid Unicode"
-        ) from None
+            f"{where}: the text holds a lone surrogate ({bad.group()!r} at character "
+            f"{bad.start()}), which is not Unicode text; send valid Unicode"
+        )
     return value
 
 
-def read_chunks(stream: BinaryIO, source: str) -> Iterator[tuple[list[str], int]]:
-    """Yield (texts, bytes consumed) CHUNK lines at a time, checking every line."""
+def read_chunks(stream: BinaryIO, source: str) -> Iterator[tuple[list[str], int, int]]:
+    """Yield (texts, line number of the first, bytes consumed) CHUNK lines at a time, checking
+    every line."""
     texts: list[str] = []
     consumed = 0
-    for number, raw in enumerate(stream, start=1):
-        texts.append(parse_line(raw, number, source))
+    number = first = 0
+    # Not enumerate(): the tuple it reuses would hold the last line until the next one.
+    for raw in stream:
+        number += 1  # noqa: SIM113
         consumed += len(raw)
+        texts.append(parse_line(raw, number, source))
+        del raw
         if len(texts) == CHUNK:
-            yield texts, consumed
-            texts, consumed = [], 0
+            yield texts, first + 1, consumed
+            texts, consumed, first = [], 0, number
     if texts:
-        yield texts, consumed
+        yield texts, first + 1, consumed
 
 
 @contextmanager
@@ -168,8 +181,17 @@ def predict_options(args: argparse.Namespace, model: Predictor) -> dict[str, Any
 
 
 def open_model(args: argparse.Namespace) -> Predictor:
-    """Load the folder or bundled model named by --model with the device options."""
-    return load(resolve_model(args.model), args.device, args.variant, args.threads, args.tensorrt)
+    """Load the folder or bundled model named by --model with the device options, its signature
+    checked first when a public key is given (--public-key or BERTRT_PUBLIC_KEY)."""
+    return load(
+        resolve_model(args.model),
+        args.device,
+        args.variant,
+        args.threads,
+        args.tensorrt,
+        public_key=args.public_key,
+        max_windows=args.max_windows,
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -197,8 +219,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         progress = Progress(sys.stderr, total, enabled=show)
         with ExitStack() as stack:
             stream = sys.stdin.buffer if stdin else stack.enter_context(open(args.input, "rb"))
-            for texts, consumed in read_chunks(stream, source):
-                write_predictions(model, texts, args.batch_size, options, out)
+            for texts, first, consumed in read_chunks(stream, source):
+                try:
+                    write_predictions(model, texts, args.batch_size, options, out)
+                except TextTooLong as exc:
+                    raise InputError(f"{source}, line {first + exc.index}: {exc.reason}") from None
                 progress.update(consumed, len(texts))
         progress.close()
         log.info("%d texts from %s on %s", progress.texts, source, model.provider)
@@ -223,13 +248,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
         "pip install 'dask[dataframe]' distributed",
     )
     folder = resolve_model(args.model)  # fails here, before a cluster starts
+    key = args.public_key or os.environ.get(PUBLIC_KEY_ENV)
+    if key:
+        signing.verify(folder, key)  # here first: a bad folder fails before a cluster starts
     task = manifest_io.read(folder).task
     options = predict_options(args, REGISTRY[task]) if task in REGISTRY else {}
     threads = args.threads
     if args.local and not threads:
         # N single-threaded workers on one machine: split its cores rather than each take all.
         threads = max(1, (os.cpu_count() or 1) // args.local)
-    spec = batch.ModelSpec(args.model, args.device, args.variant, threads, args.tensorrt)
+    spec = batch.ModelSpec(
+        args.model,
+        args.device,
+        args.variant,
+        threads,
+        args.tensorrt,
+        public_key=str(Path(key).resolve()) if key else None,
+        max_windows=args.max_windows,
+    )
     client, cluster = batch.open_client(args.scheduler, args.local)
     try:
         summary = batch.run(
@@ -305,8 +341,20 @@ def cmd_package(args: argparse.Namespace) -> int:
     """Build a wheel with the runtime and the model folder; print its path."""
     variants = None if args.variants is None else args.variants.split(",")
     onnxruntime = None if args.onnxruntime == "extras" else args.onnxruntime
+    folder = resolve_model(args.model)
+    key = args.public_key or os.environ.get(PUBLIC_KEY_ENV)
+    if key:
+        signing.verify(folder, key)
+    password = os.environ.get(SIGNING_PASSWORD_ENV) or None
     wheel = build_wheel(
-        resolve_model(args.model), args.out, args.name, args.version, onnxruntime, variants
+        folder,
+        args.out,
+        args.name,
+        args.version,
+        onnxruntime,
+        variants,
+        private_key=args.private_key,
+        password=password,
     )
     print(wheel)
     return 0
@@ -362,6 +410,24 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         help="on CUDA, try TensorRT first (fp16; engines cached in BERTRT_TENSORRT_CACHE)",
     )
     parser.add_argument("--batch-size", type=POSITIVE, default=32)
+    _trust_options(parser)
+    parser.add_argument(
+        "--max-windows",
+        type=POSITIVE,
+        help="the most windows one text is read as (windows reading or a stride); longer "
+        f"texts are refused (default: ${MAX_WINDOWS_ENV}, else {MAX_WINDOWS})",
+    )
+
+
+def _trust_options(parser: argparse.ArgumentParser) -> None:
+    """--public-key, for every command that reads a model folder."""
+    parser.add_argument(
+        "--public-key",
+        metavar="PEM",
+        help="check the folder's signature (model.sig) with this public key before reading "
+        f"anything in it; unsigned or changed folders are refused (default: ${PUBLIC_KEY_ENV}; "
+        "needs model-signing)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,6 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument(
         "--variants",
         help="comma-separated graphs to bundle (default: the ones picked on CPU and on CUDA)",
+    )
+    _trust_options(package)
+    package.add_argument(
+        "--private-key",
+        metavar="PEM",
+        help="sign the bundled folder with this EC private key (password in "
+        f"${SIGNING_PASSWORD_ENV}); without it a signature is carried only if the bundle is "
+        "the whole folder unchanged",
     )
     package.set_defaults(run=cmd_package)
     return parser

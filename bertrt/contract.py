@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # 3: every manifest key present, variant entries typed (bertrt.manifest.VariantEntry).
-SCHEMA_VERSION = 3
+# 4: decoding (argmax, or Viterbi under IOB2, with a CRF's transitions file for "crf").
+SCHEMA_VERSION = 4
 
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_CARD_FILE = "README.md"
+# A CRF head's transition scores (bertrt.decoding.Transitions), for decoding "crf".
+TRANSITIONS_FILE = "transitions.json"
 
 # Inputs in the order the exporter passes them; a graph may declare a subset (DistilBERT and
 # RoBERTa-style models have no token_type_ids) and the runtime feeds only what the graph declares.

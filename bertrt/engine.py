@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +47,9 @@ log = logging.getLogger(__name__)
 # Texts are tokenised and run this many at a time, so a list of millions never sits in memory
 # as token ids all at once.
 CHUNK = 4096
-# A token is rarely longer than this many characters; cutting a huge string first keeps the
-# tokenizer from spending seconds on text that truncation throws away.
-CHARS_PER_TOKEN_CAP = 32
+# Lone UTF-16 surrogates, which no tokenizer reads: every text is searched for them whole, so a
+# long text of which only the ends are tokenized is refused as when it was tokenized whole.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # What one run costs beyond its tokens, in padded tokens' worth of work, by provider. A batch of
@@ -102,6 +103,8 @@ class Engine:
     session: Any
     provider: str
     tokenizer: Tokenizer
+    # The most windows one text is read as (windows reading, or a stride); None: no limit.
+    max_windows: int | None = None
     input_names: tuple[str, ...] = field(init=False)
     output_name: str = field(init=False)
     probe_s: dict[str, float] = field(init=False, default_factory=dict)
@@ -133,28 +136,81 @@ class Engine:
     def labels(self) -> list[str]:
         return self.manifest.labels
 
-    def encode(self, texts: Sequence[str]) -> list[list[Encoding | Piece]]:
-        """Per text, its windows: one when texts are cut at max_length, else all of them."""
+    def encode(self, texts: Sequence[str], first: int = 0) -> list[list[Encoding | Piece]]:
+        """Per text, its windows: one when texts are cut at max_length, else all of them.
+        `first` is the place of `texts[0]` in the caller's whole list: errors name a text by
+        its place there.
+
+        A text over `max_length * CHARS_PER_TOKEN_CAP` characters is tokenized alone, and only
+        as much of it as its reading keeps: its start (truncation) or its two ends (head+tail),
+        with the same result as tokenizing it whole (bertrt.long_text.read_head, read_ends).
+        Read as windows, a text of more than `max_windows` is refused (TextTooLong).
+        """
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
-        cap = self.max_length * CHARS_PER_TOKEN_CAP
-        cut = [text if self.stride or self.whole else text[:cap] for text in texts]
+                raise TypeError(f"text {first + i} is {type(text).__name__}, expected str")
+            bad = None if text.isascii() else SURROGATE.search(text)
+            if bad is not None:  # also where only the ends of a long text are tokenized
+                raise ValueError(
+                    f"text {first + i} cannot be tokenised (a lone surrogate {bad.group()!r} "
+                    f"at character {bad.start()}); send valid Unicode (no lone surrogates)"
+                )
+        short = self.max_length * long_text.CHARS_PER_TOKEN_CAP
+        together = [i for i, text in enumerate(texts) if len(text) <= short]
+        encodings = self._tokenize([texts[i] for i in together], [first + i for i in together])
+        out: list[list[Encoding | Piece]] = [[] for _ in texts]
+        for i, encoding in zip(together, encodings, strict=True):
+            out[i] = self.windows(encoding, first + i)
+        for i, text in enumerate(texts):
+            if len(text) > short:
+                out[i] = self.read_long(text, first + i, short)
+        return out
+
+    def read_long(self, text: str, index: int, start: int) -> list[Encoding | Piece]:
+        """The windows of one long text, tokenizing no more of it than its reading keeps."""
+        if self.stride or self.reading.strategy == long_text.WINDOWS:
+            most = self.max_windows
+            if (
+                most is not None
+                and len(text) > most * self.max_length * long_text.CHARS_PER_TOKEN_CAP
+            ):
+                raise long_text.too_many_windows(index, most, self.max_length, chars=len(text))
+            (encoding,) = self._tokenize([text], [index])
+            return self.windows(encoding, index)
+        encode = self.tokenizer.encode
+        if not self.whole:
+            return [long_text.read_head(text, encode, index, start)]
+        ids = long_text.read_ends(
+            text, encode, self.max_length, self.reading.head_fraction, index, start
+        )
+        return [Piece(ids, [0] * len(ids))]
+
+    def _tokenize(self, texts: list[str], indices: list[int]) -> list[Encoding]:
+        """The tokenizer's encodings of `texts` (at `indices` in the caller's list)."""
         try:
-            encodings = self.tokenizer.encode_batch(cut)
+            return self.tokenizer.encode_batch(texts)
         except (TypeError, ValueError) as exc:
-            bad = next((i for i, t in enumerate(cut) if not _encodable(t)), None)
+            bad = next((i for i, t in zip(indices, texts, strict=True) if not _encodable(t)), None)
             where = f"text {bad}" if bad is not None else "a text"
             raise ValueError(
                 f"{where} cannot be tokenised ({exc}); send valid Unicode (no lone surrogates)"
             ) from None
+
+    def windows(self, encoding: Encoding, index: int) -> list[Encoding | Piece]:
+        """The windows of a text tokenized whole; more than `max_windows` is TextTooLong."""
         if self.whole:
-            return [self.pieces(e) for e in encodings]
-        if not self.stride:
-            return [[e] for e in encodings]
-        return [[e, *e.overflowing] for e in encodings]
+            found: list[Encoding | Piece] = list(self.pieces(encoding))
+        elif self.stride:
+            found = [encoding, *encoding.overflowing]
+        else:
+            return [encoding]
+        if self.max_windows is not None and len(found) > self.max_windows:
+            raise long_text.too_many_windows(
+                index, self.max_windows, self.max_length, found=len(found)
+            )
+        return found
 
     def pieces(self, encoding: Encoding) -> list[Piece]:
         """The windows `self.reading` cuts a whole text's encoding into."""
@@ -282,10 +338,19 @@ def open_engine(
     threads: int = 0,
     tensorrt: bool = False,
     verify: bool = True,
+    *,
+    manifest: Manifest | None = None,
+    max_windows: int | None = None,
 ) -> Engine:
-    """Read and check the folder, then start a session on `device` ("auto", "cuda" or "cpu")."""
+    """Read and check the folder, then start a session on `device` ("auto", "cuda" or "cpu").
+
+    Args:
+        manifest: the folder's manifest when the caller has read it already.
+        max_windows: the most windows one text is read as (None: no limit).
+    """
     folder = Path(model_dir)
-    manifest = manifest_io.read(folder)
+    if manifest is None:
+        manifest = manifest_io.read(folder)
     if verify:
         # Every listed file, and the files this runtime reads even if the manifest omits them.
         used = {TOKENIZER_FILE, LABELS_FILE} | {e.file for e in manifest.variants.values()}
@@ -322,7 +387,7 @@ def open_engine(
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # the tokenizers library raises its own exception types
         raise ModelFolderError(f"{path}: not a readable tokenizer ({exc}); re-export") from None
-    engine = Engine(folder, manifest, chosen, session, provider, tokenizer)
+    engine = Engine(folder, manifest, chosen, session, provider, tokenizer, max_windows)
     del session  # the engine holds it; the probe may replace both
     if variant is None and provider in (CPU, CUDA):
         engine = fastest_here(engine, threads)
@@ -367,39 +432,63 @@ def fastest_here(engine: Engine, threads: int) -> Engine:
         return engine
     probe = engine.encode([PROBE_TEXT] * PROBE_BATCH)
     batch = [windows[0] for windows in probe]
-    engines = {engine.variant: engine}
+    engine.infer(batch, PROBE_BATCH)  # warm first (kernels, pools, clocks)
+    timings = {engine.variant: float("inf")}
+    # One candidate at a time beside the preferred engine and the fastest other so far: at
+    # most three sessions at once (all four CPU graphs of the default model at once took the
+    # load's peak to 540 MB).
+    best: Engine | None = None
     for name in names:
-        if name in engines:
+        if name in timings:
             continue
-        path = _path(engine.folder, engine.manifest, name)
-        try:
-            session, started = start_session(path, "cpu" if provider == CPU else "cuda", threads)
-        except DeviceError as exc:  # the engine already runs: skip what cannot start
-            log.info("variant %s not timed: %s", name, exc)
+        candidate = _start_variant(engine, name, threads)
+        if candidate is None:
             continue
-        if started == provider:  # else not where the others run: not comparable
-            engines[name] = Engine(
-                engine.folder, engine.manifest, name, session, provider, engine.tokenizer
-            )
-    for candidate in engines.values():  # warm every one first (kernels, pools, clocks)
         candidate.infer(batch, PROBE_BATCH)
-    timings = dict.fromkeys(engines, float("inf"))
-    for _ in range(PROBE_RUNS):  # then in rounds, so that drift hits each alike
-        for name, candidate in engines.items():
-            start = time.perf_counter()
-            candidate.infer(batch, PROBE_BATCH)
-            timings[name] = min(timings[name], time.perf_counter() - start)
+        timings[name] = float("inf")
+        for _ in range(PROBE_RUNS):  # in rounds with the preferred one: drift hits both alike
+            for timed in (engine, candidate):
+                start = time.perf_counter()
+                timed.infer(batch, PROBE_BATCH)
+                timings[timed.variant] = min(timings[timed.variant], time.perf_counter() - start)
+        if best is None or timings[name] < timings[best.variant]:
+            best, candidate = candidate, best
+        del candidate  # the slower of the two
+        _release_memory()
     fastest = min(timings, key=timings.__getitem__)
-    keep = timings[fastest] * PROBE_MARGIN >= timings[engine.variant]
-    best = engine if keep else engines[fastest]
-    best.probe_s = {name: round(seconds, 6) for name, seconds in timings.items()}
+    keep = best is None or timings[fastest] * PROBE_MARGIN >= timings[engine.variant]
+    chosen = engine if keep else best
+    chosen.probe_s = {name: round(seconds, 6) for name, seconds in timings.items()}
     log.info(
         "variants timed on a probe batch on %s (s): %s; using %s",
         provider,
-        best.probe_s,
-        best.variant,
+        chosen.probe_s,
+        chosen.variant,
     )
-    return best
+    return chosen
+
+
+def _start_variant(engine: Engine, name: str, threads: int) -> Engine | None:
+    """An engine like `engine` on the variant `name`, None where it does not start on the
+    engine's provider (then it is not comparable)."""
+    provider = engine.provider
+    path = _path(engine.folder, engine.manifest, name)
+    try:
+        session, started = start_session(path, "cpu" if provider == CPU else "cuda", threads)
+    except DeviceError as exc:  # the engine already runs: skip what cannot start
+        log.info("variant %s not timed: %s", name, exc)
+        return None
+    if started != provider:
+        return None
+    return Engine(
+        engine.folder,
+        engine.manifest,
+        name,
+        session,
+        provider,
+        engine.tokenizer,
+        engine.max_windows,
+    )
 
 
 def _int8_untested_here(name: str, entry: VariantEntry, provider: str) -> bool:

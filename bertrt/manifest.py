@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertrt.contract import MANIFEST_FILE, SCHEMA_VERSION, VARIANTS
+from bertrt.contract import MANIFEST_FILE, SCHEMA_VERSION, TRANSITIONS_FILE, VARIANTS
+from bertrt.decoding import ARGMAX, CRF, DECODINGS
 from bertrt.long_text import Reading
 
 
@@ -118,6 +119,9 @@ class Manifest:
         long_text: how a classifier reads a text over `max_length` (bertrt.long_text.Reading:
             truncate, head+tail, or windows whose logits are aggregated); {} truncates.
         temperature: a classifier's logits are divided by it before the softmax (calibration).
+        decoding: how per-token scores become tags (bertrt.decoding): argmax, viterbi (the
+            best sequence IOB2 allows), or crf (the same over a CRF's emissions, with the
+            transitions in TRANSITIONS_FILE).
         variants: shipped graphs by name.
         rejected_variants: graphs built and gated but not shipped, with the gate that refused them.
         files: sha256 and size of every file the folder ships.
@@ -137,6 +141,7 @@ class Manifest:
     window_stride: int = 0
     long_text: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
+    decoding: str = ARGMAX
     metrics: dict[str, Any] = field(default_factory=dict)
     rejected_variants: dict[str, VariantEntry] = field(default_factory=dict)
     provenance: Provenance | None = None
@@ -149,9 +154,9 @@ class Manifest:
 
     def settings_digest(self) -> str:
         """sha256 of every field the runtime acts on: task, labels, lengths, input and output
-        names, long-text reading, temperature, and each variant's file, precision, providers and
-        int8 facts (not the gate figures, metrics or provenance it only shows; the files'
-        digests are checked against the files themselves)."""
+        names, long-text reading, temperature, decoding, and each variant's file, precision,
+        providers and int8 facts (not the gate figures, metrics or provenance it only shows;
+        the files' digests are checked against the files themselves)."""
         acted_on = {
             "task": self.task,
             "labels": self.labels,
@@ -163,6 +168,7 @@ class Manifest:
             "window_stride": self.window_stride,
             "long_text": self.long_text,
             "temperature": self.temperature,
+            "decoding": self.decoding,
             "variants": {
                 name: [v.file, v.precision, v.providers, v.int8_weights, v.gated_int8_kernels]
                 for name, v in sorted(self.variants.items())
@@ -188,6 +194,10 @@ class Manifest:
             found.append(f"long_text {self.long_text!r:.80} has keys this runtime does not know")
         if not 0.0 < self.temperature < 1000.0:
             found.append(f"temperature {self.temperature} must be in (0, 1000)")
+        if self.decoding not in DECODINGS:
+            found.append(f"decoding {self.decoding!r} is not one of {list(DECODINGS)}")
+        if self.decoding == CRF and TRANSITIONS_FILE not in self.files:
+            found.append(f"decoding {CRF!r} needs {TRANSITIONS_FILE} listed in files")
         if not self.variants:
             found.append("variants must list at least one graph")
         for name, entry in {**self.variants, **self.rejected_variants}.items():
@@ -232,8 +242,8 @@ class Manifest:
             raise IntegrityError(f"{where}: {'; '.join(problems)}; re-run the export stage")
         if manifest.settings_sha256 != manifest.settings_digest():
             raise IntegrityError(
-                f"{where}: the settings the runtime acts on (labels, temperature, reading, "
-                "lengths, variants) do not match their digest: edited or damaged; "
+                f"{where}: the settings the runtime acts on (labels, temperature, decoding, "
+                "reading, lengths, variants) do not match their digest: edited or damaged; "
                 "restore the folder from the export"
             )
         return manifest

@@ -42,6 +42,7 @@ from pydantic import (
 
 from bertrt import __version__
 from bertrt.batcher import Batcher, DeadlineExceeded, Overloaded
+from bertrt.long_text import TextTooLong
 from bertrt.predictors import Predictor
 from bertrt.predictors.base import Doc, Option
 
@@ -318,7 +319,9 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     if token:
         app.add_middleware(BearerAuth, token=token)
-    too_large = {413: {"model": Problem, "description": "body or batch over the limit"}}
+    too_large = {
+        413: {"model": Problem, "description": "body, batch or a text's windows over the limit"}
+    }
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -355,6 +358,8 @@ def create_app(
             # Gathered with other requests' texts; run in a worker thread, so the event loop
             # keeps serving while ONNX Runtime computes.
             predictions = await batcher.submit(request.texts, **options)
+        except TextTooLong as exc:  # past max_windows, or no word break near an end
+            raise HTTPException(413, str(exc)) from None
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         except Overloaded as exc:

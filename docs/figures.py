@@ -1,10 +1,17 @@
-"""Draw the committed training curves (reports/training/*.csv) into an SVG for the docs."""
+"""The docs' figure and results table, drawn from the committed pipeline reports.
+
+- the training curves (reports/training/*.csv) as an SVG;
+- the section "Results of the committed run" of docs/text-classification.md, rendered from
+  reports/eval.json, reports/export.json and reports/train.json (`--check` compares instead).
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import re
 from pathlib import Path
 
 import matplotlib
@@ -53,13 +60,90 @@ def draw(curves: Path, out: Path) -> None:
     log.info("%s: %d training points, %d epochs", out, len(train), len(evals))
 
 
+RESULTS_HEADING = "Results of the committed run"
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the pipeline (make run) first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def results(reports: Path) -> str:
+    """The quality and export gates of the committed default run, with what it ran on."""
+    ev, ex, tr = (read_json(reports / name) for name in ("eval.json", "export.json", "train.json"))
+    if "machine" not in tr:
+        raise ValueError(f"{reports / 'train.json'} records no machine: re-run make run")
+    m, test, val, cal = tr["machine"], ev["overall"], ev["validation"], ev["calibration"]
+    versions = ", ".join(f"{name} {version}" for name, version in m["versions"].items())
+    lines = [
+        f"`make run` on the default config, finished {tr['finished']} on {m['cpu']} (flags: "
+        f"{', '.join(m['cpu_flags'])}), {m['logical_cores']} cores, {m['os']}, Python "
+        f"{m['python']}; {versions}. Fine-tuning: {tr['precision']}, {tr['epochs_run']:g} "
+        f"epochs of {tr['train_rows']:,} rows in {tr['train_runtime_s']:.0f} s. Rendered by "
+        "`make docs-figures` from `reports/eval.json`, `reports/export.json` and "
+        "`reports/train.json`.",
+        "",
+        "| split | rows | accuracy | macro-F1 | ECE, uncalibrated | ECE, calibrated |",
+        "|---|---|---|---|---|---|",
+        f"| test | {test['rows']:,} | {test['accuracy']:.4f} | {test['macro_f1']:.4f} | "
+        f"{cal['ece_before']:.4f} | {cal['ece_after']:.4f} |",
+        f"| validation | {val['rows']:,} | {val['accuracy']:.4f} | {val['macro_f1']:.4f} | "
+        f"{val['ece']:.4f} | – (the temperature is fitted on it) |",
+        "",
+        f"Temperature {cal['temperature']:.3f}; test NLL {cal['nll_before']:.3f} before, "
+        f"{cal['nll_after']:.3f} after. The exported graphs against the fine-tuned model on the "
+        f"{ex['parity']['texts']:,} test texts ({ex['gate_metric']} drop and label agreement "
+        "gate each variant):",
+        "",
+        "| graph | label agreement | accuracy drop | MB | shipped |",
+        "|---|---|---|---|---|",
+    ]
+    for name, gate in ex["variants"].items():
+        if "agreement" not in gate:  # the reference graph: checked for parity, not gated
+            lines.append(
+                f"| {name} | parity: {gate['label_mismatches']} label mismatches, max logit "
+                f"difference {gate['max_abs_logit_diff']:.1e} | – | – | "
+                f"{'yes' if gate['passed'] else 'no'} |"
+            )
+            continue
+        lines.append(
+            f"| {name} | {gate['agreement']:.4f} | {gate['metric_drop']:+.4f} | "
+            f"{gate['bytes'] / 2**20:.1f} | {'yes' if gate['passed'] else 'no'} |"
+        )
+    for name, why in ex.get("rejected_variants", {}).items():
+        lines.append(f"| {name} | – | – | – | no: {why} |")
+    return "\n".join(lines) + "\n"
+
+
+def section(page: str, heading: str) -> str | None:
+    found = re.search(rf"^## {re.escape(heading)}[ \t]*\n(.*?)(?=^## |\Z)", page, re.M | re.S)
+    return found.group(1).strip() if found else None
+
+
+def write_results(reports: Path, page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    old = section(text, RESULTS_HEADING)
+    if old is None:
+        raise ValueError(f"{page} has no section '## {RESULTS_HEADING}' to fill")
+    body = results(reports).strip()
+    start = text.index(f"## {RESULTS_HEADING}")
+    end = text.index(old, start) + len(old)
+    page.write_text(f"{text[:start]}## {RESULTS_HEADING}\n\n{body}{text[end:]}", "utf-8")
+    log.info("%s: section %r rendered from %s", page, RESULTS_HEADING, reports)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--curves", type=Path, required=True, help="the finetune stage's CSVs")
     parser.add_argument("--out", type=Path, required=True, help="the SVG to write")
+    parser.add_argument("--reports", type=Path, help="the pipeline reports (reports/)")
+    parser.add_argument("--page", type=Path, help="the page with the results section")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     draw(args.curves, args.out)
+    if args.reports and args.page:
+        write_results(args.reports, args.page)
     return 0
 
 

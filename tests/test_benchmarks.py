@@ -97,6 +97,8 @@ def test_the_masked_lm_step_benchmark_compares_the_two_heads_on_one_batch(
                 "1",
                 "--out",
                 str(out),
+                "--json",
+                str(tmp_path / "train_mlm.json"),
             ]
         )
         == 0

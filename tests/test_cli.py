@@ -62,7 +62,7 @@ def test_tensorrt_flag_reaches_the_loader_and_the_cpu_ignores_it(
 
     asked = []
     real = cli.load
-    monkeypatch.setattr(cli, "load", lambda *a: asked.append(a[4]) or real(*a))
+    monkeypatch.setattr(cli, "load", lambda *a, **k: asked.append(a[4]) or real(*a, **k))
     texts = ["a wonderful film", "dull and boring"]
     argv = ["predict", "--model", str(onnx_model_dir), "--device", "cpu", "--tensorrt", *texts]
     assert main(argv) == 0

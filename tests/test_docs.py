@@ -211,3 +211,40 @@ def test_the_figure_is_drawn_from_the_committed_curves(tmp_path: Path) -> None:
     assert out.read_bytes() == committed.read_bytes(), (
         "docs/img/training-curves.svg is not what reports/training/*.csv draw: make docs-figures"
     )
+
+
+def test_every_benchmark_section_is_what_its_json_report_renders() -> None:
+    from benchmarks import docs_tables
+
+    found = docs_tables.problems(DOCS / "benchmarks.md", REPO / "reports")
+    assert not found, "\n\n".join(found)
+
+
+def test_a_number_edited_by_hand_or_a_section_without_report_is_found(tmp_path: Path) -> None:
+    from benchmarks import docs_tables
+
+    reports = tmp_path / "reports"
+    shutil.copytree(REPO / "reports", reports, ignore=shutil.ignore_patterns("eval", "training"))
+    page = tmp_path / "benchmarks.md"
+    text = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
+    first_row = re.search(r"^\| ort int8 \| ([0-9.]+) \|", text, re.M)
+    assert first_row, "the CPU table has an int8 row"
+    edited = text.replace(first_row.group(0), first_row.group(0).replace(first_row[1], "1.0"), 1)
+    page.write_text(edited + "\n## Made up (CPU)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n", "utf-8")
+    found = docs_tables.problems(page, reports)
+    assert any("section 'CPU' is not what" in message for message in found), found
+    assert any("'Made up (CPU)' has no JSON report" in message for message in found), found
+    docs_tables.write(page, reports)
+    assert not any("section 'CPU' " in message for message in docs_tables.problems(page, reports))
+
+
+def test_the_results_section_is_what_the_committed_reports_render() -> None:
+    spec = importlib.util.spec_from_file_location("figures", DOCS / "figures.py")
+    assert spec and spec.loader
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    page = (DOCS / "text-classification.md").read_text(encoding="utf-8")
+    shown = figures.section(page, figures.RESULTS_HEADING)
+    assert shown == figures.results(REPO / "reports").strip(), (
+        "docs/text-classification.md's results are not what reports/ render: make docs-figures"
+    )

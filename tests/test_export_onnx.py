@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
-from conftest import synthetic_reviews
+from conftest import synthetic_reviews, write_params
 
 from bertrt.contract import INPUT_NAMES, MANIFEST_FILE
 from bertrt.predictors import output_names
@@ -55,3 +60,72 @@ def test_a_flip_between_near_tied_scores_is_not_a_mismatch() -> None:
     got = np.array([[1.00004, 1.00001, 0.0], [1.0, 3.0, 0.0]])
     assert compare(got, reference, np.ones(2, bool), atol=1e-4)[1:] == (1, 2, 1)
     assert compare(got, reference, np.ones(2, bool), atol=0.0)[1:] == (2, 2, 0)
+
+
+# The export stage's command line in a fresh process (logging as `dvc repro` shows it); prints
+# whether transformers' Trainer was imported on the way.
+EXPORT_STAGE = """
+import sys
+from pipeline.stages import export_onnx
+code = export_onnx.main(sys.argv[1:])
+print("trainer imported:", "transformers.trainer" in sys.modules, "exit:", code)
+"""
+
+
+def test_the_export_stage_prints_its_own_lines_and_one_gate_table(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Every variant, int8 searched for and smoothed, yet no line per candidate graph and none
+    of the libraries' known warnings: the stage's few lines and its one table."""
+    for split, seed in (("test", 4), ("validation", 5)):
+        rows = synthetic_reviews(32, seed=seed)
+        frame = pd.DataFrame({"text": [r["text"] for r in rows]})
+        frame["label"] = [r["category"] for r in rows]
+        frame.to_parquet(tmp_path / f"{split}.parquet", index=False)
+    (tmp_path / "eval.json").write_text(json.dumps({"overall": {"accuracy": 0.5}}))
+    params = write_params(
+        tmp_path,
+        {
+            "base.model": str(tiny_model_dir),
+            "base.max_length": 64,
+            "export.variants": ["fp32-optimized", "fp16", "int8", "int8-portable"],
+            "export.min_agreement": 0.5,
+            "export.max_metric_drop": 0.5,
+            "export.int8_search_agreement": 1.0,
+            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
+    )
+    argv = ["--model", str(tiny_model_dir), "--test", str(tmp_path / "test.parquet")]
+    argv += ["--eval-report", str(tmp_path / "eval.json"), "--params", str(params)]
+    argv += ["--out", str(tmp_path / "onnx"), "--report", str(tmp_path / "export.json")]
+    argv += ["--calibration", str(tmp_path / "validation.parquet")]
+    done = subprocess.run(
+        [sys.executable, "-c", EXPORT_STAGE, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PIPELINE_LOG_LEVEL": "INFO"},
+    )
+    assert done.stdout.strip().endswith("trainer imported: False exit: 0"), done.stderr[-3000:]
+    log = done.stderr
+    for noise in (
+        "Please consider to run pre-processing",
+        "TracerWarning",
+        "advanced indexing",
+        "fusion_base",
+        " loaded ",
+        "runs on CPUExecutionProvider",
+    ):
+        assert noise not in log, noise
+    assert log.count("int8 search ") == 2  # one line per int8 variant
+    assert log.count("graphs gated against PyTorch on 32 test texts") == 1
+    table = log[log.index("graphs gated against PyTorch") :].splitlines()[1:7]
+    assert re.match(r"  variant +agreement +drop +MB +shipped", table[0])
+    assert [line.split()[0] for line in table[1:]] == [
+        "fp32",
+        "fp32-optimized",
+        "fp16",
+        "int8",
+        "int8-portable",
+    ]
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert report["seconds"] > 0

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_reviews, write_params, write_splits
+from conftest import REPO, synthetic_reviews, write_params, write_splits
 
 from pipeline.core import params, sources, tracking
 from pipeline.stages import finetune, tokenize_data, validate
@@ -175,40 +175,34 @@ def test_the_saved_tokenizer_config_does_not_depend_on_the_environment(prepared:
     assert config["model_max_length"] == 64
 
 
-def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: dict) -> None:
-    """`torchrun --nproc-per-node 2` on CPU (DDP over gloo): rank 0 alone tracks and writes; the
-    processes share finetune.batch_size, so the result matches a single process within 0.1
-    validation macro-F1 (the distributed sampler orders batches differently)."""
-    import os
-    import subprocess
-    import sys
+def finetune_argv(prepared: dict, name: str) -> list[str]:
+    """The finetune stage's arguments, its outputs named after `name` under the module's root."""
+    root = prepared["root"]
+    argv = ["-m", "pipeline.stages.finetune", "--tokenized", str(prepared["tokenized"])]
+    argv += ["--validated", str(prepared["validated"]), "--params", str(prepared["params"])]
+    argv += ["--out", str(root / name), "--checkpoints", str(root / f"{name}-checkpoints")]
+    argv += ["--report", str(root / f"{name}-train.json")]
+    argv += ["--curves", str(root / f"{name}-curves")]
+    return argv
 
+
+def check_one_run_one_model(prepared: dict, name: str, processes: int) -> None:
+    """Rank 0 alone tracked and wrote: one model, one MLflow run, one curve; the processes
+    share finetune.batch_size, so the result matches a single process within 0.1 validation
+    macro-F1 (the distributed sampler orders batches differently)."""
     import mlflow
 
     single = run_finetune(prepared, "single")
     root = prepared["root"]
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    argv += ["-m", "pipeline.stages.finetune", "--tokenized", str(prepared["tokenized"])]
-    argv += ["--validated", str(prepared["validated"]), "--params", str(prepared["params"])]
-    argv += ["--out", str(root / "ddp"), "--checkpoints", str(root / "ddp-checkpoints")]
-    argv += ["--report", str(root / "ddp-train.json"), "--curves", str(root / "ddp-curves")]
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((root / "ddp-train.json").read_text())
-    assert summary["processes"] == 2 and summary["global_steps"] == single["global_steps"]
-    assert (root / "ddp" / "model.safetensors").is_file()
-    assert sorted(p.name for p in root.glob("ddp*")) == [
-        "ddp",
-        "ddp-checkpoints",
-        "ddp-curves",
-        "ddp-train.json",
+    summary = json.loads((root / f"{name}-train.json").read_text())
+    assert summary["processes"] == processes
+    assert summary["global_steps"] == single["global_steps"]
+    assert (root / name / "model.safetensors").is_file()
+    assert sorted(p.name for p in root.glob(f"{name}*")) == [
+        name,
+        f"{name}-checkpoints",
+        f"{name}-curves",
+        f"{name}-train.json",
     ]
     assert summary["best_validation_macro_f1"] == pytest.approx(
         single["best_validation_macro_f1"], abs=0.1
@@ -222,6 +216,62 @@ def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: d
     assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
     history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")
     assert len({h.step for h in history}) == len(history), "one process logged the curve"
+
+
+# gloo and the c10d store on the loopback interface only.
+LOOPBACK_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
+
+
+def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: dict) -> None:
+    """`torchrun --nproc-per-node 2` on CPU (DDP over gloo)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*argv, *finetune_argv(prepared, "ddp")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **LOOPBACK_ENV},
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_one_run_one_model(prepared, "ddp", 2)
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_over_c10d_and_train_one_model_into_one_mlflow_run(
+    prepared: dict,
+) -> None:
+    """`torchrun --nnodes 2` with the c10d rendezvous: two launchers, each its own process
+    group and node, meet at a rendezvous endpoint on 127.0.0.1 (what two machines do over
+    their network, NCCL in place of gloo on GPUs: docs/experiments.md)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank in range(2):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        argv += ["--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d"]
+        argv += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
+        argv += ["--local-addr", "127.0.0.1", "--max-restarts", "0"]
+        nodes.append(
+            subprocess.Popen(
+                [*argv, *finetune_argv(prepared, "nodes")],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, **LOOPBACK_ENV},
+                cwd=REPO,
+            )
+        )
+    outputs = []
+    for node in nodes:
+        try:
+            outputs.append(node.communicate(timeout=600)[0])
+        finally:
+            node.kill()
+    for rank, (node, out) in enumerate(zip(nodes, outputs, strict=True)):
+        assert node.returncode == 0, f"node {rank}:\n{out[-3000:]}"
+    check_one_run_one_model(prepared, "nodes", 2)
 
 
 def test_a_half_written_checkpoint_is_removed_not_loaded(prepared: dict, caplog) -> None:

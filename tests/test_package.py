@@ -91,6 +91,8 @@ def test_wheel_depends_on_the_runtime_stack_only(wheel: Path) -> None:
         'distributed==2026.8.0; extra == "dask"',
         'onnxruntime==1.31.1; extra == "cpu"',
         'onnxruntime-gpu==1.31.1; extra == "gpu"',
+        'model-signing==1.1.1; extra == "signing"',
+        'pyopenssl>=25; extra == "signing"',
     ]
     entry_points = wheel_text(
         wheel, f"bertrt_model_tiny-{bertrt.__version__}.dist-info/entry_points.txt"

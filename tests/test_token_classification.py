@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +11,17 @@ import pandas as pd
 import pytest
 from conftest import synthetic_sentences, write_params, write_splits
 
+from bertrt.decoding import ARGMAX, VITERBI, Decoder, invalid_steps
 from bertrt.predictors.token_classification import Token, group, word_units
 from pipeline.core import params
 from pipeline.core.tables import TableError
 from pipeline.stages import ingest, validate
-from pipeline.tasks.token_classification import tagging
-from pipeline.tasks.token_classification.task import (
-    merge_word_predictions,
+from pipeline.tasks.token_classification import tagger, tagging
+from pipeline.tasks.token_classification.metrics import (
+    Scores,
     seqeval_scores,
     spans,
+    word_positions,
 )
 
 NER = {
@@ -308,12 +311,9 @@ def test_first_subword_carries_the_label_and_windows_cover_every_word(
 def test_window_merge_takes_each_word_from_its_most_central_window() -> None:
     # Two windows over words 0..3: window 0 sees 0,1,2 ; window 1 sees 1,2,3.
     word_ids = [[-1, 0, 1, 2, -1], [-1, 1, 2, 3, -1]]
-    predictions = np.zeros((2, 5, 3))
-    predictions[0, 1:4, 1] = 1  # window 0 says label 1 for words 0, 1, 2
-    predictions[1, 1:4, 2] = 1  # window 1 says label 2 for words 1, 2, 3
-    (merged,) = merge_word_predictions(predictions, word_ids, [0, 0], 1)
+    (merged,) = word_positions(word_ids, [0, 0], 1)
     # Word 1 is central in window 0 (context 1 vs 0); word 2 is central in window 1.
-    assert merged == {0: 1, 1: 1, 2: 2, 3: 2}
+    assert merged == {0: (0, 1), 1: (0, 2), 2: (1, 2), 3: (1, 3)}
 
 
 def test_seqeval_scores_on_a_known_case() -> None:
@@ -410,6 +410,150 @@ def test_runtime_reads_each_token_once_across_windows(ner_dir: Path) -> None:
     assert [t.text for t in short.tokens] == ["the", "film", "story", "plot"]
     (long,) = model.predict([" ".join([text] * 5)], tokens=True)
     assert [t.text for t in long.tokens] == text.split() * 5
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"token-classification.decoding": "beam"}, "decoding: 'beam' is not one of"),
+        (
+            {"token-classification.crf": True, "token-classification.decoding": "argmax"},
+            "set token-classification.decoding: viterbi",
+        ),
+        (
+            {"token-classification.crf": True, "token-classification.label_all_subwords": True},
+            "set token-classification.label_all_subwords: false",
+        ),
+    ],
+)
+def test_decoding_params_refuse_what_cannot_be_decoded(
+    tmp_path: Path, overrides: dict, message: str
+) -> None:
+    with pytest.raises(params.ParamsError, match=message):
+        params.load(write_params(tmp_path, {**NER, **overrides}))
+
+
+def _config(folder: Path, **recorded: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = {"0": "O", "1": "B-PER", "2": "I-PER"}
+    (folder / "config.json").write_text(json.dumps({"id2label": labels, **recorded}))
+    return folder
+
+
+def test_the_model_records_its_decoding_and_params_must_agree(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    section = params.Tagging(stride=0, label_all_subwords=False, decoding=VITERBI, crf=False)
+    recorded = _config(tmp_path / "a", decoding=VITERBI, crf=False)
+    tagger.check_params(recorded, section)
+    assert tagger.model_decoder(recorded).mode == VITERBI
+    argmax = params.Tagging(stride=0, label_all_subwords=False, decoding=ARGMAX, crf=False)
+    with pytest.raises(
+        ValueError, match="fine-tuned with decoding 'viterbi'.*re-run the finetune"
+    ):
+        tagger.check_params(recorded, argmax)
+    older = _config(tmp_path / "b")  # fine-tuned before the decoding was recorded
+    assert tagger.model_decoder(older).mode == ARGMAX
+    tagger.check_params(older, section)
+    assert "records no decoding" in caplog.text
+    crf = params.Tagging(stride=0, label_all_subwords=False, decoding=VITERBI, crf=True)
+    with pytest.raises(ValueError, match="has no CRF head"):
+        tagger.check_params(older, crf)
+    with pytest.raises(FileNotFoundError, match="transitions.json: missing"):
+        tagger.model_decoder(_config(tmp_path / "c", decoding=VITERBI, crf=True))
+
+
+def _evaluated(tmp_path: Path, decoder: Decoder | None) -> dict:
+    """The task's evaluate on two sentences whose word scores argmax reads as I- after O."""
+    from pipeline import tasks
+
+    labels = ["O", "B-PER", "I-PER"]
+    test = pd.DataFrame(
+        {
+            "tokens": [["bob", "stone", "met"], ["ann", "left", "x", "y"]],
+            "tags": [["B-PER", "I-PER", "O"], ["B-PER", "O", "O", "O"]],
+            "line": [1, 5],
+        }
+    )
+    # Window 0: sentence 0 in one window; windows 1 and 2: sentence 1 cut in two.
+    word_ids = [[-1, 0, 1, 2, -1], [-1, 0, 1, 2, -1], [-1, 2, 3, -1, -1]]
+    dataset = {"word_ids": word_ids, "example_id": [0, 1, 1], "labels": []}
+    logits = np.full((3, 5, 3), -100.0)
+    probs = [[0.3, 0.3, 0.4], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]]  # O?I I O: argmax I- first
+    logits[0, 1:4] = np.log(probs)
+    logits[1, 1:4] = np.log([[0.1, 0.8, 0.1], [0.6, 0.1, 0.3], [0.7, 0.1, 0.2]])
+    # Word 2 is read from window 1 (as central there as here), word 3 from here.
+    logits[2, 1:3] = np.log([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]])
+    dataset["labels"] = [[-100, 1, 2, 0, -100], [-100, 1, 0, 0, -100], [-100, 0, 0, -100, -100]]
+    outputs = logits if decoder is None else Scores(logits, decoder)
+    p = params.load(write_params(tmp_path, NER))
+    plots = tmp_path / "plots"
+    plots.mkdir(exist_ok=True)
+    task = tasks.get("token-classification")
+    return task.evaluate(outputs, dataset, test, labels, p, plots, lambda: (outputs, dataset))
+
+
+def test_evaluate_reports_argmax_and_viterbi_on_the_same_scores(tmp_path: Path) -> None:
+    result = _evaluated(tmp_path, Decoder(("O", "B-PER", "I-PER"), VITERBI))
+    by = result["decoding"]
+    # Argmax: [I-PER, I-PER, O] (no entity, strictly) and [B-PER, O, O, O]: 1 of 2 found.
+    assert by["argmax"]["invalid_sequences"] == 1 and by["argmax"]["recall"] == 0.5
+    # Viterbi: [B-PER, I-PER, O] and [B-PER, O, O, O]: both.
+    assert by["viterbi"]["invalid_sequences"] == 0 and by["viterbi"]["f1"] == 1.0
+    assert (by["viterbi"]["shipped"], by["argmax"]["shipped"]) == (1, 0)
+    assert result["overall"]["f1"] == 1.0 and result["overall"]["invalid_sequences"] == 0
+    assert result["validation"] == {"argmax_f1": pytest.approx(2 / 3), "viterbi_f1": 1.0}
+    # Scores that do not say how they decode are read by argmax, as before.
+    plain = _evaluated(tmp_path, None)
+    assert plain["overall"]["recall"] == 0.5 and plain["decoding"]["argmax"]["shipped"] == 1
+
+
+@pytest.fixture(scope="module")
+def ner_viterbi_dir(tmp_path_factory: pytest.TempPathFactory, ner_dir: Path) -> Path:
+    """ner_dir's fine-tuned model recorded as decoded by Viterbi, exported the same way."""
+    from pipeline import tasks
+    from pipeline.export import model_folder
+    from pipeline.export.options import ExportOptions
+
+    root = tmp_path_factory.mktemp("ner-viterbi")
+    shutil.copytree(ner_dir.parent / "ft", root / "ft")
+    config = json.loads((root / "ft" / "config.json").read_text())
+    (root / "ft" / "config.json").write_text(json.dumps({**config, "decoding": VITERBI}))
+    texts = [" ".join(r["tokens"]) for r in synthetic_sentences(24, seed=9)]
+    task = tasks.get("token-classification")
+    model_folder.build(root / "ft", root / "onnx", task, texts, ExportOptions(8, window_stride=2))
+    return root / "onnx"
+
+
+def test_runtime_decodes_words_as_the_manifest_says(ner_dir: Path, ner_viterbi_dir: Path) -> None:
+    import bertrt
+
+    assert json.loads((ner_dir / "manifest.json").read_text())["decoding"] == ARGMAX
+    assert json.loads((ner_viterbi_dir / "manifest.json").read_text())["decoding"] == VITERBI
+    argmax, viterbi = (bertrt.load(d, device="cpu") for d in (ner_dir, ner_viterbi_dir))
+    assert viterbi.metadata()["decoding"] == VITERBI
+    texts = [" ".join(r["tokens"]) for r in synthetic_sentences(30, seed=2)] + SPAN_TEXTS
+    texts.append(" ".join(["alice went to paris"] * 6))  # read in windows, decoded after
+    broken = 0
+    for text, plain, constrained, scored in zip(
+        texts,
+        argmax.predict(texts, aggregation="first", tokens=True),
+        viterbi.predict(texts, tokens=True),
+        argmax.token_scores(texts),
+        strict=True,
+    ):
+        assert constrained.tokens == plain.tokens  # every token's own tag is unchanged
+        offsets, scores, words = scored
+        units = word_units(text, offsets, scores, words, argmax.labels, "first")
+        broken += invalid_steps([u.tag for u in units]) > 0
+        # The runtime's Viterbi is the shared decoder over the words' first-token scores.
+        decoded = word_units(text, offsets, scores, words, argmax.labels, "first", viterbi.decoder)
+        assert invalid_steps([u.tag for u in decoded]) == 0
+        assert constrained.entities == group(decoded, text)
+    assert broken >= 5  # the random head breaks IOB2 often enough to be decoded differently
 
 
 # --- vocabulary extension ------------------------------------------------------------------

@@ -223,7 +223,7 @@ class FillMask(EngineBacked):
         out: list[Filling] = []
         for start in range(0, len(texts), CHUNK):
             chunk = texts[start : start + CHUNK]
-            encodings = [w[0] for w in self.engine.encode(chunk)]
+            encodings = [w[0] for w in self.engine.encode(chunk, first=start)]
             for i, (text, enc) in enumerate(zip(chunk, encodings, strict=True)):
                 if self.mask_id not in enc.ids:
                     where = "within the first max_length tokens" if self.mask_token in text else ""

@@ -73,7 +73,7 @@ class TextClassifier(EngineBacked):
         result = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         how = self.engine.reading.aggregate
         for start in range(0, len(texts), CHUNK):
-            windows = self.engine.encode(texts[start : start + CHUNK])
+            windows = self.engine.encode(texts[start : start + CHUNK], first=start)
             # The windows of every text in one length-sorted pass, then one row per text.
             out, _ = self.engine.infer([w for per_text in windows for w in per_text], batch_size)
             result[start : start + len(windows)] = aggregate(out, [len(w) for w in windows], how)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, NotRequired, TypedDict
+from functools import cached_property
+from typing import Annotated, Any, ClassVar, NotRequired, TypedDict
 
 import numpy as np
 from tokenizers import Encoding
 
+from bertrt import manifest as manifest_io
+from bertrt.contract import TRANSITIONS_FILE
+from bertrt.decoding import ARGMAX, CRF, Decoder, Transitions
 from bertrt.engine import CHUNK, Engine
 from bertrt.predictors.base import Doc, EngineBacked, Option, softmax
 
@@ -17,8 +21,12 @@ TOKEN_CLASSIFICATION = "token-classification"
 
 # As transformers.pipeline("ner") defines them: "simple" groups tokens; "first", "max" and
 # "average" first give each word one tag (its first token's, its most confident token's, or the
-# argmax of its tokens' mean scores), then group words.
+# argmax of its tokens' mean scores), then group words. Under Viterbi decoding (the manifest's
+# `decoding`) words are always the units, decoded as a sequence: "simple" reads each word from
+# its first token, as "first" does (a later subword carries no trained tag).
 AGGREGATIONS = ("simple", "first", "max", "average")
+# Probabilities below this are read as this before their log (no -inf from an underflow).
+TINY = 1e-300
 
 
 class TokenOut(TypedDict):
@@ -146,6 +154,28 @@ class TokenClassifier(EngineBacked):
     TEXTS = "texts to find entities in, in order"
     SCHEMA_NAME = "Tag"
 
+    def __post_init__(self) -> None:
+        _ = self.decoder  # a bad transitions file fails the load, not the first request
+
+    @cached_property
+    def decoder(self) -> Decoder:
+        """How tag scores become tags, as the manifest says (a CRF's transitions read from the
+        folder, whose digest the engine verified)."""
+        labels = tuple(self.labels)
+        if self.manifest.decoding != CRF:
+            return Decoder(labels, self.manifest.decoding)
+        path = manifest_io.inside(self.folder, TRANSITIONS_FILE)
+        try:
+            return Decoder(labels, CRF, Transitions.read(path))
+        except (OSError, ValueError) as exc:
+            raise manifest_io.IntegrityError(
+                f"{path}: not a usable CRF transitions file ({exc}); restore the folder from "
+                "the export"
+            ) from None
+
+    def metadata(self) -> dict[str, Any]:
+        return {**self.engine.metadata(), "decoding": self.manifest.decoding}
+
     def token_scores(
         self, texts: Sequence[str], batch_size: int = 32
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -156,7 +186,7 @@ class TokenClassifier(EngineBacked):
         texts = list(texts)
         result: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for start in range(0, len(texts), CHUNK):
-            per_text = self.engine.encode(texts[start : start + CHUNK])
+            per_text = self.engine.encode(texts[start : start + CHUNK], first=start)
             flat = [w for windows in per_text for w in windows]
             logits, _ = self.engine.infer(flat, batch_size)
             at = 0
@@ -183,6 +213,9 @@ class TokenClassifier(EngineBacked):
                 f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}"
             )
         out = []
+        decoder = self.decoder
+        if decoder.mode != ARGMAX and aggregation == "simple":
+            aggregation = "first"
         scored = self.token_scores(texts, batch_size)
         for text, (offsets, scores, words) in zip(texts, scored, strict=True):
             raw = [
@@ -191,7 +224,7 @@ class TokenClassifier(EngineBacked):
             ]
             units = raw
             if aggregation != "simple":
-                units = word_units(text, offsets, scores, words, self.labels, aggregation)
+                units = word_units(text, offsets, scores, words, self.labels, aggregation, decoder)
             out.append(Tagging(group(units, text), raw if tokens else None))
         return out
 
@@ -203,10 +236,12 @@ def word_units(
     words: np.ndarray,
     labels: list[str],
     aggregation: str,
+    decoder: Decoder | None = None,
 ) -> list[Token]:
-    """One tagged unit per word (consecutive tokens with one word id), by the aggregation's
-    rule: the first token's tag, the most confident token's, or the argmax of their mean."""
-    units = []
+    """One tagged unit per word (consecutive tokens with one word id): its scores by the
+    aggregation's rule (the first token's, the most confident token's, or their mean), its tag
+    the argmax of them, or the decoder's choice over the text's words as a sequence."""
+    bounds, probs = [], []
     start = 0
     while start < len(offsets):
         end = start + 1
@@ -214,16 +249,24 @@ def word_units(
             end += 1
         group_scores = scores[start:end]
         if aggregation == "first":
-            probs = group_scores[0]
+            probs.append(group_scores[0])
         elif aggregation == "max":
-            probs = group_scores[int(group_scores.max(axis=1).argmax())]
+            probs.append(group_scores[int(group_scores.max(axis=1).argmax())])
         else:
-            probs = group_scores.mean(axis=0)
-        s, e = int(offsets[start][0]), int(offsets[end - 1][1])
-        tag = int(probs.argmax())
-        units.append(Token(text[s:e], labels[tag], float(probs[tag]), s, e))
+            probs.append(group_scores.mean(axis=0))
+        bounds.append((int(offsets[start][0]), int(offsets[end - 1][1])))
         start = end
-    return units
+    if not probs:
+        return []
+    table = np.stack(probs)
+    if decoder is None or decoder.mode == ARGMAX:
+        tags = table.argmax(axis=1)
+    else:
+        tags = decoder.decode(np.log(np.maximum(table, TINY)))
+    return [
+        Token(text[s:e], labels[int(tag)], float(p[tag]), s, e)
+        for (s, e), p, tag in zip(bounds, table, tags, strict=True)
+    ]
 
 
 def split_tag(tag: str) -> tuple[str, str]:

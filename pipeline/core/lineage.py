@@ -174,6 +174,37 @@ def cpu_isa() -> dict[str, Any]:
     return {"machine": platform.machine(), "torch_capability": capability, "flags": flags}
 
 
+def machine() -> dict[str, Any]:
+    """What a stage ran on, for its report: the CPU's name and vector flags, its cores, the OS,
+    Python and the versions of the packages that compute."""
+    import os
+    import platform
+    from importlib import metadata
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("torch", "transformers", "onnxruntime-gpu", "onnxruntime", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cpu": name,
+        "cpu_flags": cpu_isa()["flags"],
+        "logical_cores": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
 def environment(locks: Path = LOCKS) -> dict[str, Any]:
     """Which lock (locks/*.txt) the installed packages come from, its sha256, and the packages
     that differ from it (none in an environment made by `make venv`)."""

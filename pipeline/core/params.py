@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from bertrt.contract import OPTIONAL_VARIANTS
+from bertrt.decoding import ARGMAX, VITERBI
 from bertrt.long_text import Reading
 from bertrt.predictors import FILL_MASK, TASKS, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from pipeline.core import precision
@@ -21,6 +22,7 @@ from pipeline.core import precision
 TAG_SCHEMES = ("iob1", "iob2", "bioes")
 BROKEN_TAGS = ("refuse", "repair")
 TEXT_FORMATS = ("plain", "word_pos")
+TAG_DECODINGS = (ARGMAX, VITERBI)
 
 
 class ParamsError(ValueError):
@@ -131,15 +133,36 @@ class Tokenize:
 
 @dataclass(frozen=True)
 class Tagging:
-    """Token classification: how sentences become windows and which subwords carry a tag."""
+    """Token classification: how sentences become windows, which subwords carry a tag, how the
+    tags are decoded, and whether a CRF head learns which tag follows which."""
 
     stride: int  # tokens shared by the windows of a sentence over base.max_length (0: cut)
     label_all_subwords: bool  # label every subword, not only a word's first
+    # argmax (each word's best tag) or viterbi (the best sequence IOB2 allows); recorded in the
+    # fine-tuned model, which evaluate, the export's gates and the runtime decode by.
+    decoding: str
+    crf: bool  # a linear-chain CRF head trained by its likelihood, decoded by Viterbi
 
     def check(self) -> list[str]:
+        errors = []
         if self.stride < 0:
-            return [f"token-classification.stride: {self.stride} must be >= 0"]
-        return []
+            errors.append(f"token-classification.stride: {self.stride} must be >= 0")
+        if self.decoding not in TAG_DECODINGS:
+            errors.append(
+                f"token-classification.decoding: {self.decoding!r} is not one of "
+                f"{list(TAG_DECODINGS)}"
+            )
+        if self.crf and self.decoding != VITERBI:
+            errors.append(
+                "token-classification.crf: true decodes with the CRF's transitions; set "
+                "token-classification.decoding: viterbi"
+            )
+        if self.crf and self.label_all_subwords:
+            errors.append(
+                "token-classification.crf: true reads a word's first subword only; set "
+                "token-classification.label_all_subwords: false"
+            )
+        return errors
 
 
 @dataclass(frozen=True)

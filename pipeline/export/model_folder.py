@@ -16,6 +16,7 @@ from bertrt.engine import Engine, open_engine
 from bertrt.manifest import Manifest, Provenance, VariantEntry
 from bertrt.predictors import dynamic_axes, output_names
 from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.export import quiet
 from pipeline.export.options import ExportOptions, ExportTask, Reference, Score
 from pipeline.export.variants import Shape, add_variants
 
@@ -33,7 +34,7 @@ def export_graph(model: Any, tokenizer: Any, path: Path, opset: int, task: str) 
     sample = tokenizer(["a sample text", "another"], padding=True, return_tensors="pt")
     inputs = tuple(name for name in INPUT_NAMES if name in sample)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), quiet.onnx_export():
         # dynamo=False: the TorchScript exporter's graph is the one ORT's optimizer fully fuses.
         torch.onnx.export(
             model,
@@ -117,6 +118,7 @@ def build(
         shutil.copy(Path(model_dir) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         write_json(tmp / LABELS_FILE, label_names)
         files = [base.file, TOKENIZER_FILE, LABELS_FILE]
+        files += task.model_folder_files(Path(model_dir), tmp)
         manifest = Manifest(
             task=task.name,
             labels=label_names,
@@ -128,13 +130,15 @@ def build(
             window_stride=options.window_stride,
             long_text=options.long_text.as_dict() if options.long_text else {},
             temperature=options.temperature,
+            decoding=task.decoding(Path(model_dir)),
             variants={BASE_VARIANT: VariantEntry.of(BASE_VARIANT)},
             files=manifest_io.file_entries(tmp, files),
             metrics=metrics or {},
             provenance=provenance,
         )
         manifest_io.write(tmp, manifest)
-        engine = open_engine(tmp, device="cpu", variant=BASE_VARIANT)
+        with quiet.loggers("bertrt"):  # the parity line below says which graph ran where
+            engine = open_engine(tmp, device="cpu", variant=BASE_VARIANT)
         windows = engine.encode(texts)
         flat = [w for per_text in windows for w in per_text]
         outputs = torch_outputs(model, engine, flat, options.batch_size)
@@ -144,8 +148,7 @@ def build(
         manifest.variants[BASE_VARIANT].shipped = True
         calibration = None
         if calibration_texts and options.calibrates_int8():
-            cal = [w for per_text in engine.encode(calibration_texts) for w in per_text]
-            calibration = (cal, *engine.infer(cal, options.batch_size))
+            calibration = [w for per_text in engine.encode(calibration_texts) for w in per_text]
         if options.variants:
             reference = Reference(
                 flat,
@@ -154,7 +157,7 @@ def build(
                 (lambda got: score(windows, got)) if score else None,
             )
             files += add_variants(
-                tmp,
+                engine,
                 manifest,
                 options,
                 reference,

@@ -40,6 +40,9 @@ class ExportOptions:
         int8_search_agreement: the int8 search keeps nodes in fp32 until its agreement with the
             fp32 graph on the calibration texts reaches this (0: no search, everything int8).
         int8_smooth_alpha: SmoothQuant's alpha before int8, from the calibration texts (0: off).
+        int8_sensitivity_rows: the int8 search measures how far each node's int8 moves the
+            outputs on a seeded sample (`seed`) of this many calibration windows (0: all); its
+            agreement is always measured on all of them.
         window_stride: tokens shared by a long text's windows (per-token tasks; 0: cut).
         long_text: how a classifier reads long texts, as evaluated (None: truncate).
         temperature: divides a classifier's logits before the softmax (fitted on validation).
@@ -54,6 +57,8 @@ class ExportOptions:
     max_metric_drop: float = 0.005
     int8_search_agreement: float = 0.0
     int8_smooth_alpha: float = 0.0
+    int8_sensitivity_rows: int = 256
+    seed: int = 0
     window_stride: int = 0
     long_text: Reading | None = None
     temperature: float = 1.0
@@ -66,10 +71,14 @@ class ExportOptions:
             )
 
     @classmethod
-    def from_params(cls, export: params.Export, max_length: int, **reading: Any) -> ExportOptions:
-        """params.yaml's export section; `reading` sets window_stride, long_text, temperature."""
+    def from_params(
+        cls, export: params.Export, max_length: int, seed: int = 0, **reading: Any
+    ) -> ExportOptions:
+        """params.yaml's export section (and base.seed); `reading` sets window_stride,
+        long_text, temperature."""
         return cls(
             max_length=max_length,
+            seed=seed,
             opset=export.opset,
             parity_atol=export.parity_atol,
             batch_size=export.batch_size,
@@ -78,6 +87,11 @@ class ExportOptions:
             max_metric_drop=export.max_metric_drop,
             int8_search_agreement=export.int8_search_agreement,
             int8_smooth_alpha=export.int8_smooth_alpha,
+            # TODO(params): export.int8_sensitivity_rows in params.py and params.yaml; until
+            # then the default here.
+            int8_sensitivity_rows=getattr(
+                export, "int8_sensitivity_rows", cls.int8_sensitivity_rows
+            ),
             **reading,
         )
 

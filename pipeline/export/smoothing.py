@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from bertrt.contract import BASE_VARIANT
-from bertrt.engine import open_engine
+from bertrt.engine import Engine
 
 # Bounds on a smoothing factor, so that a dead channel (max 0) or a tiny weight row cannot push
 # an activation or a weight out of fp32's comfortable range.
@@ -31,10 +30,13 @@ def _smoothable(graph: Any) -> dict[str, list[Any]]:
 
 
 def activation_ranges(
-    folder: Path, src: Path, encodings: list[Any], batch_size: int
-) -> dict[str, np.ndarray]:
+    engine: Engine, src: Path, encodings: list[Any], batch_size: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Per input channel, the largest |value| of each smoothable activation of `src` over
-    `encodings` (every position of each padded batch: the quantiser sees those too)."""
+    `encodings` (every position of each padded batch: the quantiser sees those too), with
+    `src`'s outputs and their mask as `engine.infer` gives them (the same pass).
+
+    `engine` is open on the folder `src` belongs to, for its feeds and length-sorted batches."""
     import onnx
     import onnxruntime as ort
 
@@ -49,8 +51,6 @@ def activation_ranges(
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    # An engine over the folder's base graph only for its feeds and length-sorted batching.
-    engine = open_engine(folder, device="cpu", variant=BASE_VARIANT, verify=False)
     first = engine.output_name
     ranges: dict[str, np.ndarray] = {}
 
@@ -61,8 +61,8 @@ def activation_ranges(
             ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
         return outputs[0]
 
-    engine.collect(encodings, batch_size, forward)
-    return ranges
+    outputs, mask = engine.collect(encodings, batch_size, forward)
+    return ranges, outputs, mask
 
 
 def _spread(peaks: np.ndarray) -> float:

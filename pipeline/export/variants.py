@@ -9,10 +9,10 @@ from typing import Any
 
 from bertrt import manifest as manifest_io
 from bertrt.contract import BASE_VARIANT, CPU, OPTIMIZED_VARIANT, VARIANTS
-from bertrt.engine import Engine, open_engine
+from bertrt.engine import Engine
 from bertrt.manifest import Manifest, VariantEntry
 from bertrt.session import DeviceError, int8_kernels
-from pipeline.export import gates, graphs, int8_search, smoothing
+from pipeline.export import gates, graphs, int8_search, sessions, smoothing
 from pipeline.export.options import ExportOptions, Reference
 
 log = logging.getLogger(__name__)
@@ -26,26 +26,31 @@ class Shape:
     hidden_size: int
 
 
-def _open(folder: Path, name: str) -> tuple[Engine | None, str]:
-    """An engine on the variant's own device: a GPU-only variant (fp16) tries CUDA first, then
+def _open(base: Engine, name: str) -> tuple[Engine | None, str]:
+    """The variant's graph on its own device: a GPU-only variant (fp16) tries CUDA first, then
     the CPU."""
+    graph = base.folder / VARIANTS[name].file
     if CPU in VARIANTS[name].providers:
-        return open_engine(folder, device="cpu", variant=name, verify=False), ""
+        return sessions.engine_on(base, graph, name), ""
     try:
-        return open_engine(folder, device="cuda", variant=name, verify=False), ""
+        return sessions.engine_on(base, graph, name, device="cuda"), ""
     except DeviceError:
         log.info("%s: no CUDA session starts here; gating it on the CPU instead", name)
     try:
-        return open_engine(folder, device="cpu", variant=name, verify=False), ""
+        return sessions.engine_on(base, graph, name), ""
     except Exception as exc:  # any failure to start is the recorded reason it is not shipped
         return None, f"not evaluated: no CUDA, and the CPU cannot run it ({exc})"
 
 
 def _evaluate(
-    folder: Path, name: str, reference: Reference, options: ExportOptions
+    base: Engine,
+    name: str,
+    reference: Reference,
+    options: ExportOptions,
+    reference_score: float | None,
 ) -> dict[str, Any]:
-    engine, reason = _open(folder, name)
-    size = (folder / VARIANTS[name].file).stat().st_size
+    engine, reason = _open(base, name)
+    size = (base.folder / VARIANTS[name].file).stat().st_size
     if engine is None:
         return {"positions": 0, "bytes": size, "provider": None, "passed": False, "reason": reason}
     outputs, _ = engine.infer(reference.encodings, options.batch_size)
@@ -56,6 +61,7 @@ def _evaluate(
         options.min_agreement,
         options.max_metric_drop,
         reference.score,
+        reference_score,
     )
     result.update(bytes=size, provider=engine.provider)
     if engine.provider not in VARIANTS[name].providers:
@@ -66,19 +72,22 @@ def _evaluate(
 
 
 def add_variants(
-    folder: Path,
+    engine: Engine,
     manifest: Manifest,
     options: ExportOptions,
     reference: Reference,
     shape: Shape,
-    calibration: int8_search.Calibration | None = None,
+    calibration: list[Any] | None = None,
 ) -> list[str]:
-    """Build, gate and keep or delete each of `options.variants` in `folder`; return the
-    shipped files.
+    """Build, gate and keep or delete each of `options.variants` in the folder `engine` is open
+    on; return the shipped files.
 
-    Shipped variants join manifest.variants, rejected ones go to manifest.rejected_variants with
-    their gate; the caller re-writes manifest.files so its sha256 covers the shipped ones.
+    Each graph runs once on the reference's windows, and PyTorch's score on them is taken
+    once for every gate. `calibration` holds the windows the int8 search and smoothing measure
+    on. Shipped variants join manifest.variants, rejected ones go to manifest.rejected_variants
+    with their gate; the caller re-writes manifest.files so its sha256 covers the shipped ones.
     """
+    folder = engine.folder
     names = list(dict.fromkeys(options.variants))
     base = folder / VARIANTS[BASE_VARIANT].file
     optimized = folder / VARIANTS[OPTIMIZED_VARIANT].file
@@ -101,44 +110,50 @@ def add_variants(
     manifest_io.write(folder, manifest)
     int8s = [name for name in names if VARIANTS[name].weights]
     if int8s:
-        _add_int8(folder, optimized, int8s, candidates, options, calibration)
+        _add_int8(engine, optimized, int8s, candidates, options, calibration)
     if OPTIMIZED_VARIANT not in candidates:
         optimized.unlink()
+    reference_score = reference.score(reference.outputs) if reference.score else None
     shipped = []
     for name, entry in candidates.items():
-        entry.gate = _evaluate(folder, name, reference, options)
+        entry.gate = _evaluate(engine, name, reference, options, reference_score)
         entry.shipped = entry.gate["passed"]
         if entry.shipped:
             shipped.append(entry.file)
-            log.info("variant %s shipped: %s", name, _summary(entry.gate))
             continue
         (folder / entry.file).unlink()
         manifest.rejected_variants[name] = manifest.variants.pop(name)
-        log.warning("variant %s NOT shipped: %s", name, entry.gate["reason"])
     return shipped
 
 
 def _add_int8(
-    folder: Path,
+    engine: Engine,
     optimized: Path,
     names: list[str],
     entries: dict[str, VariantEntry],
     options: ExportOptions,
-    calibration: int8_search.Calibration | None,
+    calibration: list[Any] | None,
 ) -> None:
     """Write the int8 graphs from the optimised one: smoothed first when asked, with the nodes
     the search keeps in fp32, or everything int8."""
+    folder = engine.folder
     source = optimized
     try:
-        smoothed = None
+        smoothed, reference = None, None
         if calibration is not None and options.int8_smooth_alpha > 0:
             source = folder / "model.smoothed.tmp.onnx"  # not shipped: int8's fp32 source
-            ranges = smoothing.activation_ranges(
-                folder, optimized, calibration[0], options.batch_size
+            # The pass that measures the activations gives the fp32 outputs the search needs.
+            ranges, outputs, mask = smoothing.activation_ranges(
+                engine, optimized, calibration, options.batch_size
             )
+            reference = (calibration, outputs, mask)
             smoothed = smoothing.smooth(optimized, source, ranges, options.int8_smooth_alpha)
             log.info("int8: smoothed activations %s", smoothed)
-        shift = None
+        searches = calibration is not None and options.int8_search_agreement > 0
+        if searches and reference is None:
+            fp32 = sessions.engine_on(engine, optimized, OPTIMIZED_VARIANT)
+            reference = (calibration, *fp32.infer(calibration, options.batch_size))
+        shift, guess = None, None
         for name in names:
             entry = entries[name]
             weights = VARIANTS[name].weights
@@ -147,33 +162,29 @@ def _add_int8(
             # uint8 weights are summed exactly everywhere.
             entry.gated_int8_kernels = int8_kernels() if weights == "int8" else "exact"
             entry.smoothing = smoothed
-            if calibration is None or options.int8_search_agreement <= 0:
+            if not searches or reference is None:
                 graphs.to_int8(source, folder / entry.file, weights=weights)
                 continue
             entry.search = int8_search.search_int8(
-                folder,
+                engine,
                 source,
-                calibration,
+                reference,
                 options.int8_search_agreement,
                 options.batch_size,
                 name,
                 shift,
+                options.int8_sensitivity_rows,
+                options.seed,
+                guess,
             )
             # uint8-weight variants rank their nodes by an int8-weight variant's figures where
             # its sums were exact: the same nodes and activations, only the weights' rounding
             # differs. Where they saturate, those figures measure the saturation: each
-            # measures its own.
-            if weights == "int8" and entry.gated_int8_kernels == "exact":
-                shift = entry.search.get("mean_abs_logit_shift")
+            # measures its own. Either way its search starts from how many that one kept.
+            if weights == "int8":
+                guess = len(entry.search["kept_fp32"]) or None
+                if entry.gated_int8_kernels == "exact":
+                    shift = entry.search.get("mean_abs_logit_shift")
     finally:
         if source != optimized:
             source.unlink(missing_ok=True)
-
-
-def _summary(result: dict[str, Any]) -> str:
-    drop = result["metric_drop"]
-    return (
-        f"agreement {result['agreement']:.4f} on {result['positions']} positions, metric drop "
-        f"{'n/a' if drop is None else f'{drop:.4f}'}, max |dlogit| "
-        f"{result['max_abs_logit_diff']:.2e}, {result['bytes']} bytes, on {result['provider']}"
-    )

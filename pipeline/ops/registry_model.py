@@ -3,7 +3,11 @@
 `mlflow.pyfunc.load_model("models:/<name>@production")` gives a model whose `predict` takes a
 DataFrame with a `text` column (or a list of strings) and returns one JSON prediction per text,
 as `bertrt` makes it (label and score, entities, or fills). The package folder itself is the
-artifact `package`; `bertrt.load("models:/<name>@production")` opens it without this wrapper.
+artifact `package`, its signature (`model.sig`, when the release was signed) inside it;
+`bertrt.load("models:/<name>@production")` opens it without this wrapper.
+
+With a public key, `model_config={"public_key": "key.pub"}` at load or `BERTRT_PUBLIC_KEY`, the
+folder's signature is checked before it is read, and an unsigned or changed one is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ class PackageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         import bertrt
 
-        self.predictor = bertrt.load(context.artifacts[PACKAGE])
+        config = getattr(context, "model_config", None) or {}
+        self.predictor = bertrt.load(
+            context.artifacts[PACKAGE], public_key=config.get("public_key") or None
+        )
 
     def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
         if isinstance(model_input, pd.DataFrame):

@@ -6,6 +6,12 @@ and the run cache to the DVC remote, and registers the exported package in the M
 Registry: logged as a model of its training run (signature and input example), the tag, commit
 and lineage in the version's description and tags, the wheel attached, and the alias
 `candidate`, which a person moves to `production` once they trust it.
+
+With a signing key (`--signing-key`, `BERTRT_SIGNING_KEY`; its password, if any, in
+`BERTRT_SIGNING_KEY_PASSWORD`) the registered folder and the wheel's folder carry a signature
+(bertrt.signing) that `bertrt.load(..., public_key=)` checks. The workspace's `models/onnx`, a
+DVC output, is left as the export wrote it: a signed copy is registered. Without a key the
+release says it is unsigned and goes on; `--signed` refuses instead.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,8 @@ from pipeline.core import entry, layout, lineage, params, tracking
 log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 EXAMPLES = 3  # test texts used as the registered model's input example
+SIGNING_KEY_ENV = "BERTRT_SIGNING_KEY"
+SIGNING_PASSWORD_ENV = "BERTRT_SIGNING_KEY_PASSWORD"
 
 
 class ReleaseError(RuntimeError):
@@ -76,6 +87,61 @@ def push() -> None:
     _run(["dvc", "push", "--run-cache"])
 
 
+@dataclass(frozen=True)
+class SigningKey:
+    """The private key a release signs with, checked before anything is tagged or pushed."""
+
+    path: Path
+    password: str | None
+    fingerprint: str  # sha256 of its public key: which key signed a version
+
+
+def signing_key(path: str | None, required: bool) -> SigningKey | None:
+    """The key named by `path`, loaded and checked; None (with one line saying the release is
+    unsigned) when there is none, or a ReleaseError when `required`."""
+    from bertrt import signing
+
+    if not path:
+        if required:
+            raise ReleaseError(
+                f"--signed asks for a signature but no key is given; pass --signing-key KEY.pem "
+                f"(make release SIGNING_KEY=KEY.pem) or set {SIGNING_KEY_ENV}"
+            )
+        print(
+            f"release: unsigned: no signing key (SIGNING_KEY=KEY.pem or {SIGNING_KEY_ENV}); "
+            "the registered model and the wheel carry no signature"
+        )
+        return None
+    password = os.environ.get(SIGNING_PASSWORD_ENV) or None
+    try:
+        pem = signing.public_pem(path, password)
+    except signing.SignatureError as exc:
+        raise ReleaseError(f"signing key {exc}") from None
+    return SigningKey(Path(path), password, signing.fingerprint(pem))
+
+
+def signed_copy(model_dir: Path, key: SigningKey, into: Path) -> Path:
+    """`model_dir` copied into `into` (hard links where the file system allows) and signed
+    there, then checked with the key's public half; returns the copy."""
+    from bertrt import signing
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system: a copy
+            shutil.copy2(src, dst)
+
+    folder = into / model_dir.name
+    ignore = shutil.ignore_patterns(signing.SIGNATURE_FILE)
+    shutil.copytree(model_dir, folder, copy_function=link, ignore=ignore)
+    signing.sign(folder, key.path, key.password)
+    public = into / "public.pem"
+    public.write_bytes(signing.public_pem(key.path, key.password))
+    signing.verify(folder, public)
+    public.unlink()
+    return folder
+
+
 def register(
     model_dir: Path,
     test_path: Path,
@@ -84,14 +150,34 @@ def register(
     name: str,
     cfg: params.Tracking,
     wheel: bool = True,
+    key: SigningKey | None = None,
 ) -> dict[str, Any]:
-    """Log `model_dir` as a model of its MLflow run, register it as `name`, alias `candidate`."""
+    """Log `model_dir` as a model of its MLflow run, register it as `name`, alias `candidate`;
+    signed with `key` when given."""
+    if key is None:
+        return _register(model_dir, test_path, tag, commit, name, cfg, wheel, None)
+    with tempfile.TemporaryDirectory(prefix="release-signed-") as tmp:
+        folder = signed_copy(model_dir, key, Path(tmp))
+        return _register(folder, test_path, tag, commit, name, cfg, wheel, key)
+
+
+def _register(
+    model_dir: Path,
+    test_path: Path,
+    tag: str,
+    commit: str,
+    name: str,
+    cfg: params.Tracking,
+    wheel: bool,
+    signer: SigningKey | None,
+) -> dict[str, Any]:
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
 
     import bertrt
     from bertrt import manifest as manifests
+    from bertrt.bundle import SIGNING_REQUIREMENTS
 
     found = manifests.read(model_dir)
     provenance = found.provenance
@@ -123,9 +209,15 @@ def register(
             code_paths=[str(Path(bertrt.__file__).parent)],
             signature=signature,
             input_example=pd.DataFrame({"text": texts}),
-            pip_requirements=["onnxruntime", "tokenizers", "numpy", "pandas"],
+            pip_requirements=[
+                "onnxruntime",
+                "tokenizers",
+                "numpy",
+                "pandas",
+                *(SIGNING_REQUIREMENTS if signer else ()),
+            ],
         )
-        wheel_path = _log_wheel(model_dir, tag) if wheel else None
+        wheel_path = _log_wheel(model_dir, tag, signer) if wheel else None
         mlflow.set_tags({"git_tag": tag, "release_commit": commit})
     version = mlflow.register_model(info.model_uri, name)
     client = mlflow.MlflowClient()
@@ -145,7 +237,10 @@ def register(
         "task": found.task,
         "env_lock_sha256": str(environment.get("lock_sha256")),
         "dvc_stages_sha256": hashlib.sha256(json.dumps(dvc, sort_keys=True).encode()).hexdigest(),
+        "signed": "true" if signer else "false",
     }
+    if signer:
+        tags["signing_key_sha256"] = signer.fingerprint
     if wheel_path:
         tags["wheel"] = f"runs:/{run_id}/wheel/{wheel_path.name}"
     for key, value in tags.items():
@@ -170,14 +265,15 @@ def _examples(task: str, test_path: Path) -> list[str]:
     return tasks.get(task).export_texts(pd.read_parquet(test_path))[:EXAMPLES]
 
 
-def _log_wheel(model_dir: Path, tag: str) -> Path:
+def _log_wheel(model_dir: Path, tag: str, signer: SigningKey | None) -> Path:
     import mlflow
 
     from bertrt.bundle import build_wheel
 
     with tempfile.TemporaryDirectory(prefix="release-wheel-") as tmp:
         version = tag.lstrip("v") if tag.lstrip("v")[:1].isdigit() else None
-        wheel = build_wheel(model_dir, tmp, version=version)
+        signed = {"private_key": signer.path, "password": signer.password} if signer else {}
+        wheel = build_wheel(model_dir, tmp, version=version, **signed)
         mlflow.log_artifact(str(wheel), artifact_path="wheel")
         return Path(wheel)
 
@@ -189,17 +285,23 @@ def run(
     test_path: Path,
     name: str = "",
     message: str = "",
+    key_path: str | None = None,
+    signed: bool = False,
 ) -> dict[str, Any]:
+    """Release `tag`; `key_path` signs the registered folder and wheel, `signed` refuses to go
+    on without one. The key is checked before anything is tagged or pushed."""
     p = params.load(params_path, "tracking")
+    key = signing_key(key_path, signed)
     check_tree(tag)
     commit = commit_and_tag(tag, message)
     push()
     registered = register(
-        model_dir, test_path, tag, commit, name or p.tracking.experiment, p.tracking
+        model_dir, test_path, tag, commit, name or p.tracking.experiment, p.tracking, key=key
     )
+    how = f"signed with key {key.fingerprint[:12]}" if key else "unsigned"
     print(
         f"released {tag} ({commit[:10]}): artifacts pushed to the DVC remote; registered "
-        f"{registered['uri']} with alias {CANDIDATE}\n"
+        f"{registered['uri']} with alias {CANDIDATE}, {how}\n"
         f"  promote it: make promote MODEL={registered['name']} VERSION={registered['version']}"
     )
     return {"tag": tag, "commit": commit, "registered": registered}
@@ -226,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--promote", nargs=2, metavar=("NAME", "VERSION"), help="move `production` to a version"
     )
+    parser.add_argument(
+        "--signing-key",
+        metavar="PEM",
+        default=os.environ.get(SIGNING_KEY_ENV) or None,
+        help=f"EC private key that signs the released model folder (default: ${SIGNING_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--signed", action="store_true", help="refuse to release without a signing key"
+    )
     args = parser.parse_args(argv)
     if args.promote:
         cfg = params.load(args.params, "tracking").tracking
@@ -233,7 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tag:
         parser.error("give the tag to release, e.g. v1")
     return entry.guarded(
-        lambda: run(args.tag, args.params, args.model, args.test, args.name, args.message)
+        lambda: run(
+            args.tag,
+            args.params,
+            args.model,
+            args.test,
+            args.name,
+            args.message,
+            args.signing_key,
+            args.signed,
+        )
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from bertrt.contract import MANIFEST_FILE
 from pipeline.core import layout
+from pipeline.export.gates import table
 
 
 def read(path: Path) -> dict:
@@ -38,26 +39,21 @@ def quality(evaluation: dict[str, Any]) -> list[str]:
     return lines
 
 
-def variants(export: dict[str, Any]) -> list[str]:
-    """One row per graph the export built: its gate against PyTorch, its size, shipped or why."""
-    rows = [("variant", "agreement", "drop", "MB", "shipped")]
-    gates = {**export.get("variants", {}), **export.get("rejected_variants", {})}
-    for name, gate in gates.items():
-        agreement, drop = gate.get("agreement"), gate.get("metric_drop")
-        rows.append(
-            (
-                name,
-                "parity" if agreement is None else f"{agreement:.4f}",
-                "" if drop is None else f"{drop:.4f}",
-                f"{gate['bytes'] / 2**20:.1f}" if "bytes" in gate else "",
-                "yes" if gate.get("passed") else f"no: {gate.get('reason', '')}",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return [
-        "    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4]
-        for row in rows
-    ]
+def duration(seconds: float) -> str:
+    """Seconds as "42 s" or "23 min 55 s"."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def stage_times(reports: dict[str, dict[str, Any]]) -> str | None:
+    """The time of each stage whose report records one (the fine-tune's: its training loop)."""
+    times = {
+        "finetune (training loop)": reports["train"].get("train_runtime_s"),
+        "evaluate": reports["eval"].get("seconds"),
+        "export": reports["export"].get("seconds"),
+    }
+    shown = [f"{name} {duration(s)}" for name, s in times.items() if s is not None]
+    return f"  stage times: {', '.join(shown)}" if shown else None
 
 
 def picked_here(model: Path) -> str:
@@ -81,18 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=layout.ONNX_MODEL)
     args = parser.parse_args(argv)
     train = read(args.reports / "train.json")
+    evaluation = read(args.reports / "eval.json")
     export = read(args.reports / "export.json")
     print("\nPipeline finished.")
-    for line in quality(read(args.reports / "eval.json")):
+    for line in quality(evaluation):
         print(line)
     if export:
         parity = export.get("parity", {})
         print(f"  ONNX parity: max |dlogit| {parity.get('max_abs_logit_diff', float('nan')):.2e}")
         print("  graphs, gated against PyTorch on the test split:")
-        for line in variants(export):
-            print(line)
+        for line in table(export):
+            print(f"    {line}")
     if (args.model / MANIFEST_FILE).is_file():
         print(f"  the runtime picks here: {picked_here(args.model)}")
+    times = stage_times({"train": train, "eval": evaluation, "export": export})
+    if times:
+        print(times)
     if train:
         print(f"  MLflow run {train.get('mlflow_run_id')} in {train.get('tracking_uri')}")
     print("Next:")

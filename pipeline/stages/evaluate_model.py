@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def run(
     from datasets import load_from_disk
     from transformers import AutoConfig
 
+    started = time.perf_counter()
     p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)
     config = AutoConfig.from_pretrained(model_dir)
@@ -49,7 +51,9 @@ def run(
     # A fresh folder: files of an earlier run (perhaps of another task) would be logged too.
     with atomic_dir(plots_dir) as tmp:
         result = task.evaluate(outputs, dataset, test, labels, p, tmp, validation)
-    write_json(metrics_path, result)
+    # The stage's time (for the closing summary) sits beside the metrics, not among them.
+    seconds = round(time.perf_counter() - started, 1)
+    write_json(metrics_path, {**result, "seconds": seconds})
     if headline_path is not None:  # the few numbers `dvc metrics show` puts in one row
         write_json(headline_path, headline(result, task.headline))
 
@@ -67,7 +71,7 @@ def run(
         for path in sorted(plots_dir.iterdir()):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
-    log.info("test: %s", {k: round(v, 4) for k, v in result["overall"].items()})
+    log.info("test: %s (%.0f s)", {k: round(v, 4) for k, v in result["overall"].items()}, seconds)
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from bertrt.manifest import BaseModel, Git, Provenance
 from pipeline import tasks
 from pipeline.core import entry, lineage, params, tracking
 from pipeline.core.atomic import write_json
-from pipeline.export import model_card, model_folder
+from pipeline.export import gates, model_card, model_folder
 from pipeline.export.options import ExportOptions
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def run(
     the int8 variant is tuned on `calibration_path` (the validation split), never on test."""
     from transformers import AutoConfig, AutoTokenizer
 
+    started = time.perf_counter()
     params_sha256 = p.digest()  # every section the caller gave: main loads them all
     p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)
@@ -48,6 +50,7 @@ def run(
     options = ExportOptions.from_params(
         p.export,
         p.base.max_length,
+        seed=p.base.seed,
         window_stride=task.window_stride(p),
         long_text=task.reading(p),
         temperature=float(metrics.get("calibration", {}).get("temperature", 1.0)),
@@ -94,9 +97,18 @@ def run(
             "gate_metric": task.gate_metric,
             "variants": {k: v.gate for k, v in manifest.variants.items()},
             "rejected_variants": {k: v.gate for k, v in manifest.rejected_variants.items()},
+            "seconds": round(time.perf_counter() - started, 1),
         }
         write_json(report, result)
         tracking.log_export(result, out_dir)
+    rejected = bool(result["rejected_variants"])
+    (log.warning if rejected else log.info)(
+        "graphs gated against PyTorch on %d test texts (%s), in %.0f s:\n%s",
+        parity["texts"],
+        task.gate_metric,
+        result["seconds"],
+        "\n".join(f"  {line}" for line in gates.table(result)),
+    )
     return result
 
 

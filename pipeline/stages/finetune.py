@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,11 @@ def run(
     )
     # A checkpoint that already has a head of another size (e.g. a classifier fine-tuned on other
     # labels) gets a new one; the encoder's weights are what is reused.
-    kwargs = {"ignore_mismatched_sizes": True, **task.model_kwargs(labels)}
+    kwargs = {
+        "ignore_mismatched_sizes": True,
+        **task.model_kwargs(labels),
+        **task.model_settings(p),
+    }
     model = from_pretrained(task.model_class(), source, trust, **kwargs)
     base_vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > base_vocab:
@@ -227,6 +232,8 @@ def run(
         "processes": world_size(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "precision": "bf16" if trainer.args.bf16 else "fp32",
+        "machine": lineage.machine(),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     write_curves(trainer.state.log_history, curves_dir, task.selection_metric)
     gap.call("model tag", mlflow.set_tag, tracking.MODEL_TAG, model_hash)

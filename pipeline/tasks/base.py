@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bertrt.decoding import ARGMAX
 from bertrt.long_text import Reading
 from pipeline.core.params import Params
 from pipeline.core.sources import load_options
@@ -112,6 +113,11 @@ class Task(ABC):
     def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
         """from_pretrained arguments for the head: label count, id2label, label2id."""
 
+    def model_settings(self, p: Params) -> dict[str, Any]:
+        """from_pretrained arguments the task's params section sets at fine-tuning, which the
+        model records in its config (e.g. its decoding and head); {} for none."""
+        return {}
+
     def prepare_training(self, model: Any) -> None:
         """Adjust the model for training only (hooks that are not saved with it)."""
         return None
@@ -144,24 +150,15 @@ class Task(ABC):
     # evaluate -------------------------------------------------------------------------------
     def predict(self, model_dir: Path, dataset: Any, test: pd.DataFrame, p: Params) -> Any:
         """The model's outputs on the tokenized test split, as `evaluate` reads them."""
-        from transformers import AutoTokenizer, Trainer, TrainingArguments
+        from transformers import AutoTokenizer
 
         trust = p.base.trust_remote_code
         tokenizer = AutoTokenizer.from_pretrained(model_dir, **load_options(trust, False))
         model = self.model_class().from_pretrained(model_dir, **load_options(trust))
-        args = TrainingArguments(
-            output_dir=str(Path(model_dir) / ".predict"),  # nothing is written there
-            per_device_eval_batch_size=p.evaluate.batch_size,
-            report_to=[],
-            disable_tqdm=True,
+        collator = self.collator(tokenizer, p)
+        return forward_sorted(
+            model, dataset, collator, p.evaluate.batch_size, self.remove_unused_columns
         )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            processing_class=tokenizer,
-            data_collator=self.collator(tokenizer, p),
-        )
-        return np.asarray(trainer.predict(dataset).predictions, dtype=np.float64)
 
     @abstractmethod
     def evaluate(
@@ -181,6 +178,16 @@ class Task(ABC):
         split, for what is fitted on it (a classifier's temperature) and the selection metric."""
 
     # export ---------------------------------------------------------------------------------
+    def decoding(self, model_dir: Path) -> str:
+        """How the runtime turns the graph's outputs into labels (bertrt.decoding), as the
+        fine-tuned model at `model_dir` records it."""
+        return ARGMAX
+
+    def model_folder_files(self, model_dir: Path, folder: Path) -> list[str]:
+        """Files besides the graph, tokenizer and labels that the runtime reads, written into
+        the model `folder` from the fine-tuned model (e.g. a CRF's transitions); their names."""
+        return []
+
     def output_labels(self, config: Any) -> list[str]:
         """What the graph's output columns mean, for labels.json and the manifest."""
         return [config.id2label[i] for i in range(config.num_labels)]
@@ -211,3 +218,51 @@ class Task(ABC):
     # The few metrics in reports/metrics.json: keys of `evaluate`'s "overall", or
     # "group.key" for another group of it (e.g. "validation.macro_f1").
     headline: tuple[str, ...] = ("accuracy",)
+
+
+# What the Trainer pads per-token outputs with when it joins batches of different widths.
+PAD_OUTPUT = -100.0
+
+
+def forward_sorted(
+    model: Any, dataset: Any, collator: Any, batch_size: int, model_inputs_only: bool = True
+) -> np.ndarray:
+    """The model's logits on every row of `dataset`, in its order, as float64; per-token
+    logits are padded with PAD_OUTPUT to the widest batch (as the Trainer's `predict` returns
+    them).
+
+    Rows run in batches sorted by length, so that each pads to its own longest row.
+    `model_inputs_only` keeps only the columns `forward` takes (the Trainer's
+    `remove_unused_columns`), so that the collator sees what it saw in training.
+    """
+    import inspect
+
+    import torch
+
+    columns = list(dataset.column_names)
+    if model_inputs_only:
+        takes = set(inspect.signature(model.forward).parameters) | {"label", "label_ids"}
+        columns = [c for c in columns if c in takes]
+    rows = dataset.select_columns(columns)
+    order = np.argsort([len(ids) for ids in rows["input_ids"]], kind="stable")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    batches: list[tuple[np.ndarray, np.ndarray]] = []
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collator([rows[int(i)] for i in idx])
+            # The logits do not depend on the labels; given them, the model adds a loss.
+            feeds = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            batches.append((idx, model(**feeds).logits.float().cpu().numpy()))
+    if not batches:
+        raise ValueError("nothing to predict on: the tokenized split has no rows")
+    first = batches[0][1]
+    width = (max(b.shape[1] for _, b in batches),) if first.ndim == 3 else ()
+    out = np.full((len(order), *width, first.shape[-1]), PAD_OUTPUT, dtype=np.float64)
+    for idx, logits in batches:
+        if logits.ndim == 3:
+            out[idx, : logits.shape[1]] = logits
+        else:
+            out[idx] = logits
+    return out

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bertrt.contract import TRANSITIONS_FILE
+from bertrt.decoding import ARGMAX, Decoder
 from bertrt.predictors import TOKEN_CLASSIFICATION
 from bertrt.predictors.token_classification import merge_windows
 from pipeline.core.params import Params
@@ -17,7 +19,19 @@ from pipeline.core.tables import SPLITS, TableError, read_table, table_format
 from pipeline.tasks.base import Task
 from pipeline.tasks.confusion import confusion_png
 from pipeline.tasks.percentiles import percentiles
+from pipeline.tasks.token_classification import tagger
 from pipeline.tasks.token_classification.checks import check_splits
+from pipeline.tasks.token_classification.metrics import (
+    IGNORE,
+    Scores,
+    compare_decodings,
+    decoder_of,
+    select_sentences,
+    seqeval_scores,
+    spans,
+    text_word_log_probs,
+    validation_sentences,
+)
 from pipeline.tasks.token_classification.report import write_report
 from pipeline.tasks.token_classification.tagging import (
     entity_starts,
@@ -33,67 +47,8 @@ from pipeline.tasks.token_classification.tagging import (
 log = logging.getLogger(__name__)
 TOKENS = "tokens"
 TAGS = "tags"
-IGNORE = -100  # the label id the loss and the metrics skip
 TABLES = ("jsonl", "parquet")
 MIN_STRATUM = 5
-
-
-def seqeval_scores(truth: list[list[str]], predicted: list[list[str]]) -> dict[str, Any]:
-    """Entity-level micro P/R/F1 overall and per type, strict IOB2, as seqeval computes them."""
-    from seqeval.metrics import classification_report
-    from seqeval.scheme import IOB2
-
-    report = classification_report(
-        truth, predicted, mode="strict", scheme=IOB2, output_dict=True, zero_division=0
-    )
-    micro = report.pop("micro avg")
-    for key in ("macro avg", "weighted avg"):
-        report.pop(key, None)
-    return {
-        "precision": float(micro["precision"]),
-        "recall": float(micro["recall"]),
-        "f1": float(micro["f1-score"]),
-        "per_type": {
-            kind: {
-                "precision": float(v["precision"]),
-                "recall": float(v["recall"]),
-                "f1": float(v["f1-score"]),
-                "support": int(v["support"]),
-            }
-            for kind, v in sorted(report.items())
-        },
-    }
-
-
-def spans(tags: list[str]) -> set[tuple[int, int, str]]:
-    """(first word, last word + 1, type) of each IOB2 entity, read strictly as seqeval's strict
-    mode does: only B- opens an entity, so a stray I- is no entity."""
-    out, start, kind = set(), None, ""
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, this = split_tag(tag)
-        if start is not None and (prefix != "I" or this != kind):
-            out.add((start, i, kind))
-            start = None
-        if prefix == "B":
-            start, kind = i, this
-    return out
-
-
-def merge_word_predictions(
-    predictions: np.ndarray, word_ids: list[list[int]], example_ids: list[int], rows: int
-) -> list[dict[int, int]]:
-    """Per example, word -> predicted label id, from the window where the word has most context."""
-    best: list[dict[int, tuple[int, int]]] = [{} for _ in range(rows)]
-    for window, (words, example) in enumerate(zip(word_ids, example_ids, strict=True)):
-        content = [j for j, w in enumerate(words) if w >= 0]
-        for rank, j in enumerate(content):
-            word = words[j]
-            if j > 0 and words[j - 1] == word:
-                continue  # only a word's first token speaks for it
-            context = min(rank, len(content) - 1 - rank)
-            if word not in best[example] or context > best[example][word][0]:
-                best[example][word] = (context, int(predictions[window, j].argmax()))
-    return [{w: label for w, (_, label) in words.items()} for words in best]
 
 
 class TokenClassification(Task):
@@ -103,6 +58,8 @@ class TokenClassification(Task):
     gate_metric = "entity_f1"
     headline = ("f1", "precision", "recall")
     long_inputs = "read in overlapping windows"
+    # Training reads the decoding and CRF head the fine-tuned model records (model_settings).
+    trains_with_section = True
 
     def accepts(self, path: Path) -> bool:
         return table_format(path) in TABLES or not path.name.startswith(".")
@@ -270,9 +227,10 @@ class TokenClassification(Task):
         }
 
     def model_class(self) -> Any:
-        from transformers import AutoModelForTokenClassification
+        return tagger.TokenTagger
 
-        return AutoModelForTokenClassification
+    def model_settings(self, p: Params) -> dict[str, Any]:
+        return tagger.settings(p.token_classification)
 
     def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
         return {
@@ -288,8 +246,15 @@ class TokenClassification(Task):
 
     def compute_metrics(self, labels: list[str]) -> Any:
         def compute(eval_pred: Any) -> dict[str, float]:
-            logits, label_ids = eval_pred
-            predicted = np.asarray(logits).argmax(axis=-1)
+            outputs, label_ids = eval_pred
+            # A CRF head adds its own decoding (`tags`, one id per position) to the logits; a
+            # softmax head is read token by token.
+            extra = outputs[1] if isinstance(outputs, tuple) and len(outputs) > 1 else None
+            if isinstance(extra, np.ndarray) and extra.ndim == 2:
+                predicted = extra
+            else:
+                logits = outputs[0] if isinstance(outputs, tuple) else outputs
+                predicted = np.asarray(logits).argmax(axis=-1)
             truth, guess = [], []
             for row_pred, row_true in zip(predicted, np.asarray(label_ids), strict=True):
                 keep = row_true != IGNORE
@@ -316,6 +281,14 @@ class TokenClassification(Task):
             }
         )
 
+    def predict(self, model_dir: Path, dataset: Any, test: pd.DataFrame, p: Params) -> Scores:
+        """The logits, carrying the decoding the fine-tuned model records (and its CRF's
+        transitions), which evaluate decodes by."""
+        tagger.check_params(model_dir, p.token_classification)
+        return Scores(
+            super().predict(model_dir, dataset, test, p), tagger.model_decoder(model_dir)
+        )
+
     def evaluate(
         self,
         predictions: np.ndarray,
@@ -326,29 +299,40 @@ class TokenClassification(Task):
         plots_dir: Path,
         validation: Any = None,
     ) -> dict[str, Any]:
-        merged = merge_word_predictions(
-            np.asarray(predictions), dataset["word_ids"], dataset["example_id"], len(test)
-        )
+        """Entity metrics of the model's decoding, and of every other decoding on the same
+        logits (argmax, viterbi, crf), on test and validation."""
+        decoder = decoder_of(predictions, labels)
         truth = [list(t) for t in test[TAGS]]
-        guess = [
-            [labels[words.get(i, 0)] for i in range(len(tags))]
-            for words, tags in zip(merged, truth, strict=True)
-        ]
+        sentences = select_sentences(predictions, dataset, [len(t) for t in truth], labels)
+        by_decoding, guesses = compare_decodings(truth, sentences, decoder)
+        guess = guesses[decoder.mode]
         scores = seqeval_scores(truth, guess)
         flat = [
             a == b for t, g in zip(truth, guess, strict=True) for a, b in zip(t, g, strict=True)
         ]
         write_report(test, truth, guess, p.evaluate.top_mistakes, plots_dir, confusion_png, spans)
-        return {
+        log.info(
+            "entity F1 by decoding: %s",
+            {k: (round(v["f1"], 4), v["invalid_sequences"]) for k, v in by_decoding.items()},
+        )
+        result = {
             "overall": {
                 "precision": scores["precision"],
                 "recall": scores["recall"],
                 "f1": scores["f1"],
                 "token_accuracy": float(np.mean(flat)) if flat else 0.0,
                 "rows": len(test),
+                "invalid_sequences": by_decoding[decoder.mode]["invalid_sequences"],
             },
             "per_type": scores["per_type"],
+            "decoding": by_decoding,
         }
+        if validation is not None:
+            outputs, data = validation()
+            found, truth = validation_sentences(outputs, data, labels)
+            on_validation, _ = compare_decodings(truth, found, decoder_of(outputs, labels))
+            result["validation"] = {f"{k}_f1": v["f1"] for k, v in on_validation.items()}
+        return result
 
     def texts(self, test: pd.DataFrame) -> list[str]:
         return [" ".join(tokens) for tokens in test[TOKENS]]
@@ -362,22 +346,43 @@ class TokenClassification(Task):
         p: Params,
         tokenizer: Any = None,
     ) -> float:
+        """Entity F1 of runtime outputs, decoded as the fine-tuned model the tokenizer was read
+        from records (argmax where it records nothing)."""
+        folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+        found = (folder / "config.json").is_file()
+        decoder = tagger.model_decoder(folder) if found else Decoder(tuple(labels), ARGMAX)
         guess, at = [], 0
         for per_text, tokens in zip(windows, test[TOKENS], strict=True):
             outs = [outputs[at + i, : len(w.ids)] for i, w in enumerate(per_text)]
             at += len(per_text)
             offsets, scores, _ = merge_windows(per_text, outs, self.window_stride(p))
-            starts = np.cumsum([0, *[len(t) + 1 for t in tokens[:-1]]])
-            first = {}
-            for (start, _), row in zip(offsets, scores, strict=True):
-                word = int(np.searchsorted(starts, start, side="right")) - 1
-                first.setdefault(word, int(row.argmax()))
-            guess.append([labels[first.get(i, 0)] for i in range(len(tokens))])
+            words = text_word_log_probs(offsets, scores, list(tokens), labels)
+            guess.append([labels[i] for i in decoder.decode(words)])
         return seqeval_scores([list(t) for t in test[TAGS]], guess)["f1"]
+
+    # export ---------------------------------------------------------------------------------
+    def decoding(self, model_dir: Path) -> str:
+        return tagger.model_decoder(model_dir).mode
+
+    def model_folder_files(self, model_dir: Path, folder: Path) -> list[str]:
+        """A CRF head's transitions, checked against the model's labels on the way."""
+        decoder = tagger.model_decoder(model_dir)
+        if decoder.crf is None:
+            return []
+        decoder.crf.write(folder / TRANSITIONS_FILE)
+        return [TRANSITIONS_FILE]
 
 
 def _key(tokens: Any) -> str:
     return " ".join(map(str, tokens)).lower() if isinstance(tokens, (list, np.ndarray)) else ""
 
 
-__all__ = ["SPLITS", "TokenClassification", "entity_types", "labels_for", "problems"]
+__all__ = [
+    "SPLITS",
+    "TokenClassification",
+    "entity_types",
+    "labels_for",
+    "problems",
+    "seqeval_scores",
+    "spans",
+]
