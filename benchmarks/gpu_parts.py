@@ -384,7 +384,9 @@ def training(spec: dict[str, Any], rec: Record) -> None:
         for done in result["results"]:
             done["speedup"] = done["samples_per_s"] / result["results"][0]["samples_per_s"]
         rec.data |= {"training": result, "machine": machine}
-        rec.data["markdown"] = train_cls.markdown(result, spec["command"], machine)
+        rec.data["markdown"] = train_cls.markdown(
+            {**result, "command": spec["command"], "machine": machine}
+        )
         rec.save()
 
 

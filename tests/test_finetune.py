@@ -186,13 +186,23 @@ def finetune_argv(prepared: dict, name: str) -> list[str]:
     return argv
 
 
-def check_one_run_one_model(prepared: dict, name: str, processes: int) -> None:
-    """Rank 0 alone tracked and wrote: one model, one MLflow run, one curve; the processes
-    share finetune.batch_size, so the result matches a single process within 0.1 validation
-    macro-F1 (the distributed sampler orders batches differently)."""
+def run_ids(prepared: dict) -> set[str]:
     import mlflow
 
-    single = run_finetune(prepared, "single")
+    mlflow.set_tracking_uri(f"sqlite:///{prepared['root'] / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["text-classification"], output_format="list")
+    return {run.info.run_id for run in runs}
+
+
+def check_one_run_one_model(
+    prepared: dict, name: str, processes: int, single: dict, before: set[str]
+) -> None:
+    """Rank 0 alone tracked and wrote: one model, one new MLflow run (of the runs that were not
+    there before the launch), one curve; the processes share finetune.batch_size, so the result
+    matches a single process within 0.1 validation macro-F1 (the distributed sampler orders
+    batches differently)."""
+    import mlflow
+
     root = prepared["root"]
     summary = json.loads((root / f"{name}-train.json").read_text())
     assert summary["processes"] == processes
@@ -207,13 +217,13 @@ def check_one_run_one_model(prepared: dict, name: str, processes: int) -> None:
     assert summary["best_validation_macro_f1"] == pytest.approx(
         single["best_validation_macro_f1"], abs=0.1
     )
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(
+    assert run_ids(prepared) - before == {summary["mlflow_run_id"]}
+    (run,) = mlflow.search_runs(
         experiment_names=["text-classification"],
-        filter_string=f"tags.{tracking.MODEL_TAG} = '{summary['model_sha256']}'",
+        filter_string=f"attributes.run_id = '{summary['mlflow_run_id']}'",
         output_format="list",
     )
-    assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
+    assert run.data.tags[tracking.MODEL_TAG] == summary["model_sha256"]
     history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")
     assert len({h.step for h in history}) == len(history), "one process logged the curve"
 
@@ -224,6 +234,8 @@ LOOPBACK_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_I
 
 def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: dict) -> None:
     """`torchrun --nproc-per-node 2` on CPU (DDP over gloo)."""
+    single = run_finetune(prepared, "single")
+    before = run_ids(prepared)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
         [*argv, *finetune_argv(prepared, "ddp")],
@@ -234,7 +246,7 @@ def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: d
         cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    check_one_run_one_model(prepared, "ddp", 2)
+    check_one_run_one_model(prepared, "ddp", 2, single, before)
 
 
 @pytest.mark.slow
@@ -244,6 +256,8 @@ def test_two_nodes_meet_over_c10d_and_train_one_model_into_one_mlflow_run(
     """`torchrun --nnodes 2` with the c10d rendezvous: two launchers, each its own process
     group and node, meet at a rendezvous endpoint on 127.0.0.1 (what two machines do over
     their network, NCCL in place of gloo on GPUs: docs/experiments.md)."""
+    single = run_finetune(prepared, "single")
+    before = run_ids(prepared)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -271,7 +285,7 @@ def test_two_nodes_meet_over_c10d_and_train_one_model_into_one_mlflow_run(
             node.kill()
     for rank, (node, out) in enumerate(zip(nodes, outputs, strict=True)):
         assert node.returncode == 0, f"node {rank}:\n{out[-3000:]}"
-    check_one_run_one_model(prepared, "nodes", 2)
+    check_one_run_one_model(prepared, "nodes", 2, single, before)
 
 
 def test_a_half_written_checkpoint_is_removed_not_loaded(prepared: dict, caplog) -> None:

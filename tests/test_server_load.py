@@ -30,7 +30,11 @@ def test_ten_thousand_mixed_requests_get_no_5xx_and_memory_stays_flat(
     (tmp_path / "load.json").write_text(json.dumps(result, indent=2))
     print(
         load.markdown(
-            result, "tests/test_server_load.py", {"cpu": "this machine", "cpu_flags": []}
+            {
+                **result,
+                "command": "tests/test_server_load.py",
+                "machine": {"cpu": "this machine", "cpu_flags": []},
+            }
         )
     )
     assert result["finished_in_time"], result
