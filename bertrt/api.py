@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import bertrt.manifest as manifest_io
-from bertrt import signing
+import bertrt.signing as signing
 from bertrt.contract import MANIFEST_FILE
 from bertrt.engine import Engine, ModelFolderError, open_engine
 from bertrt.locate import bundled_dir, resolve_model

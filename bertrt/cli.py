@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
 import bertrt.manifest as manifest_io
-from bertrt import signing
+import bertrt.signing as signing
 from bertrt.api import MAX_WINDOWS_ENV, PUBLIC_KEY_ENV, load
 from bertrt.bundle import ONNXRUNTIMES, build_wheel
 from bertrt.locate import BundleError, resolve_model

@@ -10,7 +10,7 @@ from typing import Annotated, Any, ClassVar, NotRequired, TypedDict
 import numpy as np
 from tokenizers import Encoding
 
-from bertrt import manifest as manifest_io
+import bertrt.manifest as manifest_io
 from bertrt.contract import TRANSITIONS_FILE
 from bertrt.decoding import ARGMAX, CRF, Decoder, Transitions
 from bertrt.engine import CHUNK, Engine

@@ -297,9 +297,15 @@ class Export:
     max_metric_drop: float
     int8_search_agreement: float
     int8_smooth_alpha: float
+    int8_sensitivity_rows: int
 
     def check(self) -> list[str]:
         errors = []
+        if self.int8_sensitivity_rows < 0:
+            errors.append(
+                f"export.int8_sensitivity_rows: {self.int8_sensitivity_rows} must be >= 0 "
+                "(0: every validation window)"
+            )
         if not 0.0 <= self.int8_smooth_alpha <= 1.0:
             errors.append(f"export.int8_smooth_alpha: {self.int8_smooth_alpha} must be in [0, 1]")
         if not 0.0 <= self.int8_search_agreement <= 1.0:

@@ -87,11 +87,7 @@ class ExportOptions:
             max_metric_drop=export.max_metric_drop,
             int8_search_agreement=export.int8_search_agreement,
             int8_smooth_alpha=export.int8_smooth_alpha,
-            # TODO(params): export.int8_sensitivity_rows in params.py and params.yaml; until
-            # then the default here.
-            int8_sensitivity_rows=getattr(
-                export, "int8_sensitivity_rows", cls.int8_sensitivity_rows
-            ),
+            int8_sensitivity_rows=export.int8_sensitivity_rows,
             **reading,
         )
 
