@@ -46,3 +46,12 @@ def test_the_summary_names_both_eces_the_gates_and_the_graph_picked_here(
     assert times in out
     picked = next(line for line in out.splitlines() if "the runtime picks here" in line)
     assert "CPUExecutionProvider" in picked
+
+
+def test_the_fine_tunes_whole_stage_time_leads_when_its_report_has_one() -> None:
+    reports = {"train": {**TRAIN, "seconds": 1500.4}, "eval": EVAL, "export": EXPORT}
+    line = summary.stage_times(reports)
+    assert line == (
+        "  stage times: finetune 25 min 00 s (training loop 23 min 55 s), evaluate 1 min 01 s, "
+        "export 10 s"
+    )

@@ -55,6 +55,8 @@ def guarded(run: Callable[[], Any], writes: Iterable[Path] = ()) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # datasets' bar per saved split ("Saving the dataset"): the stages log their own line.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         run()
     except Exception as exc:

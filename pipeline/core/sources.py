@@ -70,6 +70,19 @@ def load_options(trust_remote_code: bool, weights: bool = True) -> dict[str, boo
     return options
 
 
+def quiet_load_bars() -> None:
+    """transformers' bars for reading and writing local weights ("Loading weights", "Writing
+    model shards", one per load) off; the hub's download bars stay (a first download can take
+    minutes), and so does the Trainer's, which is its own."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    downloads = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also turns the hub's off: turned back on below
+    if downloads:
+        enable_progress_bars()
+
+
 def from_pretrained(
     model_class: Any, location: str, trust_remote_code: bool, **kwargs: Any
 ) -> Any:

@@ -46,13 +46,22 @@ def duration(seconds: float) -> str:
 
 
 def stage_times(reports: dict[str, dict[str, Any]]) -> str | None:
-    """The time of each stage whose report records one (the fine-tune's: its training loop)."""
+    """The time of each stage whose report records one (the fine-tune's whole stage and, in
+    brackets, its training loop)."""
+    train = reports["train"]
+    loop = train.get("train_runtime_s")
+    finetune = (
+        f"finetune {duration(train['seconds'])} (training loop {duration(loop)})"
+        if train.get("seconds") is not None and loop is not None
+        else None
+    )
     times = {
-        "finetune (training loop)": reports["train"].get("train_runtime_s"),
+        "finetune (training loop)": None if finetune else loop,
         "evaluate": reports["eval"].get("seconds"),
         "export": reports["export"].get("seconds"),
     }
-    shown = [f"{name} {duration(s)}" for name, s in times.items() if s is not None]
+    shown = [finetune] if finetune else []
+    shown += [f"{name} {duration(s)}" for name, s in times.items() if s is not None]
     return f"  stage times: {', '.join(shown)}" if shown else None
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 from pipeline import tasks
 from pipeline.core import entry, layout, lineage, params, tracking
 from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.sources import quiet_load_bars
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def run(
     from transformers import AutoConfig
 
     started = time.perf_counter()
+    quiet_load_bars()
     p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)
     config = AutoConfig.from_pretrained(model_dir)

@@ -16,6 +16,7 @@ from bertrt.manifest import BaseModel, Git, Provenance
 from pipeline import tasks
 from pipeline.core import entry, lineage, params, tracking
 from pipeline.core.atomic import write_json
+from pipeline.core.sources import quiet_load_bars
 from pipeline.export import gates, model_card, model_folder
 from pipeline.export.options import ExportOptions
 
@@ -39,6 +40,7 @@ def run(
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.perf_counter()
+    quiet_load_bars()
     params_sha256 = p.digest()  # every section the caller gave: main loads them all
     p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)

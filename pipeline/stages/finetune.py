@@ -7,6 +7,10 @@ import hashlib
 import json
 import logging
 import os
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ from typing import Any
 from pipeline import tasks
 from pipeline.core import entry, imports, layout, lineage, params, precision, tracking
 from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.core.sources import from_pretrained, load_options, resolve_model
+from pipeline.core.sources import from_pretrained, load_options, quiet_load_bars, resolve_model
 from pipeline.train import optim, tracking_gaps
 from pipeline.train.train_files import (
     FINGERPRINT,
@@ -82,6 +86,24 @@ def training_arguments(p: params.Params, checkpoints: Path, task: tasks.Task) ->
     )
 
 
+# MLflow's warnings when the training table is logged as a dataset, neither actionable here: the
+# integer columns are counts that are never missing, and the parquet path is a local file, which
+# two of MLflow's source types both claim.
+DATASET_WARNINGS = (
+    r"Hint: Inferred schema contains integer column",
+    r"The specified dataset source can be interpreted in multiple ways",
+)
+
+
+@contextmanager
+def quiet_dataset_logging() -> Iterator[None]:
+    """While the training table is logged: MLflow's two DATASET_WARNINGS dropped; others pass."""
+    with warnings.catch_warnings():
+        for message in DATASET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
 def run(
     tokenized_dir: Path,
     validated_dir: Path,
@@ -97,6 +119,8 @@ def run(
     from datasets import load_from_disk
     from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
 
+    started = time.perf_counter()
+    quiet_load_bars()
     p = p.select(*SECTIONS)
     # Under torchrun only rank 0 tracks and writes; every rank trains (the Trainer's DDP).
     main = int(os.environ.get("RANK", "0")) == 0
@@ -193,13 +217,14 @@ def run(
             },
         )
         summary_table = task.training_summary(train)
-        dataset = mlflow.data.from_pandas(
-            summary_table,
-            source=str(layout.split_file(validated_dir, layout.TRAIN)),
-            name="train",
-            targets="labels" if "labels" in summary_table else None,
-        )
-        gap.call("training data", mlflow.log_input, dataset, context="training")
+        with quiet_dataset_logging():
+            dataset = mlflow.data.from_pandas(
+                summary_table,
+                source=str(layout.split_file(validated_dir, layout.TRAIN)),
+                name="train",
+                targets="labels" if "labels" in summary_table else None,
+            )
+            gap.call("training data", mlflow.log_input, dataset, context="training")
         result = trainer.train(resume_from_checkpoint=resume)
         with atomic_dir(out_dir) as tmp:
             trainer.save_model(str(tmp))
@@ -226,6 +251,7 @@ def run(
         "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
         "train_loss": result.training_loss,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        "seconds": round(time.perf_counter() - started, 1),  # the whole stage, loads included
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "resumed": bool(resume),
         "torch_threads": torch.get_num_threads(),
