@@ -27,19 +27,6 @@ UNMEASURED = frozenset({"GPU"})
 # Sections measured before every report recorded its command, machine and versions: the page
 # marks them, and the next `make bench` replaces each with one rendered from its report (then
 # it leaves this set: the tests fail while a section here has a complete report).
-LEGACY = frozenset(
-    {
-        "Masked-LM training step (CPU)",
-        "Serving (CPU, HTTP on loopback)",
-        "Server under sustained load (CPU, HTTP on loopback)",
-        "Long documents (CPU)",
-        "Pipeline overhead (CPU)",
-        "Fine-tuning speed (CPU)",
-    }
-)
-LEGACY_NOTE = (
-    "*Measured before reports recorded their machine and versions; `make bench` re-measures it.*"
-)
 SECTION = re.compile(r"^## (?P<heading>.+?)[ \t]*\n(?P<body>.*?)(?=^## |\Z)", re.M | re.S)
 
 
@@ -70,15 +57,6 @@ def problems(doc_path: Path = DOC, folder: Path = REPORTS) -> list[str]:
     found = records(folder)
     out = []
     for heading, body in shown.items():
-        if heading in LEGACY:
-            complete = heading in found and all(
-                found[heading][1].get(k) for k in report.RECORD_KEYS
-            )
-            if complete:
-                out.append(f"{heading!r} has a complete report now: remove it from LEGACY")
-            elif not body.startswith(LEGACY_NOTE):
-                out.append(f"{doc_path} section {heading!r} must open with: {LEGACY_NOTE}")
-            continue
         if heading in found:
             path, data = found[heading]
             missing = [key for key in report.RECORD_KEYS if not data.get(key)]

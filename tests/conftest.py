@@ -6,9 +6,11 @@ import json
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["slow_work"]  # `slow` means what it says: tests/slow_work.py
 
 
 def _restoring_mlflow_environment() -> Iterator[None]:
@@ -158,9 +161,34 @@ def build_tiny_model(folder: Path, labels: tuple[str, ...] = ("fresh", "rotten")
     return folder
 
 
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]
+) -> Path:
+    """The folder `name`, built by `build(folder)` once per test run: under pytest-xdist the
+    first worker to ask builds it under a file lock in the run's base temp folder and the others
+    wait for it. Tests read it; a test that changes it works on a copy. A build that failed
+    leaves no folder behind, so the next worker to ask tries again and reports its own error."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return shared(tmp_path_factory, "tiny-model", build_tiny_model)
 
 
 @pytest.fixture(scope="session")
@@ -170,11 +198,13 @@ def onnx_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     from pipeline.export import model_folder
     from pipeline.export.options import ExportOptions
 
-    out = tmp_path_factory.mktemp("onnx") / "model"
-    texts = [r["text"] for r in synthetic_reviews(64, seed=1)]
-    task = tasks.get("text-classification")
-    model_folder.build(tiny_model_dir, out, task, texts, ExportOptions(max_length=64, opset=17))
-    return out
+    def build(out: Path) -> None:
+        texts = [r["text"] for r in synthetic_reviews(64, seed=1)]
+        task = tasks.get("text-classification")
+        options = ExportOptions(max_length=64, opset=17)
+        model_folder.build(tiny_model_dir, out, task, texts, options)
+
+    return shared(tmp_path_factory, "onnx-model", build)
 
 
 @pytest.fixture
@@ -281,24 +311,26 @@ def ner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     from pipeline.export import model_folder
     from pipeline.export.options import ExportOptions
 
-    root = tmp_path_factory.mktemp("ner")
-    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-    torch.manual_seed(0)
-    model = BertForTokenClassification.from_pretrained(
-        tiny_model_dir,
-        num_labels=5,
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        ignore_mismatched_sizes=True,
-    )
-    with torch.no_grad():  # random head weights large enough to tag some tokens as entities
-        model.classifier.weight.normal_(0, 0.5)
-    model.save_pretrained(root / "ft")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
-    texts = [" ".join(r["tokens"]) for r in synthetic_sentences(24, seed=9)]
-    task = tasks.get("token-classification")
-    model_folder.build(root / "ft", root / "onnx", task, texts, ExportOptions(8, window_stride=2))
-    return root / "onnx"
+    def build(root: Path) -> None:
+        labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+        torch.manual_seed(0)
+        model = BertForTokenClassification.from_pretrained(
+            tiny_model_dir,
+            num_labels=5,
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,
+        )
+        with torch.no_grad():  # random head weights large enough to tag some tokens as entities
+            model.classifier.weight.normal_(0, 0.5)
+        model.save_pretrained(root / "ft")
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
+        texts = [" ".join(r["tokens"]) for r in synthetic_sentences(24, seed=9)]
+        task = tasks.get("token-classification")
+        options = ExportOptions(8, window_stride=2)
+        model_folder.build(root / "ft", root / "onnx", task, texts, options)
+
+    return shared(tmp_path_factory, "ner", build) / "onnx"
 
 
 @pytest.fixture(scope="session")
@@ -311,18 +343,19 @@ def fill_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     from pipeline.export import model_folder
     from pipeline.export.options import ExportOptions
 
-    root = tmp_path_factory.mktemp("fill")
-    torch.manual_seed(0)
-    model = BertForMaskedLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():  # a head sharp enough that fills differ from one context to another
-        model.cls.predictions.transform.dense.weight.normal_(0, 1.0)
-    model.save_pretrained(root / "ft")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
-    texts = [r["text"] for r in synthetic_reviews(12, seed=4)] + ["the [MASK] [MASK] was good"]
-    model_folder.build(
-        root / "ft", root / "onnx", tasks.get("fill-mask"), texts, ExportOptions(32)
-    )
-    return root / "onnx"
+    def build(root: Path) -> None:
+        torch.manual_seed(0)
+        model = BertForMaskedLM.from_pretrained(tiny_model_dir)
+        with torch.no_grad():  # a head sharp enough that fills differ from one context to another
+            model.cls.predictions.transform.dense.weight.normal_(0, 1.0)
+        model.save_pretrained(root / "ft")
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "ft")
+        texts = [r["text"] for r in synthetic_reviews(12, seed=4)]
+        texts.append("the [MASK] [MASK] was good")
+        options = ExportOptions(32)
+        model_folder.build(root / "ft", root / "onnx", tasks.get("fill-mask"), texts, options)
+
+    return shared(tmp_path_factory, "fill", build) / "onnx"
 
 
 def run_in(cmd: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -387,3 +420,42 @@ def build_pipeline_repo(root: Path, model: Path) -> Path:
     sh(["git", "add", "-A"], root)
     sh(["git", "commit", "-qm", "pipeline"], root)
     return root
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    """A private copy of the pipeline repo `src` at `dest`, for a test that changes it: files,
+    git, DVC cache and MLflow store, whose absolute artifact locations (experiments, runs,
+    registered versions) are re-pointed from `src` to `dest`."""
+    shutil.copytree(src, dest, symlinks=True)
+    db = dest / "mlflow.db"
+    if db.is_file():
+        old, new = str(src), str(dest)
+        with closing(sqlite3.connect(db)) as con, con:
+            listed = con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            tables = [row[0] for row in listed]
+            for table in tables:
+                for column in con.execute(f"PRAGMA table_info('{table}')").fetchall():
+                    name, kind = column[1], str(column[2]).upper()
+                    if "CHAR" in kind or "TEXT" in kind:
+                        con.execute(
+                            f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) '
+                            f'WHERE instr("{name}", ?) > 0',
+                            (old, new, old),
+                        )
+    return dest
+
+
+REPRO_LOG = "first-repro.log"
+
+
+@pytest.fixture(scope="session")
+def reproduced_repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The 240-review pipeline repo after its first `dvc repro` (every stage run, MLflow store
+    at its root), built once per test run; `REPRO_LOG` beside it holds what that repro printed.
+    Read it as it is, or change a `copy_repo` of it."""
+
+    def build(root: Path) -> None:
+        repo = build_pipeline_repo(root / "repo", tiny_model_dir)
+        (root / REPRO_LOG).write_text(sh(["dvc", "repro"], repo), encoding="utf-8")
+
+    return shared(tmp_path_factory, "reproduced", build) / "repo"

@@ -311,6 +311,7 @@ def test_runtime_entities_equal_pytorchs_crf_decoding(crf_run: dict[str, Any]) -
     assert crf_run["export"]["parity"]["passed"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crf", [False, True])
 def test_finetune_records_the_decoding_and_the_crf_survives_every_stage(
     tmp_path: Path, tiny_model_dir: Path, crf: bool

@@ -73,6 +73,7 @@ def run_finetune(prepared: dict, out: str, params_path: Path | None = None) -> d
     )
 
 
+@pytest.mark.slow
 def test_finetune_saves_a_model_curves_and_one_mlflow_run(prepared: dict) -> None:
     import mlflow
     from transformers import AutoConfig
@@ -104,6 +105,7 @@ def test_finetune_saves_a_model_curves_and_one_mlflow_run(prepared: dict) -> Non
     assert run.inputs.dataset_inputs[0].dataset.name == "train"
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint(prepared: dict) -> None:
     first = run_finetune(prepared, "resumable")
     root = prepared["root"]
@@ -118,6 +120,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(prepared: dict) -> None:
     assert second["model_sha256"] == first["model_sha256"]
 
 
+@pytest.mark.slow
 def test_changed_params_start_over_instead_of_resuming(prepared: dict) -> None:
     import yaml
 
@@ -169,6 +172,7 @@ def test_a_base_model_with_pickled_weights_only_is_refused_not_loaded(
     assert not (root / "from-pickle").exists()
 
 
+@pytest.mark.slow
 def test_the_saved_tokenizer_config_does_not_depend_on_the_environment(prepared: dict) -> None:
     config = json.loads((prepared["root"] / "model" / "tokenizer_config.json").read_text())
     assert "local_files_only" not in config
@@ -232,6 +236,7 @@ def check_one_run_one_model(
 LOOPBACK_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
 
 
+@pytest.mark.slow
 def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: dict) -> None:
     """`torchrun --nproc-per-node 2` on CPU (DDP over gloo)."""
     single = run_finetune(prepared, "single")
@@ -288,6 +293,7 @@ def test_two_nodes_meet_over_c10d_and_train_one_model_into_one_mlflow_run(
     check_one_run_one_model(prepared, "nodes", 2, single, before)
 
 
+@pytest.mark.slow
 def test_a_half_written_checkpoint_is_removed_not_loaded(prepared: dict, caplog) -> None:
     import shutil
 
@@ -309,6 +315,7 @@ def test_a_half_written_checkpoint_is_removed_not_loaded(prepared: dict, caplog)
     assert second["model_sha256"] == first["model_sha256"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_model(prepared: dict) -> None:
     """SIGKILL once the first checkpoint is on disk; the re-run resumes into the same MLflow
     run and ends with the model of a run that was never interrupted (CPU, same machine)."""
@@ -456,6 +463,7 @@ def test_a_tracking_server_that_dies_mid_training_costs_a_relog_not_the_training
     assert len(runs) == 1, "one run for the model, none doubled"
 
 
+@pytest.mark.slow
 def test_bf16_trains_where_the_cpu_has_it_and_falls_back_to_fp32_elsewhere(
     prepared: dict, tmp_path: Path
 ) -> None:

@@ -403,6 +403,7 @@ def test_probe_accuracy_counts_a_multi_mask_probe_only_when_every_mask_is_right(
     assert fills[1]["fill"] == "film film" and fills[1]["masks"] == 2
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_a_new_fill(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Knowledge injection in seconds: 'the director was [MASK]' is 'clumsy' only after
     training."""

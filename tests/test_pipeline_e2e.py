@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import build_pipeline_repo, sh
+from conftest import REPRO_LOG, copy_repo, sh
 
 import bertrt
 
@@ -27,13 +27,15 @@ def stages_run(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    return build_pipeline_repo(tmp_path_factory.mktemp("repo"), tiny_model_dir)
+def repo(tmp_path_factory: pytest.TempPathFactory, reproduced_repo: Path) -> Path:
+    """This module's copy of the repo after its first `dvc repro`; its tests re-run stages."""
+    return copy_repo(reproduced_repo, tmp_path_factory.mktemp("e2e") / "repo")
 
 
 @pytest.fixture(scope="module")
-def first_repro(repo: Path) -> str:
-    return sh(["dvc", "repro"], repo)
+def first_repro(reproduced_repo: Path) -> str:
+    """What the first `dvc repro` printed."""
+    return (reproduced_repo.parent / REPRO_LOG).read_text(encoding="utf-8")
 
 
 def test_every_stage_runs_and_writes_its_outputs(repo: Path, first_repro: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import build_pipeline_repo, run_in, sh
+from conftest import copy_repo, run_in, sh
 
 import bertrt
 
@@ -36,12 +36,11 @@ def refused(repo: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, reproduced_repo: Path) -> Path:
     root = tmp_path_factory.mktemp("release")
-    repo = build_pipeline_repo(root / "repo", tiny_model_dir)
+    repo = copy_repo(reproduced_repo, root / "repo")
     sh(["dvc", "remote", "add", "-d", "storage", str(root / "remote")], repo)
     sh(["git", "commit", "-qam", "a local remote"], repo)
-    sh(["dvc", "repro"], repo)
     return repo
 
 

@@ -330,19 +330,18 @@ def test_the_registered_model_checks_the_key_it_is_given(
 
 @pytest.mark.slow
 def test_a_signed_release_registers_a_folder_and_a_wheel_that_check_with_the_public_key(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, keys: dict[str, Path]
+    tmp_path_factory: pytest.TempPathFactory, reproduced_repo: Path, keys: dict[str, Path]
 ) -> None:
     import zipfile
 
     import mlflow
     import pandas as pd
-    from conftest import build_pipeline_repo, run_in, sh
+    from conftest import copy_repo, run_in, sh
 
     root = tmp_path_factory.mktemp("signed-release")
-    repo = build_pipeline_repo(root / "repo", tiny_model_dir)
+    repo = copy_repo(reproduced_repo, root / "repo")
     sh(["dvc", "remote", "add", "-d", "storage", str(root / "remote")], repo)
     sh(["git", "commit", "-qam", "a local remote"], repo)
-    sh(["dvc", "repro"], repo)
     release = [sys.executable, "-m", "pipeline.ops.release", "v1"]
     out = sh([*release, "--signing-key", str(keys["private"])], repo)
     assert "signed with key" in out and "unsigned" not in out

@@ -24,6 +24,7 @@ def test_every_contract_task_has_an_implementation_data_and_a_predictor() -> Non
         tasks.get("summarization")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_task_through_every_stage(tmp_path: Path, tiny_model_dir: Path, task: str) -> None:
     make_rows, overrides = TASK_DATA[task]

@@ -580,6 +580,7 @@ def chinese_sentences(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_unknown_characters_join_the_vocabulary_and_the_model(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
