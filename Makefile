@@ -49,8 +49,8 @@ metrics: $(STAMP) ## show the committed metrics of the last run
 
 ##@ Experiment: configs, sweeps, tracking
 
-exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v]
-	$(BIN)/python -m pipeline.ops.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(foreach s,$(SET),--set $(s))
+exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v] [REPORT=f.json]
+	$(BIN)/python -m pipeline.ops.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(if $(REPORT),--report $(REPORT)) $(foreach s,$(SET),--set $(s))
 
 sweep: $(STAMP) ## queue and run configs/sweeps/cls.yaml, ranked by validation macro-F1
 	$(BIN)/python -m pipeline.ops.sweep $(or $(CONFIG),configs/sweeps/cls.yaml)
@@ -128,7 +128,7 @@ docs-build: $(STAMP) ## build the documentation site into site/ (fails on any wa
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-figures: $(STAMP) ## redraw the training curves and the results table from reports/
-	$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg --reports reports --page docs/text-classification.md
+	$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg --reports reports --page docs/text-classification.md --experiments reports/experiments --experiments-page docs/token-classification.md
 
 bench: $(STAMP) ## CPU benchmarks: PyTorch vs ORT variants, training, serving; docs/benchmarks.md
 	$(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu.json

@@ -138,7 +138,8 @@ def tokenize_rates(validated: Path, params_path: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(REPEATS):
             start = time.perf_counter()
-            tokenize_data.run(validated, params_path, Path(tmp) / f"t{i}", Path(tmp) / "t.json")
+            out, report_path = Path(tmp) / f"t{i}", Path(tmp) / "t.json"
+            tokenize_data.run(validated, params.load(params_path), out, report_path)
             runs.append(time.perf_counter() - start)
     # The first run also imports datasets and pyarrow's Parquet reader (see the import table).
     stage = len(texts) / statistics.median(runs)

@@ -83,9 +83,11 @@ def publish(
 
 
 def save(record: dict[str, Any], out: Path, json_path: Path) -> str:
-    """Write a complete report (`RECORD_KEYS` and its data) and its section; print the section."""
-    text = render(record)
+    """Write a complete report (`RECORD_KEYS` and its data) and its section; print the section.
+    The section is rendered from the report as written (its keys sorted, as JSON reports keep
+    them), so that it is what `benchmarks.docs_tables` renders from the file."""
     write_json(json_path, record)
+    text = render(json.loads(Path(json_path).read_text(encoding="utf-8")))
     write_section(out, record["heading"], text)
     print(text)
     return text

@@ -2,7 +2,9 @@
 
 - the training curves (reports/training/*.csv) as an SVG;
 - the section "Results of the committed run" of docs/text-classification.md, rendered from
-  reports/eval.json, reports/export.json and reports/train.json (`--check` compares instead).
+  reports/eval.json, reports/export.json and reports/train.json;
+- the section "Decodings compared" of docs/token-classification.md, rendered from the records
+  `make exp ... REPORT=reports/experiments/NAME.json` writes (one per token-classification run).
 """
 
 from __future__ import annotations
@@ -116,21 +118,91 @@ def results(reports: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+EXPERIMENTS_HEADING = "Decodings compared"
+DECODINGS = ("argmax", "viterbi", "crf")
+
+
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def experiments(folder: Path) -> str:
+    """Entity scores of every decoding of every token-classification experiment recorded in
+    `folder`, with what each ran on and the command that ran it."""
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if "decoding" in record.get("eval", {}):
+            records.append((path, record))
+    if not records:
+        raise FileNotFoundError(
+            f"no token-classification experiment recorded in {folder}: run "
+            "`make exp CONFIG=configs/ner-en.yaml REPORT=reports/experiments/ner-en.json`"
+        )
+    lines = [
+        "Each experiment is one `make exp` of a config (ingest to export, in a temporary copy of "
+        "the repo); every decoding it allows is scored on the same test logits. Rendered by "
+        "`make docs-figures` from `reports/experiments/*.json`.",
+        "",
+        "| experiment | decoding | test entity F1 (P / R) | F1 per type | test sentences with an "
+        "invalid tag sequence | validation F1 | fine-tuning | whole run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for path, r in records:
+        ev, tr = r["eval"], r["train"]
+        rows = ev["overall"]["rows"]
+        for mode in (m for m in DECODINGS if m in ev["decoding"]):
+            d = ev["decoding"][mode]
+            types = sorted(
+                ((k[3:], v) for k, v in d.items() if k.startswith("f1_")), key=lambda kv: -kv[1]
+            )
+            per_type = ", ".join(f"{kind} {value:.2f}" for kind, value in types) or "–"
+            shipped = " (shipped)" if d.get("shipped") else ""
+            validation = ev.get("validation", {}).get(f"{mode}_f1")
+            lines.append(
+                f"| `{r['experiment']}` | {mode}{shipped} | {d['f1']:.3f} ({d['precision']:.3f} "
+                f"/ {d['recall']:.3f}) | {per_type} | {d['invalid_sequences']:,} of {rows:,} | "
+                f"{'–' if validation is None else f'{validation:.3f}'} | "
+                f"{_minutes(tr['train_runtime_s'])} | {_minutes(r['wall_seconds'])} |"
+            )
+        m = r["machine"]
+        notes.append(
+            f"- `{r['experiment']}` (`{path.name}`): `{r['command']}`, finished "
+            f"{r['finished']} on {m['cpu']} (flags: {', '.join(m['cpu_flags'])}), "
+            f"{m['logical_cores']} cores; {tr['precision']}, {tr['epochs_run']:g} epochs of "
+            f"{tr['train_rows']:,} training windows."
+            + (
+                f" CRF scores after training (all start at 0): largest |transition| "
+                f"{r['crf']['max_abs_transition']:g}, largest |start or end| "
+                f"{r['crf']['max_abs_start_end']:g}."
+                if "crf" in r
+                else ""
+            )
+        )
+    return "\n".join([*lines, "", *notes]) + "\n"
+
+
 def section(page: str, heading: str) -> str | None:
     found = re.search(rf"^## {re.escape(heading)}[ \t]*\n(.*?)(?=^## |\Z)", page, re.M | re.S)
     return found.group(1).strip() if found else None
 
 
-def write_results(reports: Path, page: Path) -> None:
+def write_section(page: Path, heading: str, body: str, source: Path) -> None:
+    """Replace the body of `## heading` in `page` with `body`."""
     text = page.read_text(encoding="utf-8")
-    old = section(text, RESULTS_HEADING)
+    old = section(text, heading)
     if old is None:
-        raise ValueError(f"{page} has no section '## {RESULTS_HEADING}' to fill")
-    body = results(reports).strip()
-    start = text.index(f"## {RESULTS_HEADING}")
+        raise ValueError(f"{page} has no section '## {heading}' to fill")
+    start = text.index(f"## {heading}")
     end = text.index(old, start) + len(old)
-    page.write_text(f"{text[:start]}## {RESULTS_HEADING}\n\n{body}{text[end:]}", "utf-8")
-    log.info("%s: section %r rendered from %s", page, RESULTS_HEADING, reports)
+    page.write_text(f"{text[:start]}## {heading}\n\n{body.strip()}{text[end:]}", "utf-8")
+    log.info("%s: section %r rendered from %s", page, heading, source)
+
+
+def write_results(reports: Path, page: Path) -> None:
+    write_section(page, RESULTS_HEADING, results(reports), reports)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,11 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the SVG to write")
     parser.add_argument("--reports", type=Path, help="the pipeline reports (reports/)")
     parser.add_argument("--page", type=Path, help="the page with the results section")
+    parser.add_argument(
+        "--experiments", type=Path, help="the experiment records (reports/experiments/)"
+    )
+    parser.add_argument(
+        "--experiments-page", type=Path, help=f"the page with the section {EXPERIMENTS_HEADING!r}"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     draw(args.curves, args.out)
     if args.reports and args.page:
         write_results(args.reports, args.page)
+    if args.experiments and args.experiments_page:
+        body = experiments(args.experiments)
+        write_section(args.experiments_page, EXPERIMENTS_HEADING, body, args.experiments)
     return 0
 
 

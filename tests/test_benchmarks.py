@@ -354,3 +354,26 @@ def test_isa_hides_avx512_vnni_and_amx_from_cpuid_and_keeps_avx2(tmp_path: Path)
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "True", "saturating"]
+
+
+def test_the_overhead_benchmark_runs_the_tokenize_stage_on_its_data(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from conftest import write_params, write_splits
+
+    from benchmarks import overhead
+    from pipeline.core import params
+    from pipeline.stages import validate
+
+    rows = synthetic_reviews(60, seed=8)
+    raw = write_splits(
+        tmp_path / "raw", {"train": rows[:40], "validation": rows[40:50], "test": rows[50:]}
+    )
+    overrides = {"base.model": str(tiny_model_dir), "base.max_length": 16}
+    params_path = write_params(tmp_path, {**overrides, "base.label_column": "category"})
+    validated = tmp_path / "validated"
+    reports = (tmp_path / "v.json", tmp_path / "f.json")
+    validate.run(raw, params.load(params_path), validated, *reports)
+    rates = overhead.tokenize_rates(validated, params_path)
+    assert rates["texts"] == 60
+    assert rates["stage_texts_per_s"] > 0 and rates["batched_texts_per_s"] > 0

@@ -248,3 +248,16 @@ def test_the_results_section_is_what_the_committed_reports_render() -> None:
     assert shown == figures.results(REPO / "reports").strip(), (
         "docs/text-classification.md's results are not what reports/ render: make docs-figures"
     )
+
+
+def test_the_decodings_section_is_what_the_experiment_records_render() -> None:
+    spec = importlib.util.spec_from_file_location("figures", DOCS / "figures.py")
+    assert spec and spec.loader
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    page = (DOCS / "token-classification.md").read_text(encoding="utf-8")
+    shown = figures.section(page, figures.EXPERIMENTS_HEADING)
+    assert shown == figures.experiments(REPO / "reports" / "experiments").strip(), (
+        "docs/token-classification.md's decodings are not what reports/experiments/ render: "
+        "make docs-figures"
+    )

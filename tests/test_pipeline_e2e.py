@@ -208,7 +208,19 @@ def test_another_tasks_params_rerun_nothing_and_the_own_task_section_reruns_its_
 def test_a_temp_experiment_logs_into_the_repo_root_store(repo: Path, first_repro: str) -> None:
     import mlflow
 
-    sh(["dvc", "exp", "run", "--temp", "-n", "lr-2e-3", "-S", "finetune.learning_rate=2e-3"], repo)
+    config = repo / "lr.yaml"
+    config.write_text("finetune:\n  learning_rate: 2.0e-3\n", encoding="utf-8")
+    record_path = repo / "reports" / "experiments" / "lr.json"
+    experiment = [sys.executable, "-m", "pipeline.ops.experiment", str(config), "--name"]
+    sh([*experiment, "lr-2e-3", "--report", str(record_path)], repo)
+    # The record: what the experiment's own reports say, with its command and machine.
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    assert record["experiment"] == "lr-2e-3" and "--report" in record["command"]
+    assert record["commit"] in sh(["git", "for-each-ref", "refs/exps"], repo)
+    assert record["wall_seconds"] > 0 and record["machine"]["cpu"]
+    assert record["train"]["train_rows"] > 0 and record["train"]["model_sha256"]
+    assert set(record["eval"]["overall"]) >= {"accuracy", "macro_f1"}
+    assert record["export"]["variants"]["fp32"]["passed"] is True
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(
         experiment_names=["text-classification"],

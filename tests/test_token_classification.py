@@ -504,6 +504,7 @@ def test_evaluate_reports_argmax_and_viterbi_on_the_same_scores(tmp_path: Path) 
     # Viterbi: [B-PER, I-PER, O] and [B-PER, O, O, O]: both.
     assert by["viterbi"]["invalid_sequences"] == 0 and by["viterbi"]["f1"] == 1.0
     assert (by["viterbi"]["shipped"], by["argmax"]["shipped"]) == (1, 0)
+    assert (by["argmax"]["f1_PER"], by["viterbi"]["f1_PER"]) == (pytest.approx(2 / 3), 1.0)
     assert result["overall"]["f1"] == 1.0 and result["overall"]["invalid_sequences"] == 0
     assert result["validation"] == {"argmax_f1": pytest.approx(2 / 3), "viterbi_f1": 1.0}
     # Scores that do not say how they decode are read by argmax, as before.

@@ -4,7 +4,10 @@
 key of the file: the experiment runs in a temporary copy, logs into the repo's MLflow store, and
 its params, metrics and outputs are kept by DVC (`dvc exp show`, `dvc exp apply NAME`).
 `--save-model DIR` then copies the experiment's fine-tuned model to DIR, where a later config's
-`base.model` can start from it (pretrain or adapt, then fine-tune).
+`base.model` can start from it (pretrain or adapt, then fine-tune). `--report FILE` writes what
+the experiment measured (its eval, train and export reports, read from the experiment's commit)
+with the command, the wall time and the machine into one JSON file: the docs' tables of
+experiments are rendered from such files (`reports/experiments/`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,38 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.core import layout, params
+from pipeline.core import layout, lineage, params
+from pipeline.core.atomic import write_json
+
+# The experiment's reports that its record keeps (DVC outputs of evaluate, finetune and export).
+REPORTS = {
+    "eval": "reports/eval.json",
+    "train": "reports/train.json",
+    "export": "reports/export.json",
+}
+EXPORT_KEYS = ("variants", "rejected_variants", "seconds")  # the gates and the export's time
+# What the record keeps of train.json: how the model was trained and how long it took.
+TRAIN_KEYS = (
+    "train_rows",
+    "epochs_run",
+    "global_steps",
+    "train_runtime_s",
+    "seconds",
+    "precision",
+    "processes",
+    "device",
+    "torch_threads",
+    "model_sha256",
+    "mlflow_run_id",
+)
 
 
 def overrides(config: Path, extra: list[str] | None = None) -> list[str]:
@@ -79,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         "--save-model", type=Path, help="copy the experiment's models/finetuned to this folder"
     )
     parser.add_argument(
+        "--report",
+        type=Path,
+        help="write what the experiment measured, with its command and machine, to this JSON",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -86,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         help="override one value of the config (repeatable), e.g. base.model=models/base/x",
     )
     args = parser.parse_args(argv)
-    if args.save_model and args.queue:
-        print("error: --save-model needs the run itself, not --queue", file=sys.stderr)
+    if (args.save_model or args.report) and args.queue:
+        print("error: --save-model and --report need the run itself, not --queue", file=sys.stderr)
         return 1
     try:
         sets = overrides(args.config, args.set)
@@ -106,10 +140,85 @@ def main(argv: list[str] | None = None) -> int:
     # Stages run `python -m pipeline.<stage>`: this environment's python, whatever PATH says.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path}
+    started = time.perf_counter()
     code = subprocess.run(cmd, check=False, env=env).returncode
+    seconds = time.perf_counter() - started
+    if code == 0 and args.report:
+        command = ["python", "-m", "pipeline.ops.experiment", *(argv or sys.argv[1:])]
+        code = write_report(dvc, name, args.config, args.set, command, seconds, args.report, env)
     if code or not args.save_model:
         return code
     return save_model(dvc, name, args.save_model, env)
+
+
+def _crf_scores(dvc: str, sha: str, tmp: Path, env: dict[str, str]) -> dict[str, float] | None:
+    """How far a CRF model's learned scores moved from their start at zero: the largest |score|
+    of its transitions and of its start and end scores; None for a model without a CRF."""
+    out = tmp / "transitions.json"
+    path = f"{layout.FINETUNED}/transitions.json"
+    get = [dvc, "get", ".", path, "--rev", sha, "-o", str(out)]
+    if subprocess.run(get, check=False, env=env, capture_output=True).returncode:
+        return None
+    table = json.loads(out.read_text(encoding="utf-8"))
+
+    def largest(rows: Any) -> float:
+        values = [abs(v) for row in rows for v in (row if isinstance(row, list) else [row])]
+        return round(max(values, default=0.0), 4)
+
+    return {
+        "max_abs_transition": largest(table["transitions"]),
+        "max_abs_start_end": largest([*table["start"], *table["end"]]),
+    }
+
+
+def write_report(
+    dvc: str,
+    name: str,
+    config: Path,
+    sets: list[str],
+    command: list[str],
+    seconds: float,
+    target: Path,
+    env: dict[str, str],
+) -> int:
+    """Write `target`: the experiment's REPORTS read from its commit, with the command, the wall
+    time of `dvc exp run` and the machine; 1 with the reason when a report cannot be read."""
+    sha = experiment_commit(name)
+    if sha is None:
+        print(f"error: no experiment named {name!r} in refs/exps", file=sys.stderr)
+        return 1
+    found: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, path in REPORTS.items():
+            out = Path(tmp) / f"{key}.json"
+            get = [dvc, "get", ".", path, "--rev", sha, "-o", str(out)]
+            done = subprocess.run(get, check=False, env=env, capture_output=True, text=True)
+            if done.returncode:
+                print(
+                    f"error: {path} of experiment {name}: {done.stderr.strip()}", file=sys.stderr
+                )
+                return 1
+            found[key] = json.loads(out.read_text(encoding="utf-8"))
+        crf = _crf_scores(dvc, sha, Path(tmp), env)
+    train = found["train"]
+    record = {
+        "experiment": name,
+        "commit": sha,
+        "config": config.as_posix(),
+        "set": sets,
+        "command": " ".join(command),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_seconds": round(seconds, 1),
+        "machine": train.get("machine") or lineage.machine(),
+        "train": {key: train.get(key) for key in TRAIN_KEYS},
+        "eval": found["eval"],
+        "export": {key: found["export"].get(key) for key in EXPORT_KEYS},
+        **({"crf": crf} if crf else {}),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json(target, record)
+    print(f"wrote {target}: what experiment {name} measured, with its command and machine")
+    return 0
 
 
 def experiment_commit(name: str) -> str | None:

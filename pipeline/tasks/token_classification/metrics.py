@@ -111,8 +111,9 @@ def decode_sentences(sentences: list[np.ndarray], decoder: Decoder) -> list[list
 def compare_decodings(
     truth: list[list[str]], sentences: list[np.ndarray], decoder: Decoder
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[list[str]]]]:
-    """({decoding: P/R/F1, the sentences with a step IOB2 forbids, and 1 for the model's own
-    decoding}, {decoding: tags}) for every decoding the model allows, on the same scores."""
+    """({decoding: P/R/F1, F1 per entity type (`f1_TYPE`), the sentences with a step IOB2
+    forbids, and 1 for the model's own decoding}, {decoding: tags}) for every decoding the model
+    allows, on the same scores."""
     results, guesses = {}, {}
     for mode in decoder.modes():
         guess = decode_sentences(sentences, decoder.using(mode))
@@ -121,6 +122,7 @@ def compare_decodings(
             "precision": scores["precision"],
             "recall": scores["recall"],
             "f1": scores["f1"],
+            **{f"f1_{kind}": v["f1"] for kind, v in scores["per_type"].items()},
             "invalid_sequences": sum(invalid_steps(tags) > 0 for tags in guess),
             "shipped": int(mode == decoder.mode),
         }
