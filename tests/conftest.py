@@ -451,11 +451,15 @@ REPRO_LOG = "first-repro.log"
 @pytest.fixture(scope="session")
 def reproduced_repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The 240-review pipeline repo after its first `dvc repro` (every stage run, MLflow store
-    at its root), built once per test run; `REPRO_LOG` beside it holds what that repro printed.
-    Read it as it is, or change a `copy_repo` of it."""
+    at its root, a default DVC remote `remote` beside it), built once per test run; `REPRO_LOG`
+    beside it holds what that repro printed. Read it as it is, or change a `copy_repo` of it."""
 
     def build(root: Path) -> None:
         repo = build_pipeline_repo(root / "repo", tiny_model_dir)
+        # A default DVC remote committed before the run, as a team's repo has one; its absolute
+        # path is shared by every copy (content-addressed, so their pushes never conflict).
+        sh(["dvc", "remote", "add", "-d", "storage", str(root / "remote")], repo)
+        sh(["git", "commit", "-qam", "a local remote"], repo)
         (root / REPRO_LOG).write_text(sh(["dvc", "repro"], repo), encoding="utf-8")
 
     return shared(tmp_path_factory, "reproduced", build) / "repo"

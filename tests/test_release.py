@@ -37,11 +37,7 @@ def refused(repo: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, reproduced_repo: Path) -> Path:
-    root = tmp_path_factory.mktemp("release")
-    repo = copy_repo(reproduced_repo, root / "repo")
-    sh(["dvc", "remote", "add", "-d", "storage", str(root / "remote")], repo)
-    sh(["git", "commit", "-qam", "a local remote"], repo)
-    return repo
+    return copy_repo(reproduced_repo, tmp_path_factory.mktemp("release") / "repo")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,9 @@ def client(repo: Path) -> object:
     return mlflow.MlflowClient()
 
 
-def test_release_tags_the_run_with_its_lock_and_pushes_the_artifacts(repo: Path, v1: str) -> None:
+def test_release_tags_the_run_with_its_lock_and_pushes_the_artifacts(
+    repo: Path, v1: str, reproduced_repo: Path
+) -> None:
     assert "released v1" in v1
     assert sh(["git", "status", "--porcelain", "--untracked-files=no"], repo).strip() == ""
     lock = yaml.safe_load(sh(["git", "show", "v1:dvc.lock"], repo))
@@ -77,7 +75,7 @@ def test_release_tags_the_run_with_its_lock_and_pushes_the_artifacts(repo: Path,
     assert json.loads(sh(["git", "show", "v1:reports/metrics.json"], repo))["accuracy"] > 0
     status = sh(["dvc", "status", "--cloud", "--json"], repo)
     assert json.loads(status or "{}") == {}, "everything of v1 is in the remote"
-    assert any((repo.parent / "remote").rglob("*"))
+    assert any((reproduced_repo.parent / "remote").rglob("*")), "the repo's default remote"
 
 
 def test_the_registered_version_and_the_package_point_at_each_other(repo: Path, v1: str) -> None:

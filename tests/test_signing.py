@@ -340,8 +340,6 @@ def test_a_signed_release_registers_a_folder_and_a_wheel_that_check_with_the_pub
 
     root = tmp_path_factory.mktemp("signed-release")
     repo = copy_repo(reproduced_repo, root / "repo")
-    sh(["dvc", "remote", "add", "-d", "storage", str(root / "remote")], repo)
-    sh(["git", "commit", "-qam", "a local remote"], repo)
     release = [sys.executable, "-m", "pipeline.ops.release", "v1"]
     out = sh([*release, "--signing-key", str(keys["private"])], repo)
     assert "signed with key" in out and "unsigned" not in out
