@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -238,11 +239,17 @@ def test_a_number_edited_by_hand_or_a_section_without_report_is_found(tmp_path: 
     assert not any("section 'CPU' " in message for message in docs_tables.problems(page, reports))
 
 
-def test_the_results_section_is_what_the_committed_reports_render() -> None:
+def load_figures() -> ModuleType:
+    """docs/figures.py, a script beside the pages rather than a package module."""
     spec = importlib.util.spec_from_file_location("figures", DOCS / "figures.py")
     assert spec and spec.loader
     figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(figures)
+    return figures
+
+
+def test_the_results_section_is_what_the_committed_reports_render() -> None:
+    figures = load_figures()
     page = (DOCS / "text-classification.md").read_text(encoding="utf-8")
     shown = figures.section(page, figures.RESULTS_HEADING)
     assert shown == figures.results(REPO / "reports").strip(), (
@@ -251,10 +258,7 @@ def test_the_results_section_is_what_the_committed_reports_render() -> None:
 
 
 def test_the_decodings_section_is_what_the_experiment_records_render() -> None:
-    spec = importlib.util.spec_from_file_location("figures", DOCS / "figures.py")
-    assert spec and spec.loader
-    figures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(figures)
+    figures = load_figures()
     page = (DOCS / "token-classification.md").read_text(encoding="utf-8")
     shown = figures.section(page, figures.EXPERIMENTS_HEADING)
     assert shown == figures.experiments(REPO / "reports" / "experiments").strip(), (

@@ -49,19 +49,18 @@ def stage_times(reports: dict[str, dict[str, Any]]) -> str | None:
     """The time of each stage whose report records one (the fine-tune's whole stage and, in
     brackets, its training loop)."""
     train = reports["train"]
-    loop = train.get("train_runtime_s")
-    finetune = (
-        f"finetune {duration(train['seconds'])} (training loop {duration(loop)})"
-        if train.get("seconds") is not None and loop is not None
-        else None
-    )
-    times = {
-        "finetune (training loop)": None if finetune else loop,
-        "evaluate": reports["eval"].get("seconds"),
-        "export": reports["export"].get("seconds"),
-    }
-    shown = [finetune] if finetune else []
-    shown += [f"{name} {duration(s)}" for name, s in times.items() if s is not None]
+    loop, whole = train.get("train_runtime_s"), train.get("seconds")
+    shown = []
+    if loop is not None:
+        shown.append(
+            f"finetune (training loop) {duration(loop)}"
+            if whole is None
+            else f"finetune {duration(whole)} (training loop {duration(loop)})"
+        )
+    for report, stage in (("eval", "evaluate"), ("export", "export")):
+        seconds = reports[report].get("seconds")
+        if seconds is not None:
+            shown.append(f"{stage} {duration(seconds)}")
     return f"  stage times: {', '.join(shown)}" if shown else None
 
 
