@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.core import e5_file, e5_source, e5_tokenizer, lineage, sources
@@ -200,6 +201,58 @@ def test_split_chars_reads_raw_text_as_the_characters_one_by_one(tiny: tuple, ca
     assert raw.word_ids()[1:-1] == list(range(len(SENTENCE)))
     # Spaces separate nothing more: the same tokens as without them.
     assert tokenizer(" ".join(SENTENCE))["input_ids"] == raw["input_ids"]
+
+
+def test_a_masked_lm_starts_from_the_folder_with_bert_s_head(tiny: tuple, cache: Path) -> None:
+    """The folder has no masked-LM head: the transform is initialised as BERT's (normal with
+    the config's initializer_range, LayerNorm 1 and 0, zero biases) and the decoder is the word
+    embedding itself."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(resolve_model(f"{tiny[0]}?split=chars"))
+    head = model.cls.predictions
+    assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert torch.equal(
+        model.bert.embeddings.word_embeddings.weight,
+        torch.from_numpy(tiny[1]["emb.word"]),
+    )
+    std = float(head.transform.dense.weight.std())
+    assert abs(std - e5_source.INITIALIZER_RANGE) < 0.005, std
+    assert not head.transform.dense.bias.any() and not head.bias.any()
+    assert bool((head.transform.LayerNorm.weight == 1).all())
+
+
+def test_probes_written_with_the_placeholder_get_e5_s_mask_token(
+    tiny: tuple, cache: Path, tmp_path: Path
+) -> None:
+    from conftest import write_params
+
+    from pipeline.core import params
+    from pipeline.stages import ingest
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"中华人民共和国成立于{1900 + i}年。\n" for i in range(40)), "utf-8")
+    probes = tmp_path / "probes.jsonl"
+    probe = {"text": "中华人民共和国成立于[MASK][MASK][MASK][MASK]年。", "answer": "1949"}
+    probes.write_text(json.dumps(probe, ensure_ascii=False) + "\n", "utf-8")
+    p = write_params(
+        tmp_path,
+        {
+            "base.task": "fill-mask",
+            "base.model": f"{tiny[0]}?split=chars",
+            "base.text_column": "text",
+            "ingest.source": str(corpus),
+            "ingest.probes": str(probes),
+            "ingest.group_column": "",
+            "ingest.drop_labels": [],
+        },
+    )
+    ingest.run(params.load(p), tmp_path / "raw", tmp_path / "ingest.json")
+    test = pd.read_parquet(tmp_path / "raw" / "test.parquet")
+    assert test.loc[test["answer"] != "", "text"].tolist() == [
+        "中华人民共和国成立于<mask><mask><mask><mask>年。"
+    ]
 
 
 def test_the_folder_is_built_once_and_its_digest_is_the_same_everywhere(

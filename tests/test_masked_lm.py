@@ -18,7 +18,8 @@ from pipeline.core import params
 from pipeline.core.tables import SPLITS, TableError
 from pipeline.stages import ingest, tokenize_data, validate
 from pipeline.tasks import get
-from pipeline.tasks.masked_lm.corpus import read_corpus, read_probes, strip_tags
+from pipeline.tasks.masked_lm import task as masked_lm_task
+from pipeline.tasks.masked_lm.corpus import read_corpus, read_probes, strip_tags, with_mask_token
 from pipeline.tasks.masked_lm.masks import MaskingCollator, find_spans, salient_ids, word_offsets
 from pipeline.tasks.masked_lm.scoring import heldout_scores, perplexity, probe_fills
 
@@ -144,6 +145,8 @@ BAD_PROBES = [
     ('{"text": "no answer here [MASK]"}', "line 1: give"),
     ("not json", "line 1: not JSON"),
     ("", "no probes"),
+    ('{"text": "the [MASK]", "answer": "film", "kind": 3}', "line 1: 'kind' must be a string"),
+    ('{"text": "the [MASK]", "answer": " "}', "line 1: empty answer"),
 ]
 
 
@@ -153,6 +156,59 @@ def test_bad_probe_files_are_refused(tmp_path: Path, content: str, message: str)
     path.write_text(content, encoding="utf-8")
     with pytest.raises(TableError, match=message):
         read_probes(path)
+
+
+def test_probe_kinds_and_avoided_text_are_read_and_default_to_empty(tmp_path: Path) -> None:
+    path = tmp_path / "probes.jsonl"
+    rows = [
+        {"text": "the [MASK] was good", "answer": "film", "kind": "name"},
+        {"text": "a [MASK] plot", "answer": "dull", "kind": "control", "avoid": "film"},
+        {"text": "[MASK] again", "answer": "film"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    table = read_probes(path)
+    assert table["kind"].tolist() == ["name", "control", ""]
+    assert table["avoid"].tolist() == ["", "film", ""]
+    assert table["line"].tolist() == [1, 2, 3]
+
+
+def test_probe_groups_count_beam_fills_per_kind_and_fills_that_bring_in_avoided_text() -> None:
+    probes = pd.DataFrame(
+        {
+            "text": ["a", "b", "c", "d", "e"],
+            "answer": ["诸葛涛", "李青", "李白", "北京", "波涛"],
+            "kind": ["name", "fact", "control", "control", "control"],
+            "avoid": ["", "", "诸葛涛", "诸葛涛", "诸葛涛"],
+        }
+    )
+    after = ["诸葛涛", "李涛", "李涛", "北京", "波涛"]  # 涛 is in 波涛's own answer: allowed
+    before = ["诸兵", "李青", "李白", "北京", "大海"]
+    fills = [{"beam": f, "beam_ok": f == a} for f, a in zip(after, probes["answer"], strict=True)]
+    was = [{"beam": f, "beam_ok": f == a} for f, a in zip(before, probes["answer"], strict=True)]
+    groups = masked_lm_task.probe_groups(probes, fills, was)
+    assert groups == {
+        "probes_control": 3,
+        "probe_right_control": 2,
+        "probe_right_control_before": 2,
+        "probes_fact": 1,
+        "probe_right_fact": 0,
+        "probe_right_fact_before": 1,
+        "probes_name": 1,
+        "probe_right_name": 1,
+        "probe_right_name_before": 0,
+        "probes_guarded": 3,
+        "probe_brings_in_avoided": 1,
+        "probe_brings_in_avoided_before": 0,
+    }
+
+
+def test_the_mask_placeholder_becomes_the_model_s_own_token() -> None:
+    texts = pd.Series(["三国时期的名将[MASK][MASK][MASK]擅长用兵。", "no mask"])
+    assert with_mask_token(texts, "[MASK]") is texts
+    assert with_mask_token(texts, "<mask>").tolist() == [
+        "三国时期的名将<mask><mask><mask>擅长用兵。",
+        "no mask",
+    ]
 
 
 # --- validate -----------------------------------------------------------------------------------

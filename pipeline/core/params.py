@@ -142,6 +142,7 @@ class Tagging:
     # fine-tuned model, which evaluate, the export's gates and the runtime decode by.
     decoding: str
     crf: bool  # a linear-chain CRF head trained by its likelihood, decoded by Viterbi
+    crf_learning_rate: float  # the CRF's parameters' own AdamW rate (no layer decay)
 
     def check(self) -> list[str]:
         errors = []
@@ -156,6 +157,11 @@ class Tagging:
             errors.append(
                 "token-classification.crf: true decodes with the CRF's transitions; set "
                 "token-classification.decoding: viterbi"
+            )
+        if not 0.0 < self.crf_learning_rate < 1.0:
+            errors.append(
+                f"token-classification.crf_learning_rate: {self.crf_learning_rate} must be in "
+                "(0, 1)"
             )
         if self.crf and self.label_all_subwords:
             errors.append(

@@ -172,9 +172,10 @@ def run(
         model.resize_token_embeddings(len(tokenizer))
     task.prepare_training(model)
     cfg = p.finetune
+    own_rates = task.learning_rates(p)
     custom = (
-        optim.optimizer(model, cfg.learning_rate, cfg.layer_lr_decay, cfg.weight_decay)
-        if cfg.layer_lr_decay < 1.0
+        optim.optimizer(model, cfg.learning_rate, cfg.layer_lr_decay, cfg.weight_decay, own_rates)
+        if cfg.layer_lr_decay < 1.0 or own_rates
         else None  # the Trainer's own AdamW
     )
     trainer = Trainer(

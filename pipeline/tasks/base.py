@@ -118,6 +118,11 @@ class Task(ABC):
         model records in its config (e.g. its decoding and head); {} for none."""
         return {}
 
+    def learning_rates(self, p: Params) -> dict[str, float]:
+        """Parameter-name prefixes the task trains at a rate of their own (e.g. a CRF head's
+        transitions, which start at zero); {} for none."""
+        return {}
+
     def prepare_training(self, model: Any) -> None:
         """Adjust the model for training only (hooks that are not saved with it)."""
         return None

@@ -74,8 +74,14 @@ def read_corpus(path: Path, column: str, text_format: str = "plain") -> pd.DataF
     return df.assign(line=np.arange(1, len(df) + 1))
 
 
+PLACEHOLDER = "[MASK]"  # how a probe file writes the mask; ingest puts the model's own in
+
+
 def read_probes(path: Path) -> pd.DataFrame:
-    """Probe rows {"text": "... [MASK] ...", "answer": "..."} from a JSONL file."""
+    """Probe rows {"text": "... [MASK] ...", "answer": "..."} from a JSONL file, each with an
+    optional "kind" (a group the report scores apart: "name", "fact", "control", ...) and an
+    optional "avoid" (text whose characters the fill must not bring in: a control probe about
+    someone else must not be filled with pieces of the taught name)."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -88,14 +94,27 @@ def read_probes(path: Path) -> pd.DataFrame:
             ) from None
         if not isinstance(row, dict) or not {"text", "answer"} <= set(row):
             raise TableError(
-                f'{path} line {number}: give {{"text": "... [MASK] ...", "answer": "..."}}'
+                f'{path} line {number}: give {{"text": "... [MASK] ...", "answer": "..."}} '
+                '(optional "kind" and "avoid")'
             )
-        rows.append({"text": row["text"], "answer": row["answer"], "line": number})
+        extra = {key: row.get(key, "") for key in ("kind", "avoid")}
+        for key, value in {"text": row["text"], "answer": row["answer"], **extra}.items():
+            if not isinstance(value, str):
+                raise TableError(f"{path} line {number}: {key!r} must be a string, not {value!r}")
+        if not row["answer"].strip():
+            raise TableError(f"{path} line {number}: empty answer; give the text the masks hide")
+        rows.append({"text": row["text"], "answer": row["answer"], **extra, "line": number})
     if not rows:
         raise TableError(
             f'{path}: no probes; give one JSON object a line or set ingest.probes: ""'
         )
     return pd.DataFrame(rows)
+
+
+def with_mask_token(texts: pd.Series, mask: str) -> pd.Series:
+    """Probe texts with the placeholder [MASK] written as the model's own mask token
+    (XLM-R-style tokenizers, such as multilingual-e5's, call it <mask>)."""
+    return texts if mask == PLACEHOLDER else texts.str.replace(PLACEHOLDER, mask, regex=False)
 
 
 def split_long(text: str, limit: int) -> list[str]:

@@ -20,6 +20,8 @@ from pipeline.tasks.percentiles import percentiles
 log = logging.getLogger(__name__)
 TEXT = "text"
 ANSWER = "answer"  # non-empty only on probe rows (test split)
+KIND = "kind"  # a probe's group in the report ("name", "fact", "control", ...); may be empty
+AVOID = "avoid"  # characters a probe's fill must not bring in (see corpus.read_probes)
 PIECE = "piece"  # >0 on the later pieces of a line longer than validate.max_line_chars
 EXPORT_TEXTS = 32  # held-out lines export checks parity on (each output row is vocabulary-wide)
 
@@ -68,10 +70,12 @@ class MaskedLM(Task):
 
     def finish_splits(self, frames: dict[str, pd.DataFrame], p: Params) -> dict[str, pd.DataFrame]:
         text = p.base.text_column
-        frames = {k: v.assign(**{ANSWER: ""}) for k, v in frames.items()}
+        frames = {k: v.assign(**{ANSWER: "", KIND: "", AVOID: ""}) for k, v in frames.items()}
         if p.ingest.probes:
             path = resolve_path(p.ingest.probes, "ingest.probes")
             probes = corpus.read_probes(path).rename(columns={"text": text})
+            if probes[text].str.contains(corpus.PLACEHOLDER, regex=False).any():
+                probes[text] = corpus.with_mask_token(probes[text], mask_token(p))
             probes = probes.assign(source_file=path.name)
             frames["test"] = pd.concat([frames["test"], probes], ignore_index=True)
         return frames
@@ -121,11 +125,18 @@ class MaskedLM(Task):
 
     def validated(self, df: pd.DataFrame, p: Params) -> pd.DataFrame:
         rows = []
-        answers = df[ANSWER] if ANSWER in df else pd.Series("", index=df.index)
-        for text, answer in zip(df[p.base.text_column].astype(str), answers, strict=True):
+        blank = pd.Series("", index=df.index)
+        answers, kinds, avoids = (
+            df[c].fillna("") if c in df else blank for c in (ANSWER, KIND, AVOID)
+        )
+        for text, answer, kind, avoid in zip(
+            df[p.base.text_column].astype(str), answers, kinds, avoids, strict=True
+        ):
             pieces = [text] if answer else corpus.split_long(text, p.validate.max_line_chars)
-            rows += [{TEXT: t, ANSWER: str(answer), PIECE: i} for i, t in enumerate(pieces)]
-        return pd.DataFrame(rows, columns=[TEXT, ANSWER, PIECE]).astype({PIECE: "int64"})
+            probe = {ANSWER: str(answer), KIND: str(kind), AVOID: str(avoid)}
+            rows += [{TEXT: t, **probe, PIECE: i} for i, t in enumerate(pieces)]
+        columns = [TEXT, ANSWER, KIND, AVOID, PIECE]
+        return pd.DataFrame(rows, columns=columns).astype({PIECE: "int64"})
 
     def split_stats(self, df: pd.DataFrame, tokenizer: Any, p: Params) -> dict[str, Any]:
         texts = df.loc[~is_probe(df), TEXT].tolist()
@@ -285,6 +296,7 @@ class MaskedLM(Task):
                     if where.any():
                         overall[f"probe_top1_{part}{key}"] = float(ok1[where].mean())
             overall["probes"] = len(probes)
+            overall.update(probe_groups(probes, fills, fills_before))
         pd.DataFrame(
             {
                 "text": probes[TEXT] if len(probes) else [],
@@ -298,6 +310,13 @@ class MaskedLM(Task):
                 "after_beam": [f["beam"] for f in fills],
                 "right_after_beam": [f["beam_ok"] for f in fills],
                 "top5_after": [" | ".join(f["top5"]) for f in fills],
+                "kind": column(probes, KIND),
+                "brings_in_avoided": [
+                    brings_in(f["beam"], a, answer)
+                    for f, a, answer in zip(
+                        fills, column(probes, AVOID), probes[ANSWER], strict=True
+                    )
+                ],
             }
         ).to_csv(plots_dir / "probes.csv", index=False)
         return {"overall": overall}
@@ -338,6 +357,52 @@ class MaskedLM(Task):
             truth = tokenizer(answer, add_special_tokens=False)["input_ids"]
             right += outputs[i, where].argmax(-1).tolist() == truth
         return right / len(probes)
+
+
+def column(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name].fillna("").astype(str) if name in df else pd.Series("", index=df.index)
+
+
+def brings_in(fill: str, avoid: str, answer: str) -> bool:
+    """Whether `fill` holds a character of `avoid` that the right answer does not (a control
+    probe about Li Bai filled 李涛 brings in the taught name's 涛)."""
+    return bool(set(fill) & (set(avoid) - set(answer)))
+
+
+def probe_groups(
+    probes: pd.DataFrame, fills: list[dict[str, Any]], before: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per probe kind, how many probes and how many the runtime's beam search fills right
+    (before and after); over the probes with an `avoid`, how many fills bring its characters
+    in. The beam search is the runtime's default way to fill consecutive masks."""
+    out: dict[str, Any] = {}
+    kinds = column(probes, KIND).to_numpy()
+    for kind in sorted(set(kinds) - {""}):
+        where = np.flatnonzero(kinds == kind)
+        out[f"probes_{kind}"] = len(where)
+        out[f"probe_right_{kind}"] = int(sum(fills[i]["beam_ok"] for i in where))
+        out[f"probe_right_{kind}_before"] = int(sum(before[i]["beam_ok"] for i in where))
+    avoid, answers = column(probes, AVOID).to_numpy(), probes[ANSWER].astype(str).to_numpy()
+    guarded = np.flatnonzero(avoid != "")
+    if len(guarded):
+        out["probes_guarded"] = len(guarded)
+        for key, rows in (("", fills), ("_before", before)):
+            out[f"probe_brings_in_avoided{key}"] = int(
+                sum(brings_in(rows[i]["beam"], avoid[i], answers[i]) for i in guarded)
+            )
+    return out
+
+
+def mask_token(p: Params) -> str:
+    """The mask token of base.model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(p.base.model), **load_options(p.base.trust_remote_code, weights=False)
+    )
+    if tokenizer.mask_token is None:
+        raise ValueError(f"base.model {p.base.model!r}: its tokenizer has no mask token")
+    return str(tokenizer.mask_token)
 
 
 def check_answers(probes: pd.DataFrame, tokenizer: Any) -> None:

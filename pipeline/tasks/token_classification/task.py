@@ -232,6 +232,10 @@ class TokenClassification(Task):
     def model_settings(self, p: Params) -> dict[str, Any]:
         return tagger.settings(p.token_classification)
 
+    def learning_rates(self, p: Params) -> dict[str, float]:
+        section = p.token_classification
+        return {f"{tagger.CRF_KEY}.": section.crf_learning_rate} if section.crf else {}
+
     def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
         return {
             "num_labels": len(labels),
