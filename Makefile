@@ -128,7 +128,7 @@ docs-build: $(STAMP) ## build the documentation site into site/ (fails on any wa
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-figures: $(STAMP) ## redraw the training curves and the results table from reports/
-	$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg --reports reports --page docs/text-classification.md --experiments reports/experiments --experiments-page docs/token-classification.md
+	$(BIN)/python docs/figures.py --curves reports/training --out docs/img/training-curves.svg --reports reports --page docs/text-classification.md --experiments reports/experiments --experiments-page docs/token-classification.md --masked-lm-page docs/masked-lm.md
 
 bench: $(STAMP) ## CPU benchmarks: PyTorch vs ORT variants, training, serving; docs/benchmarks.md
 	$(BIN)/python -m benchmarks.cpu --model-dir models/onnx --finetuned models/finetuned --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_cpu.json

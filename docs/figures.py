@@ -4,7 +4,8 @@
 - the section "Results of the committed run" of docs/text-classification.md, rendered from
   reports/eval.json, reports/export.json and reports/train.json;
 - the section "Decodings compared" of docs/token-classification.md, rendered from the records
-  `make exp ... REPORT=reports/experiments/NAME.json` writes (one per token-classification run).
+  `make exp ... REPORT=reports/experiments/NAME.json` writes (one per token-classification run);
+- the section "Measured" of docs/masked-lm.md, rendered from the fill-mask records among them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import re
 from pathlib import Path
 
 import matplotlib
+import yaml
 from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:
@@ -184,6 +187,105 @@ def experiments(folder: Path) -> str:
     return "\n".join([*lines, "", *notes]) + "\n"
 
 
+MASKED_LM_HEADING = "Measured"
+
+
+def _ran_with(path: Path, record: dict) -> dict:
+    """The params an experiment ran with: the record's own copy, else its config file (from the
+    repo root) with the record's --set values (records written before they kept params)."""
+    if "params" in record:
+        return record["params"]
+    values = yaml.safe_load((ROOT / record["config"]).read_text(encoding="utf-8")) or {}
+    for item in record.get("set", []):
+        key, _, value = item.partition("=")
+        section_name, _, name = key.partition(".")
+        values.setdefault(section_name, {})[name] = yaml.safe_load(value)
+    return values
+
+
+def _count(right: int, total: int) -> str:
+    return f"{right}/{total}"
+
+
+def _probes(overall: dict) -> str:
+    """Probe results as the runtime fills them (beam search): per kind where the probe file
+    names kinds, with controls that bring in the avoided text; else the share right."""
+    if "probes" not in overall:
+        return "none"
+    kinds = sorted(k[len("probes_") :] for k in overall if k.startswith("probes_"))
+    kinds = [k for k in kinds if k != "guarded"]
+    if not kinds:
+        return (
+            f"{overall['probe_top1_beam_before']:.1%} → {overall['probe_top1_beam']:.1%} "
+            f"of {overall['probes']}"
+        )
+    parts = [
+        f"{kind} {overall[f'probe_right_{kind}_before']} → "
+        f"{_count(overall[f'probe_right_{kind}'], overall[f'probes_{kind}'])}"
+        for kind in kinds
+    ]
+    if "probes_guarded" in overall:
+        parts.append(
+            f"controls filled with the taught text: {overall['probe_brings_in_avoided']} of "
+            f"{overall['probes_guarded']}"
+        )
+    return "; ".join(parts)
+
+
+def masked_lm(folder: Path) -> str:
+    """Held-out perplexity, masked top-1 and probe fills of every fill-mask experiment recorded
+    in `folder`, with what each ran on and the command that ran it."""
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if "perplexity" in record.get("eval", {}).get("overall", {}):
+            records.append((path, record))
+    if not records:
+        raise FileNotFoundError(
+            f"no fill-mask experiment recorded in {folder}: run `make exp "
+            "CONFIG=configs/pretrain-zh.yaml REPORT=reports/experiments/pretrain-zh.json`"
+        )
+    lines = [
+        "Each row is one `make exp` of a config (ingest to export, in a temporary copy of the "
+        "repo), rendered by `make docs-figures` from `reports/experiments/*.json`. Probes are "
+        "filled as the runtime fills them by default (beam search): right before → after, per "
+        "kind of probe.",
+        "",
+        "| experiment | base.model | held-out blocks | perplexity before → after | masked top-1 "
+        "before → after | probes right (beam) | fine-tuning | whole run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for path, r in records:
+        o, tr, ran = r["eval"]["overall"], r["train"], _ran_with(path, r)
+        before = o.get("perplexity_before")
+        change = f" ({o['perplexity_change']:+.1%})" if "perplexity_change" in o else ""
+        perplexity = (
+            f"{before:,.1f} → {o['perplexity']:,.1f}{change}"
+            if before is not None
+            else f"(new tokens: none before) → {o['perplexity']:,.1f}"
+        )
+        accuracy = (
+            f"{o['masked_accuracy_before']:.1%} → {o['masked_accuracy']:.1%}"
+            if "masked_accuracy_before" in o
+            else f"→ {o['masked_accuracy']:.1%}"
+        )
+        base = ran["base"]["model"]
+        lines.append(
+            f"| `{r['experiment']}` | `{base if len(base) < 40 else base[:37] + '...'}` | "
+            f"{o['rows']:,} | {perplexity} | {accuracy} | {_probes(o)} | "
+            f"{_minutes(tr['train_runtime_s'])} | {_minutes(r['wall_seconds'])} |"
+        )
+        m = r["machine"]
+        notes.append(
+            f"- `{r['experiment']}` (`{path.name}`): `{r['command']}`, finished "
+            f"{r['finished']} on {m['cpu']} (flags: {', '.join(m['cpu_flags'])}), "
+            f"{m['logical_cores']} cores; {tr['precision']}, {tr['epochs_run']:g} epochs of "
+            f"{tr['train_rows']:,} training blocks; base.model `{base}`."
+        )
+    return "\n".join([*lines, "", *notes]) + "\n"
+
+
 def section(page: str, heading: str) -> str | None:
     found = re.search(rf"^## {re.escape(heading)}[ \t]*\n(.*?)(?=^## |\Z)", page, re.M | re.S)
     return found.group(1).strip() if found else None
@@ -217,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--experiments-page", type=Path, help=f"the page with the section {EXPERIMENTS_HEADING!r}"
     )
+    parser.add_argument(
+        "--masked-lm-page", type=Path, help=f"the page with the section {MASKED_LM_HEADING!r}"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     draw(args.curves, args.out)
@@ -225,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiments and args.experiments_page:
         body = experiments(args.experiments)
         write_section(args.experiments_page, EXPERIMENTS_HEADING, body, args.experiments)
+    if args.experiments and args.masked_lm_page:
+        body = masked_lm(args.experiments)
+        write_section(args.masked_lm_page, MASKED_LM_HEADING, body, args.experiments)
     return 0
 
 

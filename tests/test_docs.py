@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -265,3 +266,54 @@ def test_the_decodings_section_is_what_the_experiment_records_render() -> None:
         "docs/token-classification.md's decodings are not what reports/experiments/ render: "
         "make docs-figures"
     )
+
+
+def test_the_masked_lm_section_is_what_the_experiment_records_render() -> None:
+    figures = load_figures()
+    page = (DOCS / "masked-lm.md").read_text(encoding="utf-8")
+    shown = figures.section(page, figures.MASKED_LM_HEADING)
+    assert shown == figures.masked_lm(REPO / "reports" / "experiments").strip(), (
+        "docs/masked-lm.md's measurements are not what reports/experiments/ render: "
+        "make docs-figures"
+    )
+
+
+def test_a_fill_mask_record_renders_its_probe_kinds_and_controls(tmp_path: Path) -> None:
+    """The renderer reads what a record holds: per-kind counts, controls, the base model."""
+    figures = load_figures()
+    record = {
+        "experiment": "cloze-x",
+        "command": "python -m pipeline.ops.experiment configs/x.yaml",
+        "finished": "2026-01-01T00:00:00+00:00",
+        "wall_seconds": 125.0,
+        "machine": {"cpu": "CPU X", "cpu_flags": ["avx2"], "logical_cores": 2},
+        "params": {"base": {"model": "models/base/x"}},
+        "train": {"train_runtime_s": 61.0, "precision": "fp32", "epochs_run": 3, "train_rows": 10},
+        "eval": {
+            "overall": {
+                "perplexity": 110.0,
+                "perplexity_before": 100.0,
+                "perplexity_change": 0.1,
+                "masked_accuracy": 0.4,
+                "masked_accuracy_before": 0.35,
+                "rows": 7,
+                "probes": 5,
+                "probes_name": 3,
+                "probe_right_name": 2,
+                "probe_right_name_before": 0,
+                "probes_control": 2,
+                "probe_right_control": 1,
+                "probe_right_control_before": 1,
+                "probes_guarded": 2,
+                "probe_brings_in_avoided": 1,
+            }
+        },
+    }
+    (tmp_path / "cloze-x.json").write_text(json.dumps(record), encoding="utf-8")
+    table = figures.masked_lm(tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith("| `cloze-x`"))
+    assert "100.0 → 110.0 (+10.0%)" in row and "35.0% → 40.0%" in row
+    assert "name 0 → 2/3" in row and "control 1 → 1/2" in row
+    assert "controls filled with the taught text: 1 of 2" in row
+    assert "1 min 01 s" in row and "2 min 05 s" in row
+    assert "base.model `models/base/x`" in table and "CPU X" in table

@@ -221,6 +221,7 @@ def test_a_temp_experiment_logs_into_the_repo_root_store(repo: Path, first_repro
     assert record["train"]["train_rows"] > 0 and record["train"]["model_sha256"]
     assert set(record["eval"]["overall"]) >= {"accuracy", "macro_f1"}
     assert record["export"]["variants"]["fp32"]["passed"] is True
+    assert record["params"]["finetune"]["learning_rate"] == 2.0e-3, "params as it ran"
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(
         experiment_names=["text-classification"],

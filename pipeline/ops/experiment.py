@@ -200,6 +200,8 @@ def write_report(
                 return 1
             found[key] = json.loads(out.read_text(encoding="utf-8"))
         crf = _crf_scores(dvc, sha, Path(tmp), env)
+    shown = ["git", "show", f"{sha}:params.yaml"]
+    ran_with = yaml.safe_load(subprocess.run(shown, capture_output=True, check=True).stdout)
     train = found["train"]
     record = {
         "experiment": name,
@@ -211,6 +213,7 @@ def write_report(
         "wall_seconds": round(seconds, 1),
         "machine": train.get("machine") or lineage.machine(),
         "train": {key: train.get(key) for key in TRAIN_KEYS},
+        "params": ran_with,  # params.yaml as the experiment ran it
         "eval": found["eval"],
         "export": {key: found["export"].get(key) for key in EXPORT_KEYS},
         **({"crf": crf} if crf else {}),
