@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 CONFIG ?= configs/ner-en.yaml
 
-.PHONY: gpu-check gpu-check-prepare help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean docs docs-build docs-figures docs-tables
+.PHONY: gpu-check gpu-check-prepare help venv lock run repro relog exp sweep test test-fast test-gpu lint deps format bench bench-data bench-avx2 bench-gpu package mlflow-ui mlflow-server push pull release promote reproduce metrics serve clean docs docs-build docs-figures docs-tables
 
 # The environment comes from a lock (locks/README.md): every package pinned with its hash, nothing
 # resolved at install time. VARIANT=gpu installs PyPI's CUDA build of torch instead of the CPU one.
@@ -140,6 +140,9 @@ bench: $(STAMP) ## CPU benchmarks: PyTorch vs ORT variants, training, serving; d
 	$(BIN)/python -m benchmarks.long_documents --raw data/raw --model-dir models/onnx --out docs/benchmarks.md --json reports/long_documents.json
 	$(BIN)/python -m benchmarks.dask_batch --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_dask.json
 	$(BIN)/python -m benchmarks.docs_tables
+
+bench-data: $(STAMP) ## peak memory and time of ingest, validate and tokenize on 100k, 1M and 5M synthetic rows
+	$(BIN)/python -m benchmarks.data_stages --validated data/validated --params params.yaml --rows $(or $(ROWS),100000 1000000 5000000) --out docs/benchmarks.md --json reports/bench_data_stages.json
 
 docs-tables: $(STAMP) ## re-render docs/benchmarks.md from the benchmarks' JSON reports
 	$(BIN)/python -m benchmarks.docs_tables --write

@@ -377,3 +377,48 @@ def test_the_overhead_benchmark_runs_the_tokenize_stage_on_its_data(
     rates = overhead.tokenize_rates(validated, params_path)
     assert rates["texts"] == 60
     assert rates["stage_texts_per_s"] > 0 and rates["batched_texts_per_s"] > 0
+
+
+def test_synthetic_rows_follow_the_real_texts_and_keep_distinct(tmp_path: Path) -> None:
+    from benchmarks import data_stages
+
+    texts = [f"{w} plot and a {w} cast" for w in ("dull", "fine", "warm", "cold")] * 10
+    train = pd.DataFrame({"text": texts, "category": ["fresh", "rotten"] * 20})
+    validated = tmp_path / "validated"
+    validated.mkdir()
+    train.to_parquet(validated / "train.parquet")
+    csv = data_stages.synthetic_csv(tmp_path / "d.csv", 450, validated)
+    table = pd.read_csv(csv)
+    assert list(table.columns) == ["category", "text", "movie_name"] and len(table) == 450
+    assert (table["text"].str.split().str.len() == 6).all(), "word counts from the real texts"
+    vocabulary = {w for t in texts for w in t.split()}
+    assert set(" ".join(table["text"]).split()) <= vocabulary
+    assert table["text"].nunique() > 440, "texts are distinct, so deduplication keeps them"
+    assert set(table["category"]) == {"fresh", "rotten"}
+    assert table["movie_name"].nunique() == 45
+    again = pd.read_csv(data_stages.synthetic_csv(tmp_path / "e.csv", 450, validated))
+    assert again.equals(table), "seeded"
+
+
+@pytest.mark.slow
+def test_the_data_stage_benchmark_runs_each_stage_and_reads_its_peak(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from conftest import write_params
+
+    from benchmarks import data_stages
+
+    validated = tmp_path / "validated"
+    validated.mkdir()
+    pd.DataFrame(synthetic_reviews(60, seed=3)).to_parquet(validated / "train.parquet")
+    overrides = {"base.model": str(tiny_model_dir), "base.max_length": 16}
+    params_path = write_params(tmp_path, {**overrides, "base.label_column": "category"})
+    out, json_path = tmp_path / "bench.md", tmp_path / "bench.json"
+    argv = ["--validated", str(validated), "--params", str(params_path), "--rows", "300"]
+    assert data_stages.main([*argv, "--out", str(out), "--json", str(json_path)]) == 0
+    record = json.loads(json_path.read_text(encoding="utf-8"))
+    (row,) = record["results"]
+    assert row["rows"] == 300
+    for stage in ("ingest", "validate", "tokenize"):
+        assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mib"] > 50, stage
+    assert "| 300 |" in out.read_text(encoding="utf-8")
