@@ -443,14 +443,20 @@ def _config(folder: Path, **recorded: object) -> Path:
     return folder
 
 
+def _tagging(decoding: str, crf: bool) -> params.Tagging:
+    return params.Tagging(
+        stride=0, label_all_subwords=False, decoding=decoding, crf=crf, crf_learning_rate=5e-3
+    )
+
+
 def test_the_model_records_its_decoding_and_params_must_agree(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    section = params.Tagging(stride=0, label_all_subwords=False, decoding=VITERBI, crf=False)
+    section = _tagging(VITERBI, crf=False)
     recorded = _config(tmp_path / "a", decoding=VITERBI, crf=False)
     tagger.check_params(recorded, section)
     assert tagger.model_decoder(recorded).mode == VITERBI
-    argmax = params.Tagging(stride=0, label_all_subwords=False, decoding=ARGMAX, crf=False)
+    argmax = _tagging(ARGMAX, crf=False)
     with pytest.raises(
         ValueError, match="fine-tuned with decoding 'viterbi'.*re-run the finetune"
     ):
@@ -459,7 +465,7 @@ def test_the_model_records_its_decoding_and_params_must_agree(
     assert tagger.model_decoder(older).mode == ARGMAX
     tagger.check_params(older, section)
     assert "records no decoding" in caplog.text
-    crf = params.Tagging(stride=0, label_all_subwords=False, decoding=VITERBI, crf=True)
+    crf = _tagging(VITERBI, crf=True)
     with pytest.raises(ValueError, match="has no CRF head"):
         tagger.check_params(older, crf)
     with pytest.raises(FileNotFoundError, match="transitions.json: missing"):
