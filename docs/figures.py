@@ -174,7 +174,7 @@ def experiments(folder: Path) -> str:
         notes.append(
             f"- `{r['experiment']}` (`{path.name}`): `{r['command']}`, finished "
             f"{r['finished']} on {m['cpu']} (flags: {', '.join(m['cpu_flags'])}), "
-            f"{m['logical_cores']} cores; {tr['precision']}, {tr['epochs_run']:g} epochs of "
+            f"{m['logical_cores']} cores; {tr['precision']}, {_epochs(tr['epochs_run'])} of "
             f"{tr['train_rows']:,} training windows."
             + (
                 f" CRF scores after training (all start at 0): largest |transition| "
@@ -201,6 +201,10 @@ def _ran_with(path: Path, record: dict) -> dict:
         section_name, _, name = key.partition(".")
         values.setdefault(section_name, {})[name] = yaml.safe_load(value)
     return values
+
+
+def _epochs(count: float) -> str:
+    return f"{count:g} epoch" if count == 1 else f"{count:g} epochs"
 
 
 def _count(right: int, total: int) -> str:
@@ -280,7 +284,7 @@ def masked_lm(folder: Path) -> str:
         notes.append(
             f"- `{r['experiment']}` (`{path.name}`): `{r['command']}`, finished "
             f"{r['finished']} on {m['cpu']} (flags: {', '.join(m['cpu_flags'])}), "
-            f"{m['logical_cores']} cores; {tr['precision']}, {tr['epochs_run']:g} epochs of "
+            f"{m['logical_cores']} cores; {tr['precision']}, {_epochs(tr['epochs_run'])} of "
             f"{tr['train_rows']:,} training blocks; base.model `{base}`."
         )
     return "\n".join([*lines, "", *notes]) + "\n"
