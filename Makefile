@@ -138,6 +138,7 @@ bench: $(STAMP) ## CPU benchmarks: PyTorch vs ORT variants, training, serving; d
 	$(BIN)/python -m benchmarks.load --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_load.json
 	$(BIN)/python -m benchmarks.overhead --validated data/validated --params params.yaml --out docs/benchmarks.md --json reports/bench_overhead.json
 	$(BIN)/python -m benchmarks.long_documents --raw data/raw --model-dir models/onnx --out docs/benchmarks.md --json reports/long_documents.json
+	$(BIN)/python -m benchmarks.memory --model-dir models/onnx --out docs/benchmarks.md --json reports/bench_memory.json
 	$(BIN)/python -m benchmarks.dask_batch --model-dir models/onnx --test data/validated/test.parquet --out docs/benchmarks.md --json reports/bench_dask.json
 	$(BIN)/python -m benchmarks.docs_tables
 

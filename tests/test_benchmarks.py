@@ -422,3 +422,28 @@ def test_the_data_stage_benchmark_runs_each_stage_and_reads_its_peak(
     for stage in ("ingest", "validate", "tokenize"):
         assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mib"] > 50, stage
     assert "| 300 |" in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_memory_benchmark_reads_each_processs_own_peak(
+    tmp_path: Path, onnx_model_dir: Path
+) -> None:
+    from benchmarks import memory
+
+    out, out_json = tmp_path / "benchmarks.md", tmp_path / "memory.json"
+    argv = ["--model-dir", str(onnx_model_dir), "--words-chars", "2000000"]
+    argv += ["--cjk-chars", "500000", "--clients", "3", "--server-chars", "100000"]
+    assert memory.main([*argv, "--out", str(out), "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text(encoding="utf-8"))
+    rows = {(row["model"], row["text"]): row for row in data["predict"]}
+    assert len(rows) == 4 and all(row["exit_code"] == 0 for row in rows.values())
+    small = rows["default variant", "three words"]
+    for text in ("words", "cjk"):
+        big = rows["default variant", text]
+        assert big["chars"] == (2_000_000 if text == "words" else 500_000)
+        # Tokenizing a text whole costs about 190 bytes a character; the runtime reads its ends.
+        assert big["peak_rss_mb"] - small["peak_rss_mb"] < 25 * big["utf8_mb"], (big, small)
+    served = data["server"]
+    assert served["statuses"] == {"200": 3}
+    assert served["peak_rss_after_mb"] >= served["peak_rss_ready_mb"] > 0
+    assert "## Memory of long texts (CPU)" in out.read_text(encoding="utf-8")

@@ -368,6 +368,52 @@ def test_salient_words_are_masked_whole_that_often(
         assert (labels[masked][:, span] == np.array(ids)[span]).all()
 
 
+def test_salient_prefixes_stay_visible_and_the_rest_of_the_word_is_masked(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (tmp_path / "names.txt").write_text("brilliant cast was clumsy\n", encoding="utf-8")
+    spans = salient_ids(tokenizer, str(tmp_path / "names.txt"))
+    ids = tokenizer("the brilliant cast was clumsy today")["input_ids"]
+    [(start, length)] = find_spans(ids, spans)
+    assert length == 4
+    row = {
+        "input_ids": ids,
+        "special_tokens_mask": tokenizer.get_special_tokens_mask(
+            ids, already_has_special_tokens=True
+        ),
+    }
+    config = masking(
+        probability=0.01,
+        mask_replace_prob=1.0,
+        random_replace_prob=0.0,
+        salient_words=str(tmp_path / "names.txt"),
+        salient_probability=1.0,
+        salient_prefix_probability=0.5,
+    )
+    batch = MaskingCollator(tokenizer, config, seed=5)([row] * 400)
+    labels = batch["labels"].numpy()[:, start : start + length]
+    got = batch["input_ids"].numpy()[:, start : start + length]
+    word = np.array(ids[start : start + length])
+    shown = (labels == -100).sum(axis=1)
+    # Every row: a visible start (its tokens as they were, no loss), then masks to the end.
+    for count, label, tokens in zip(shown, labels, got, strict=True):
+        assert (tokens[:count] == word[:count]).all() and (label[:count] == -100).all()
+        assert (tokens[count:] == tokenizer.mask_token_id).all()
+        assert (label[count:] == word[count:]).all()
+    assert abs((shown == 0).mean() - 0.5) < 0.1  # half are masked whole
+    assert set(shown[shown > 0]) == {1, 2, 3}  # the others show 1 to 3 of the 4 tokens
+
+
+def test_salient_prefixes_need_salient_words(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(params.ParamsError, match="salient_prefix_probability is only read"):
+        params.load(
+            mlm_params(tmp_path, tiny_model_dir, **{"fill-mask.salient_prefix_probability": 0.5})
+        )
+
+
 def test_salient_masking_params_go_together(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(
         params.ParamsError, match="salient_words and fill-mask.salient_probability"

@@ -205,6 +205,10 @@ class Masking:
     # are masked with salient_probability wherever they occur, besides `probability`.
     salient_words: str = ""
     salient_probability: float = 0.0
+    # Of those salient masks, this share leaves a random first part of the word visible (at least
+    # one token masked): the runtime fills a run of masks left to right, reading each token it
+    # put in, so the model must also learn the rest of a word from its start (诸葛[MASK] -> 涛).
+    salient_prefix_probability: float = 0.0
 
     def check(self) -> list[str]:
         errors = []
@@ -232,6 +236,15 @@ class Masking:
         if not 0.0 <= self.salient_probability <= 1.0:
             errors.append(
                 f"fill-mask.salient_probability: {self.salient_probability} must be in [0, 1]"
+            )
+        if not 0.0 <= self.salient_prefix_probability <= 1.0:
+            errors.append(
+                "fill-mask.salient_prefix_probability: "
+                f"{self.salient_prefix_probability} must be in [0, 1]"
+            )
+        if self.salient_prefix_probability > 0 and not self.salient_words:
+            errors.append(
+                "fill-mask.salient_prefix_probability is only read with fill-mask.salient_words"
             )
         if bool(self.salient_words) != (self.salient_probability > 0):
             errors.append(

@@ -118,6 +118,7 @@ class MaskingCollator:
         self.mask_id = tokenizer.mask_token_id
         self.salient = salient_ids(tokenizer, masking.salient_words)
         self.salient_probability = masking.salient_probability
+        self.salient_prefix = masking.salient_prefix_probability
         self.generator = None
         if seed is not None:
             import torch
@@ -143,16 +144,29 @@ class MaskingCollator:
 
     def mask_salient(self, out: dict[str, Any], originals: list[list[int]]) -> None:
         """Salient-span masking: each occurrence of a salient word is masked whole with
-        `salient_probability`, on top of what the library's collator masked."""
+        `salient_probability`, on top of what the library's collator masked; with
+        `salient_prefix_probability` of those, its first 1 to n-1 tokens stay visible instead."""
         import torch
 
         for row, ids in enumerate(originals):
             for start, length in find_spans(ids, self.salient):
                 draw = torch.rand(1, generator=self.generator).item()
-                if draw < self.salient_probability:
-                    span = slice(start, start + length)
-                    out["labels"][row, span] = torch.tensor(ids[span])
-                    out["input_ids"][row, span] = self.mask_id
+                if draw >= self.salient_probability:
+                    continue
+                shown = 0  # leading tokens left visible (with no loss), for left-to-right fills
+                if (
+                    length > 1
+                    and self.salient_prefix > 0
+                    and torch.rand(1, generator=self.generator).item() < self.salient_prefix
+                ):
+                    shown = int(torch.randint(1, length, (1,), generator=self.generator))
+                if shown:
+                    head = slice(start, start + shown)
+                    out["labels"][row, head] = IGNORE
+                    out["input_ids"][row, head] = torch.tensor(ids[head])
+                span = slice(start + shown, start + length)
+                out["labels"][row, span] = torch.tensor(ids[span])
+                out["input_ids"][row, span] = self.mask_id
 
 
 def salient_ids(tokenizer: Any, words_file: str) -> list[list[int]]:
