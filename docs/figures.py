@@ -203,6 +203,17 @@ def _ran_with(path: Path, record: dict) -> dict:
     return values
 
 
+def _base_model(record: dict, ran: dict) -> str:
+    """base.model as the config names it. A model saved in the repo is passed to the experiment
+    by its absolute path (its temporary copy lacks git-ignored folders), which names only the
+    machine that ran it."""
+    model = str(ran["base"]["model"])
+    if Path(model).is_absolute():
+        config = yaml.safe_load((ROOT / record["config"]).read_text(encoding="utf-8")) or {}
+        model = str((config.get("base") or {}).get("model", model))
+    return model
+
+
 def _epochs(count: float) -> str:
     return f"{count:g} epoch" if count == 1 else f"{count:g} epochs"
 
@@ -274,7 +285,7 @@ def masked_lm(folder: Path) -> str:
             if "masked_accuracy_before" in o
             else f"→ {o['masked_accuracy']:.1%}"
         )
-        base = ran["base"]["model"]
+        base = _base_model(r, ran)
         lines.append(
             f"| `{r['experiment']}` | `{base if len(base) < 40 else base[:37] + '...'}` | "
             f"{o['rows']:,} | {perplexity} | {accuracy} | {_probes(o)} | "
