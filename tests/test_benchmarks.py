@@ -436,7 +436,8 @@ def test_the_memory_benchmark_reads_each_processs_own_peak(
     assert memory.main([*argv, "--out", str(out), "--json", str(out_json)]) == 0
     data = json.loads(out_json.read_text(encoding="utf-8"))
     rows = {(row["model"], row["text"]): row for row in data["predict"]}
-    assert len(rows) == 4 and all(row["exit_code"] == 0 for row in rows.values())
+    # The tiny folder ships fp32 only, so there is no int8 row.
+    assert len(rows) == 3 and all(row["exit_code"] == 0 for row in rows.values())
     small = rows["default variant", "three words"]
     for text in ("words", "cjk"):
         big = rows["default variant", text]
