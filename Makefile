@@ -143,7 +143,7 @@ bench: $(STAMP) ## CPU benchmarks: PyTorch vs ORT variants, training, serving; d
 	$(BIN)/python -m benchmarks.docs_tables
 
 bench-data: $(STAMP) ## peak memory and time of ingest, validate and tokenize on 100k, 1M and 5M synthetic rows
-	$(BIN)/python -m benchmarks.data_stages --validated data/validated --params params.yaml --rows $(or $(ROWS),100000 1000000 5000000) --out docs/benchmarks.md --json reports/bench_data_stages.json
+	$(BIN)/python -m benchmarks.data_stages --validated data/validated --params params.yaml --rows $(or $(ROWS),100000 1000000 5000000) --out docs/benchmarks.md --json reports/bench_data_stages.json $(if $(BEFORE),--before $(BEFORE))
 
 docs-tables: $(STAMP) ## re-render docs/benchmarks.md from the benchmarks' JSON reports
 	$(BIN)/python -m benchmarks.docs_tables --write

@@ -5,7 +5,14 @@ Synthetic classification CSVs of each row count are written with the default dat
 counts and words drawn from their vocabulary (so texts are distinct and deduplication keeps them),
 two labels in the real proportion, ten rows a group. Each stage then runs as the pipeline runs it
 (`python -m pipeline.stages.X`, the default params with `ingest.source` pointed at the CSV), in a
-process of its own whose peak resident memory (its own and its children's) is read at exit.
+process of its own whose peak resident memory is the kernel's count for it (`wait4`'s
+`ru_maxrss`), also when the kernel stops it for want of memory; the later stages of that row
+count are then not run.
+
+`--before` names the report of an earlier commit (its `--json`): its results are kept in the new
+report and shown beside the new ones, so that one page compares the two pieces of code. To make
+one: `git worktree add /tmp/before COMMIT`, run this module there with `--json /tmp/before.json`
+(`--validated` pointing at this checkout's data), then `make bench-data BEFORE=/tmp/before.json`.
 
     python -m benchmarks.data_stages --validated data/validated --rows 100000 1000000 5000000 \
         --out docs/benchmarks.md --json reports/bench_data_stages.json
@@ -34,21 +41,7 @@ from pipeline.core import layout
 HEADING = "Data stages as rows grow (CPU)"
 ROWS_PER_GROUP = 10
 WRITE_CHUNK = 200_000  # rows generated and appended to the CSV at a time
-# Runs a stage module as `python -m` would and writes the process's peak RSS (and that of the
-# children it waited for) to $PEAK_RSS_FILE at exit, whatever the exit status.
-WRAPPER = """
-import atexit, json, os, resource, runpy, sys
-
-def peak():
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    with open(os.environ["PEAK_RSS_FILE"], "w") as f:
-        json.dump({"peak_rss_kib": max(own, children)}, f)
-
-atexit.register(peak)
-sys.argv = sys.argv[1:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-"""
+STAGES = ("ingest", "validate", "tokenize")
 
 
 def real_texts(validated: Path) -> tuple[list[str], np.ndarray, float]:
@@ -56,7 +49,7 @@ def real_texts(validated: Path) -> tuple[list[str], np.ndarray, float]:
     train = pd.read_parquet(layout.split_file(validated, layout.TRAIN))
     words = train["text"].astype(str).str.split()
     vocabulary = sorted({w for row in words for w in row})
-    first = float((train["category"] == sorted(train["category"].unique())[0]).mean())
+    first = float((train["label"] == sorted(train["label"].unique())[0]).mean())
     return vocabulary, words.str.len().clip(lower=1).to_numpy(), first
 
 
@@ -109,19 +102,27 @@ def stage_commands(work: Path, params: Path) -> dict[str, list[str]]:
     }
 
 
-def run_stage(command: list[str], work: Path) -> dict[str, float]:
-    """Wall time and peak RSS of one stage process; raises with its output when it fails."""
-    peak_file = work / "peak.json"
-    env = {**os.environ, "PEAK_RSS_FILE": str(peak_file)}
+def run_stage(command: list[str], work: Path) -> dict[str, Any]:
+    """Wall time and peak RSS of one stage process; a stage that fails is recorded with its exit
+    (a kill by the kernel for want of memory shows as signal 9) and the end of its output."""
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", WRAPPER, *command], env=env, capture_output=True, text=True
-    )
+    with open(work / "stage.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=log)
+        # wait4 gives this child's own peak, also when it was killed.
+        _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
-    if done.returncode:
-        raise RuntimeError(f"{command[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    peak = json.loads(peak_file.read_text(encoding="utf-8"))["peak_rss_kib"]
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(peak / 1024, 1)}
+    result: dict[str, Any] = {
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux counts in KiB
+    }
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        tail = (work / "stage.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+        result["failed"] = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        if code == -9:
+            result["failed"] += " (the kernel's out-of-memory killer, or a user)"
+        result["output_tail"] = tail
+    return result
 
 
 def run(validated: Path, params_file: Path, rows: list[int], keep: Path | None) -> dict[str, Any]:
@@ -147,6 +148,8 @@ def run(validated: Path, params_file: Path, rows: list[int], keep: Path | None) 
             for stage, command in stage_commands(work, params).items():
                 row[stage] = run_stage(command, work)
                 print(f"{n:,} rows, {stage}: {row[stage]}", flush=True)
+                if "failed" in row[stage]:
+                    break
             results.append(row)
             shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -155,40 +158,74 @@ def run(validated: Path, params_file: Path, rows: list[int], keep: Path | None) 
     return {"results": results}
 
 
+def results_table(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        row = {"rows": f"{r['rows']:,}", "csv": f"{r['csv_mib']:,.0f}"}
+        for stage in STAGES:
+            found = r.get(stage)
+            if found is None:
+                row[f"{stage}_s"] = row[f"{stage}_mib"] = "not run"
+            elif "failed" in found:
+                failed = found["failed"].split(" (")[0]
+                row[f"{stage}_s"] = f"{failed} after {found['seconds']:,.0f}"
+                row[f"{stage}_mib"] = f"≥ {found['peak_rss_mib']:,.0f}"
+            else:
+                row[f"{stage}_s"] = f"{found['seconds']:,.1f}"
+                row[f"{stage}_mib"] = f"{found['peak_rss_mib']:,.0f}"
+        rows.append(row)
+    return report.table(
+        rows,
+        {
+            "rows": "rows",
+            "csv": "CSV MiB",
+            "ingest_s": "ingest s",
+            "ingest_mib": "ingest peak MiB",
+            "validate_s": "validate s",
+            "validate_mib": "validate peak MiB",
+            "tokenize_s": "tokenize s",
+            "tokenize_mib": "tokenize peak MiB",
+        },
+    )
+
+
 def markdown(data: dict[str, Any]) -> str:
     command, machine = data["command"], data["machine"]
-    rows = []
-    for r in data["results"]:
-        row = {"rows": f"{r['rows']:,}", "csv": f"{r['csv_mib']:,.0f}"}
-        for stage in ("ingest", "validate", "tokenize"):
-            row[f"{stage}_s"] = f"{r[stage]['seconds']:,.1f}"
-            row[f"{stage}_mib"] = f"{r[stage]['peak_rss_mib']:,.0f}"
-        rows.append(row)
-    return "\n".join(
-        [
-            f"Measured {data['date']} with `{command}` on {machine['cpu']} (flags: "
-            f"{', '.join(machine['cpu_flags'])}), {machine['logical_cores']} cores; "
-            f"{report.versions_line(data)}.",
+    lines = [
+        f"Measured {data['date']} with `{command}` on {machine['cpu']} (flags: "
+        f"{', '.join(machine['cpu_flags'])}), {machine['logical_cores']} cores, "
+        f"{machine['memory_gib']} GiB; {report.versions_line(data)}.",
+        "",
+        "Synthetic classification CSVs (the default data's columns, word counts and "
+        "vocabulary); each stage in a process of its own, as `dvc repro` runs it; its peak "
+        "resident memory as the kernel counts it.",
+        "",
+        f"Commit {data.get('commit') or 'not recorded'}:",
+        "",
+        results_table(data["results"]),
+    ]
+    before = data.get("before")
+    if before:
+        lines += [
+            f"The same rows through commit {before.get('commit') or 'not recorded'} (measured "
+            f"{before['date']} with `{before['command']}`, on {before['machine']['cpu']}, "
+            f"{before['machine']['logical_cores']} cores):",
             "",
-            "Synthetic classification CSVs (the default data's columns, word counts and "
-            "vocabulary); each stage in a process of its own, as `dvc repro` runs it; peak "
-            "resident memory of the stage's process and its children.",
-            "",
-            report.table(
-                rows,
-                {
-                    "rows": "rows",
-                    "csv": "CSV MiB",
-                    "ingest_s": "ingest s",
-                    "ingest_mib": "ingest peak MiB",
-                    "validate_s": "validate s",
-                    "validate_mib": "validate peak MiB",
-                    "tokenize_s": "tokenize s",
-                    "tokenize_mib": "tokenize peak MiB",
-                },
-            ),
+            results_table(before["results"]),
         ]
-    )
+    return "\n".join(lines)
+
+
+def commit() -> str | None:
+    """The git commit of the code measured (with `+changes` when the work tree differs)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pipeline"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{head}+changes" if dirty else head
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,8 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="a folder to keep the scratch files in")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--json", type=Path, default=Path("reports/bench_data_stages.json"))
+    parser.add_argument("--before", type=Path, help="the report of an earlier commit, to compare")
     args = parser.parse_args(argv)
+    before = None
+    if args.before:
+        earlier = json.loads(args.before.read_text(encoding="utf-8"))
+        keys = ("commit", "date", "command", "machine", "versions", "results")
+        before = {k: earlier.get(k) for k in keys}
     data = run(args.validated, args.params, args.rows, args.keep)
+    data["commit"] = commit()
+    if before:
+        data["before"] = before
     machine = measure.machine()
     report.publish("benchmarks.data_stages", argv, HEADING, data, machine, args.out, args.json)
     return 0

@@ -62,6 +62,7 @@ def batch(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, int]:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_local_cluster_scores_every_row_once_and_a_rerun_writes_only_missing_parts(
     tmp_path: Path,
     onnx_model_dir: Path,
@@ -176,6 +177,7 @@ def sockets_of(pids: set[int]) -> list[tuple[str, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_scheduler_address_scores_a_jsonl_folder_with_ids_and_options(
     tmp_path: Path,
     cluster: Cluster,

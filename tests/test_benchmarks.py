@@ -148,6 +148,7 @@ def test_long_document_benchmark_on_the_tiny_model(tmp_path: Path, onnx_model_di
     assert "## Long documents (CPU)" in out.read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_serving_benchmark_runs_both_modes_on_loopback(
     tmp_path: Path, onnx_model_dir: Path
 ) -> None:
@@ -383,7 +384,7 @@ def test_synthetic_rows_follow_the_real_texts_and_keep_distinct(tmp_path: Path) 
     from benchmarks import data_stages
 
     texts = [f"{w} plot and a {w} cast" for w in ("dull", "fine", "warm", "cold")] * 10
-    train = pd.DataFrame({"text": texts, "category": ["fresh", "rotten"] * 20})
+    train = pd.DataFrame({"text": texts, "label": ["fresh", "rotten"] * 20})
     validated = tmp_path / "validated"
     validated.mkdir()
     train.to_parquet(validated / "train.parquet")
@@ -410,7 +411,8 @@ def test_the_data_stage_benchmark_runs_each_stage_and_reads_its_peak(
 
     validated = tmp_path / "validated"
     validated.mkdir()
-    pd.DataFrame(synthetic_reviews(60, seed=3)).to_parquet(validated / "train.parquet")
+    validated_rows = pd.DataFrame(synthetic_reviews(60, seed=3))
+    validated_rows.rename(columns={"category": "label"}).to_parquet(validated / "train.parquet")
     overrides = {"base.model": str(tiny_model_dir), "base.max_length": 16}
     params_path = write_params(tmp_path, {**overrides, "base.label_column": "category"})
     out, json_path = tmp_path / "bench.md", tmp_path / "bench.json"
@@ -421,7 +423,23 @@ def test_the_data_stage_benchmark_runs_each_stage_and_reads_its_peak(
     assert row["rows"] == 300
     for stage in ("ingest", "validate", "tokenize"):
         assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mib"] > 50, stage
+        assert "failed" not in row[stage], row[stage].get("output_tail")
     assert "| 300 |" in out.read_text(encoding="utf-8")
+    # An earlier report is kept and shown beside the new one; a stage that fails is recorded
+    # with its exit, and the stages after it are not run.
+    (tmp_path / "broken").mkdir()
+    broken = write_params(tmp_path / "broken", {**overrides, "base.label_column": "nothing"})
+    argv = ["--validated", str(validated), "--params", str(broken), "--rows", "200"]
+    argv += ["--before", str(json_path), "--out", str(out), "--json", str(tmp_path / "b.json")]
+    assert data_stages.main(argv) == 0
+    again = json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))
+    assert again["before"]["results"] == record["results"]
+    (failed,) = again["results"]
+    assert failed["ingest"]["failed"] == "exit code 1"
+    assert "nothing" in failed["ingest"]["output_tail"]
+    assert "validate" not in failed and "tokenize" not in failed
+    text = out.read_text(encoding="utf-8")
+    assert "| 300 |" in text and "| 200 |" in text and "exit code 1 after" in text
 
 
 @pytest.mark.slow

@@ -229,6 +229,7 @@ def crf_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> d
     return {"root": root, "metrics": metrics, "export": export, "test": test, "model": model}
 
 
+@pytest.mark.slow
 def test_evaluate_reports_every_decoding_of_the_crf_model(crf_run: dict[str, Any]) -> None:
     metrics = crf_run["metrics"]
     assert set(metrics["decoding"]) == {"argmax", "viterbi", "crf"}
@@ -239,6 +240,7 @@ def test_evaluate_reports_every_decoding_of_the_crf_model(crf_run: dict[str, Any
     assert set(metrics["validation"]) == {"argmax_f1", "viterbi_f1", "crf_f1"}
 
 
+@pytest.mark.slow
 def test_the_crf_travels_in_the_model_folder_and_is_verified(
     crf_run: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -291,6 +293,7 @@ def _torch_entities(model: Any, tokenizer: Any, text: str) -> list[tuple[str, in
     return entities
 
 
+@pytest.mark.slow
 def test_runtime_entities_equal_pytorchs_crf_decoding(crf_run: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 

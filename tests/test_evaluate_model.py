@@ -191,6 +191,7 @@ print(json.dumps(imported))
 """
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_run_without_importing_the_trainer(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

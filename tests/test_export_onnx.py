@@ -72,6 +72,7 @@ print("trainer imported:", "transformers.trainer" in sys.modules, "exit:", code)
 """
 
 
+@pytest.mark.slow
 def test_the_export_stage_prints_its_own_lines_and_one_gate_table(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -374,6 +374,7 @@ def test_a_signed_release_registers_a_folder_and_a_wheel_that_check_with_the_pub
     assert sh(["git", "tag", "--list", "v2"], repo).strip() == ""
 
 
+@pytest.mark.slow
 def test_a_local_dask_cluster_run_checks_the_folder_and_leaves_the_environment_as_it_was(
     signed_dir: Path,
     keys: dict[str, Path],

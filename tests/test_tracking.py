@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 WORKER = """
 import sys
 import mlflow
@@ -20,6 +22,7 @@ with mlflow.start_run(run_name=sys.argv[2]):
 """
 
 
+@pytest.mark.slow
 def test_parallel_workers_on_a_fresh_sqlite_store_lose_no_run_and_double_none(
     tmp_path: Path,
 ) -> None:

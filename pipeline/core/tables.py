@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import lzma
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import pandas as pd
 
 SPLITS = ("train", "validation", "test")
@@ -136,3 +138,101 @@ def find_split_files(
 def text_key(texts: pd.Series) -> pd.Series:
     """Case- and whitespace-insensitive key: two texts with equal keys are duplicates."""
     return texts.astype("string").str.lower().str.split().str.join(" ")
+
+
+def read_table_chunks(
+    path: Path, texts: tuple[str, ...] = (), rows: int = 100_000
+) -> Iterator[pd.DataFrame]:
+    """`read_table` in pieces of at most `rows` rows, numbered on from the previous piece (the
+    index counts rows from the file's start). Each piece's column types are inferred from that
+    piece, as pandas infers them; `unify` makes the pieces' types agree afterwards."""
+    given = False
+    for piece in _chunks(path, texts, rows):
+        given = True
+        yield piece
+    if not given:  # no data rows: the empty table, with its columns
+        yield read_table(path, texts)
+
+
+def _chunks(path: Path, texts: tuple[str, ...], rows: int) -> Iterator[pd.DataFrame]:
+    kind = table_format(path)
+    strings = dict.fromkeys(texts, str)
+    try:
+        if kind in ("csv", "tsv"):
+            with pd.read_csv(
+                path,
+                sep="\t" if kind == "tsv" else ",",
+                keep_default_na=False,
+                na_values=[""],
+                dtype=strings,
+                chunksize=rows,
+            ) as reader:
+                yield from reader
+            return
+        if kind == "jsonl":
+            with pd.read_json(path, lines=True, dtype=False, chunksize=rows) as reader:
+                yield from reader
+            return
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            start = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, use_threads=False):
+                frame = batch.to_pandas()
+                frame.index = pd.RangeIndex(start, start + len(frame))
+                start += len(frame)
+                yield frame
+            return
+    except UnicodeDecodeError:
+        raise encoding_error(path) from None
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise TableError(f"{path}: cannot be read as {kind}: {exc}") from None
+    raise TableError(
+        f"{path}: unsupported file type; use .csv, .tsv, .jsonl or .parquet (optionally .bz2/.gz)"
+    )
+
+
+def common_dtypes(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """One dtype per column for pieces read apart (int64 beside float64 is float64, a number
+    beside a string is object), as pandas gives when it concatenates them."""
+    columns: dict[str, list[Any]] = {}
+    for dtypes in pieces:
+        for column, dtype in dtypes.items():
+            columns.setdefault(column, []).append(dtype)
+    return {
+        column: pd.concat([pd.Series([], dtype=d) for d in found]).dtype
+        for column, found in columns.items()
+    }
+
+
+def key_digests(keys: pd.Series) -> np.ndarray:
+    """A 16-byte digest of each key (None for a missing key gives a digest of its own): sets of
+    keys of millions of rows compared by digest rather than by the texts themselves."""
+    present = keys.notna().to_numpy()
+    return np.array(
+        [
+            hashlib.blake2b(b"k" + k.encode() if ok else b"-", digest_size=16).digest()
+            for k, ok in zip(keys.astype(object).to_numpy(), present, strict=True)
+        ],
+        dtype="S16",
+    )
+
+
+def duplicates(
+    digests: np.ndarray, targets: np.ndarray | None, missing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(conflicting, duplicate) masks over rows known by their key digests (`key_digests`):
+    conflicting rows share a key with a row of another target (a label, say; target codes of
+    -1 are missing and agree with any), duplicates repeat the key of an earlier row that is not
+    conflicting. Rows without a key (`missing`) never conflict and repeat each other."""
+    halves = digests.view("<u8").reshape(-1, 2) if len(digests) else np.zeros((0, 2), "<u8")
+    frame = pd.DataFrame({"a": halves[:, 0], "b": halves[:, 1]})
+    conflicting = np.zeros(len(frame), dtype=bool)
+    if targets is not None and len(frame):
+        known = pd.Series(np.where(targets < 0, np.nan, targets))
+        distinct = known.groupby([frame["a"], frame["b"]]).transform("nunique").to_numpy()
+        conflicting = (distinct > 1) & ~missing
+    duplicate = np.zeros(len(frame), dtype=bool)
+    kept = ~conflicting
+    duplicate[kept] = frame[kept].duplicated(keep="first").to_numpy()
+    return conflicting, duplicate

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline import tasks
 from pipeline.core import entry, layout, lineage, params
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import resolve_path
-from pipeline.core.tables import SPLITS, TableError, find_split_files, has_split_files
+from pipeline.core.spool import Codes, spool
+from pipeline.core.tables import (
+    SPLITS,
+    TableError,
+    common_dtypes,
+    duplicates,
+    find_split_files,
+    has_split_files,
+    key_digests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +32,10 @@ log = logging.getLogger(__name__)
 SECTIONS = ("base", "ingest")
 MIN_ROWS = 3  # one for each split
 SOURCE_FILE = "source_file"  # which input file a row came from, for validation messages
+CHUNK_ROWS = 100_000  # rows read at a time from a file that streams
+# The narrow index of a streamed file's rows (never written): the row's place in its file, the
+# two halves of its key digest, and which streamed file it is.
+ROW, KEY_A, KEY_B, SOURCE = "__row", "__key_a", "__key_b", "__source"
 
 
 def cut(
@@ -68,16 +83,24 @@ def drop_shared(
 ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, int]]]:
     """Rows of train (and validation) whose input is also in a later split are dropped there, so
     given split files never leak into each other (the test file stays whole)."""
-    later: set[str] = set()
+    later = pd.MultiIndex.from_arrays([[], []])
     for name in ("test", "validation", "train"):
         if name not in frames:
             continue
-        keys = task.key(frames[name], p)
+        keys = key_index(frames[name], task, p)
         shared = keys.isin(later)
         dropped[name]["also_in_a_later_split"] = int(shared.sum())
-        frames[name] = frames[name][~shared.to_numpy()].reset_index(drop=True)
-        later |= set(keys[~shared])
+        frames[name] = frames[name][~shared].reset_index(drop=True)
+        later = later.append(keys[~shared])
     return frames, dropped
+
+
+def key_index(frame: pd.DataFrame, task: tasks.Task, p: params.Params) -> pd.MultiIndex:
+    """Each row's key digest (its two halves), from a streamed index or from the task's key."""
+    if KEY_A in frame:
+        return pd.MultiIndex.from_arrays([frame[KEY_A].to_numpy(), frame[KEY_B].to_numpy()])
+    halves = key_digests(task.key(frame, p)).view("<u8").reshape(-1, 2)
+    return pd.MultiIndex.from_arrays([halves[:, 0], halves[:, 1]])
 
 
 def sample(df: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
@@ -104,13 +127,16 @@ def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[st
     cfg = p.ingest
     dropped: dict[str, dict[str, int]] = {}
     rows_in: dict[str, int] = {}
+    # Tables stream: a narrow index of each file's rows is split, and the files are read again
+    # to write the splits. Extra files joined to a split (heldout, rehearsal) are read whole.
+    streamed: list[Indexed] | None = (
+        [] if task.streams and not cfg.heldout and not cfg.rehearsal else None
+    )
     if source.is_dir() and not (task.reads_folders and not has_split_files(source)):
         files = find_split_files(source, task.accepts)
         frames = {}
         for name, path in files.items():
-            df = read(task, path, p)
-            rows_in[name] = len(df)
-            frames[name], dropped[name] = task.clean(df, p)
+            frames[name], rows_in[name], dropped[name] = load(task, path, p, streamed)
             frames[name] = sample(frames[name], cfg.max_rows, p.base.seed)
         if cfg.deduplicate:
             frames, dropped = drop_shared(frames, dropped, task, p)
@@ -122,9 +148,7 @@ def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[st
                 train, fraction, p.base.seed + 1, task.stratify(train, p), cfg.group_column
             )
     else:
-        df = read(task, source, p)
-        rows_in = {"all": len(df)}
-        df, dropped["all"] = task.clean(df, p)
+        df, rows_in["all"], dropped["all"] = load(task, source, p, streamed)
         if len(df) < MIN_ROWS:
             raise TableError(
                 f"{source}: {len(df)} rows left after cleaning (read {rows_in['all']}, dropped "
@@ -159,12 +183,18 @@ def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[st
         for reason, count in reasons.items():
             log.info("dropped %d rows: %s", count, reason)
     with atomic_dir(out_dir) as tmp:
+        if streamed is None:
+            for name in SPLITS:
+                frame = frames[name].reset_index(drop=True)
+                frame.to_parquet(layout.split_file(tmp, name), index=False)
+            first = frames["train"].iloc[0].to_dict() if len(frames["train"]) else None
+        else:
+            first = gather(task, p, frames, streamed, tmp)
         for name in SPLITS:
-            frame = frames[name].reset_index(drop=True)
-            frame.to_parquet(layout.split_file(tmp, name), index=False)
-            log.info("%s: %d rows, %s", name, len(frame), task.label_counts(frame, p))
-    if len(frames["train"]):
-        log.info("sample row: %s", frames["train"].iloc[0].to_dict())
+            counts = task.label_counts(frames[name], p)
+            log.info("%s: %d rows, %s", name, len(frames[name]), counts)
+    if first is not None:
+        log.info("sample row: %s", first)
     result = {
         "source": cfg.source,
         "heldout": cfg.heldout or None,
@@ -186,16 +216,151 @@ def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[st
     return result
 
 
-def read(task: tasks.Task, path: Path, p: params.Params) -> pd.DataFrame:
-    """One source file through the task's reader, with the group column checked."""
-    df = task.read(path, p)
+def load(
+    task: tasks.Task, path: Path, p: params.Params, streamed: list[Indexed] | None
+) -> tuple[pd.DataFrame, int, dict[str, int]]:
+    """(rows, rows read, rows dropped by reason) of one source file: the cleaned rows whole, or
+    (where `streamed` is a list, which the file joins) its narrow index."""
+    if streamed is None:
+        df = read(task, path, p)
+        rows_read = len(df)
+        df, dropped = task.clean(df, p)
+        return df, rows_read, dropped
+    indexed, frame = index_file(task, path, p, len(streamed))
+    streamed.append(indexed)
+    return frame, indexed.rows_read, indexed.dropped
+
+
+@dataclass
+class Indexed:
+    """A source file read in pieces: what is needed to read it again as it was."""
+
+    path: Path
+    dtypes: dict[str, Any]  # each column's type over the whole file
+    empty: pd.DataFrame  # its columns, no rows
+    rows_read: int
+    dropped: dict[str, int]
+
+
+def index_file(
+    task: tasks.Task, path: Path, p: params.Params, number: int
+) -> tuple[Indexed, pd.DataFrame]:
+    """The file's cleaned rows as a narrow index: per row its place in the file (ROW), the
+    digest of its key (KEY_A, KEY_B), its label and group values (what splitting and the report
+    read), and SOURCE, the file's `number`. Duplicates are found over the whole file."""
+    label, group = p.base.label_column, p.ingest.group_column
+    labels, groups, targets = Codes(), Codes(), Codes()
+    pieces: list[dict[str, np.ndarray]] = []
+    dtypes: list[dict[str, Any]] = []
+    dropped: dict[str, int] = {}
+    rows_read, empty = 0, None
+    for chunk in task.read_chunks(path, p, CHUNK_ROWS):
+        chunk = with_source_file(chunk, task, path, p)
+        if empty is None:
+            empty = chunk.iloc[:0]
+        rows_read += len(chunk)
+        dtypes.append(chunk.dtypes.to_dict())
+        chunk, reasons = task.drop_rows(chunk, p)
+        for reason, count in reasons.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        keys = task.key(chunk, p)
+        wanted = task.targets(chunk, p)
+        pieces.append(
+            {
+                ROW: chunk.index.to_numpy(dtype=np.int64),
+                "key": key_digests(keys),
+                "missing": keys.isna().to_numpy(),
+                "target": targets.encode(wanted) if wanted is not None else None,
+                "label": labels.encode(chunk[label]),
+                "group": groups.encode(chunk[group]) if group else None,
+            }
+        )
+    assert empty is not None  # read_chunks yields at least one piece
+    common = common_dtypes(dtypes)
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([piece[name] for piece in pieces])
+
+    keys = joined("key")
+    keep = np.ones(len(keys), dtype=bool)
+    if p.ingest.deduplicate:
+        wanted_codes = joined("target") if pieces[0]["target"] is not None else None
+        conflicting, duplicate = duplicates(keys, wanted_codes, joined("missing"))
+        dropped[task.dedupe_reasons[0]] = int(conflicting.sum())
+        dropped[task.dedupe_reasons[1]] = int(duplicate.sum())
+        keep = ~(conflicting | duplicate)
+    halves = keys.view("<u8").reshape(-1, 2) if len(keys) else np.zeros((0, 2), "<u8")
+    columns: dict[str, Any] = {
+        ROW: joined(ROW)[keep],
+        KEY_A: halves[keep, 0],
+        KEY_B: halves[keep, 1],
+        SOURCE: np.full(int(keep.sum()), number, dtype=np.int32),
+        label: labels.decode(joined("label")[keep], common.get(label)),
+    }
+    if group:
+        columns[group] = groups.ranks(joined("group")[keep])
+    frame = pd.DataFrame(columns)
+    empty = empty.astype({c: t for c, t in common.items() if c in empty and empty[c].dtype != t})
+    return Indexed(path, common, empty, rows_read, dropped), frame
+
+
+def gather(
+    task: tasks.Task,
+    p: params.Params,
+    frames: dict[str, pd.DataFrame],
+    sources: list[Indexed],
+    out: Path,
+) -> dict[str, Any] | None:
+    """Read each streamed file again and write its rows into the split files, in the order of
+    the split indexes `frames`; returns train's first row."""
+    first = None
+    with spool(out) as store:
+        for number, source in enumerate(sources):
+            split_of = np.full(source.rows_read, -1, dtype=np.int8)
+            position = np.zeros(source.rows_read, dtype=np.int64)
+            for k, name in enumerate(SPLITS):
+                index = frames[name]
+                mine = (index[SOURCE] == number).to_numpy()
+                rows = index[ROW].to_numpy()[mine]
+                split_of[rows] = k
+                position[rows] = np.flatnonzero(mine)
+            if not (split_of >= 0).any():
+                continue
+            for chunk in task.read_chunks(source.path, p, CHUNK_ROWS):
+                chunk = with_source_file(chunk, task, source.path, p)
+                cast = {c: t for c, t in source.dtypes.items() if chunk[c].dtype != t}
+                chunk = chunk.astype(cast) if cast else chunk
+                at = chunk.index.to_numpy(dtype=np.int64)
+                goes = split_of[at]
+                for k, name in enumerate(SPLITS):
+                    rows = goes == k
+                    if rows.any():
+                        store.add(name, chunk[rows], position[at[rows]])
+        for name in SPLITS:
+            numbers = frames[name][SOURCE]
+            empty = sources[int(numbers.iloc[0]) if len(numbers) else 0].empty
+            row = store.write_parquet(name, layout.split_file(out, name), empty)
+            if name == layout.TRAIN:
+                first = row
+    return first
+
+
+def with_source_file(
+    chunk: pd.DataFrame, task: tasks.Task, path: Path, p: params.Params
+) -> pd.DataFrame:
+    """A piece of a file, its group column checked and the file's name added to each row."""
     column = p.ingest.group_column
-    if column and column not in df.columns:
+    if column and column not in chunk.columns:
         raise TableError(
             f"{path}: no column {column!r} (set by ingest.group_column); the file has "
-            f'{list(df.columns)}; fix ingest.group_column in params.yaml ("" for none)'
+            f'{list(chunk.columns)}; fix ingest.group_column in params.yaml ("" for none)'
         )
-    return df.assign(**{SOURCE_FILE: path.name})
+    return chunk.assign(**{SOURCE_FILE: path.name})
+
+
+def read(task: tasks.Task, path: Path, p: params.Params) -> pd.DataFrame:
+    """One source file through the task's reader, with the group column checked."""
+    return with_source_file(task.read(path, p), task, path, p)
 
 
 def read_extra(

@@ -17,6 +17,7 @@ from pipeline import tasks
 from pipeline.core import entry, imports, layout, lineage, params
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import load_options, resolve_model
+from pipeline.core.spool import spool
 from pipeline.core.tables import SPLITS
 from pipeline.train import vocabulary
 from pipeline.train.vocabulary import TOKENIZER_DIR
@@ -28,11 +29,12 @@ SECTIONS = ("base", "tokenize", params.TASK_SECTION)
 # Task params read after training only (how a long text's window logits combine): not part of
 # the tokens' fingerprint.
 NOT_TOKENS = (f"{TEXT_CLASSIFICATION}.aggregate",)
+CHUNK_ROWS = 100_000  # rows read at a time by a task that streams
 
 
 def run(validated_dir: Path, p: params.Params, out_dir: Path, report: Path) -> dict[str, Any]:
     """Tokenise `validated_dir/{split}.parquet` (no padding) into a DatasetDict at `out_dir`."""
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
     from transformers import AutoTokenizer
 
     p = p.select(*SECTIONS)
@@ -62,33 +64,44 @@ def run(validated_dir: Path, p: params.Params, out_dir: Path, report: Path) -> d
         + json.dumps(labels).encode()
         + imports.code_digest(__spec__.name).encode()
     ).hexdigest()
-    splits = {}
-    for split in SPLITS:
-        path = layout.split_file(validated_dir, split)
-        # The saved fingerprint is a function of the inputs only, not of the environment.
-        # (How windows' logits are aggregated is evaluate's business, not the tokens'.)
-        digest = p.digest(skip=NOT_TOKENS)
-        key = f"{lineage.file_digest(path)}|{digest}|{recipe}|{split}"
-        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-        # Read into memory: nothing is written to (or reused from) a datasets cache folder.
-        # One thread: Arrow's pool, started beside the tokenizer's, costs more than it saves.
-        dataset = Dataset(pq.read_table(path, use_threads=False), fingerprint=fingerprint)
-        splits[split], split_stats = task.tokenize(
-            dataset, tokenizer, labels, p, fingerprint, split
-        )
-        if "unk_rate" not in split_stats:  # a task that does not count [UNK] as it encodes
-            texts = task.texts(pd.read_parquet(path))
-            split_stats["unk_rate"] = round(vocabulary.unk_rate(tokenizer, texts), 6)
-        stats["splits"][split] = split_stats
-        log.info("%s: %s", split, split_stats)
-    if not p.tokenize.vocab_extension_min_count:
-        stats["vocabulary"] = {"unk_rate": stats["splits"]["train"]["unk_rate"]}
-    with atomic_dir(out_dir) as tmp:
-        DatasetDict(splits).save_to_disk(str(tmp))
-        if p.tokenize.vocab_extension_min_count:
-            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        section = p.select(params.TASK_SECTION).as_dict() if task.trains_with_section else {}
-        write_json(layout.task_params_file(tmp), section)
+    # A task that streams writes each split's windows to a scratch file beside the output as
+    # it reads the split in pieces; the saved dataset is then copied from it.
+    with spool(out_dir) as store:
+        splits = {}
+        for split in SPLITS:
+            path = layout.split_file(validated_dir, split)
+            # The saved fingerprint is a function of the inputs only, not of the environment.
+            # (How windows' logits are aggregated is evaluate's business, not the tokens'.)
+            digest = p.digest(skip=NOT_TOKENS)
+            key = f"{lineage.file_digest(path)}|{digest}|{recipe}|{split}"
+            fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+            # Read into memory, or in pieces by a task that streams: nothing is written to (or
+            # reused from) a datasets cache folder. One thread: Arrow's pool, started beside
+            # the tokenizer's, costs more than it saves.
+            if task.streams:
+                pieces = pq.ParquetFile(path).iter_batches(
+                    batch_size=CHUNK_ROWS, use_threads=False
+                )
+                where = store.folder / f"{split}.arrow"
+            else:
+                pieces, where = iter([pq.read_table(path, use_threads=False)]), None
+            splits[split], split_stats = task.tokenize_pieces(
+                pieces, tokenizer, labels, p, fingerprint, split, where
+            )
+            if "unk_rate" not in split_stats:  # a task that does not count [UNK] as it encodes
+                texts = task.texts(pd.read_parquet(path))
+                split_stats["unk_rate"] = round(vocabulary.unk_rate(tokenizer, texts), 6)
+            stats["splits"][split] = split_stats
+            log.info("%s: %s", split, split_stats)
+        if not p.tokenize.vocab_extension_min_count:
+            stats["vocabulary"] = {"unk_rate": stats["splits"]["train"]["unk_rate"]}
+        with atomic_dir(out_dir) as tmp:
+            DatasetDict(splits).save_to_disk(str(tmp))
+            if p.tokenize.vocab_extension_min_count:
+                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            section = p.select(params.TASK_SECTION).as_dict() if task.trains_with_section else {}
+            write_json(layout.task_params_file(tmp), section)
+        splits.clear()  # the datasets read from the scratch files let go before they go
     write_json(report, stats)
     return stats
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,14 @@ from pipeline import tasks
 from pipeline.core import entry, layout, params
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.sources import load_options, resolve_model
-from pipeline.core.tables import SPLITS
+from pipeline.core.spool import ParquetRows
+from pipeline.core.tables import SPLITS, read_table_chunks
 
 log = logging.getLogger(__name__)
 
 # The params.yaml sections this stage reads (dvc.yaml lists the same).
 SECTIONS = ("base", "validate")
+CHUNK_ROWS = 100_000  # rows read at a time by a task that streams
 
 
 class ValidationFailed(ValueError):
@@ -49,18 +53,21 @@ def where(failure: dict[str, Any]) -> str:
 
 
 def run(raw_dir: Path, p: params.Params, out_dir: Path, report: Path, failures: Path) -> dict:
-    """Check every split; write `out_dir` (Parquet, labels.json) and stats, or list failures."""
+    """Check every split; write `out_dir` (Parquet, labels.json) and stats, or list failures.
+
+    A task that streams reads each split in pieces of CHUNK_ROWS rows (three times: to find
+    repeats, to check, to write); another reads each split whole."""
     from transformers import AutoTokenizer
 
     p = p.select(*SECTIONS)
     task = tasks.get(p.base.task)
     files = {split: layout.split_file(raw_dir, split) for split in SPLITS}
-    frames = {}
-    for split, path in files.items():
+    for path in files.values():
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; run the ingest stage first")
-        frames[split] = pd.read_parquet(path)
-    labels, found = task.check(frames, files, p)
+    rows = CHUNK_ROWS if task.streams else 0
+    pieces = {split: partial(read_pieces, path, rows) for split, path in files.items()}
+    labels, found = task.check_pieces(pieces, files, p)
     if found:
         write_json(failures, {"failures": found, "labels": labels})
         raise ValidationFailed(found, failures)
@@ -71,9 +78,9 @@ def run(raw_dir: Path, p: params.Params, out_dir: Path, report: Path, failures: 
     )
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
-            clean = task.validated(frames[split], p)
-            clean.to_parquet(layout.split_file(tmp, split), index=False)
-            stats["splits"][split] = task.split_stats(clean, tokenizer, p)
+            with ParquetRows(layout.split_file(tmp, split)) as writer:
+                clean = (writer.add(task.validated(piece, p)) for piece in pieces[split]())
+                stats["splits"][split] = task.split_stats_pieces(clean, tokenizer, p)
             too_long = stats["splits"][split]["over_max_length"]
             if too_long:
                 log.warning(
@@ -84,9 +91,18 @@ def run(raw_dir: Path, p: params.Params, out_dir: Path, report: Path, failures: 
                     task.long_inputs,
                 )
         write_json(layout.labels_file(tmp), labels)
-    log.info("valid: %s rows, labels %s", {s: len(frames[s]) for s in SPLITS}, labels)
+    counts = {s: stats["splits"][s]["rows"] for s in SPLITS}
+    log.info("valid: %s rows, labels %s", counts, labels)
     write_json(report, stats)
     return stats
+
+
+def read_pieces(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    """A split file in pieces of `rows` rows (0: whole), the index counting from its start."""
+    if rows:
+        yield from read_table_chunks(path, rows=rows)
+    else:
+        yield pd.read_parquet(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,11 @@ class Task(ABC):
     long_inputs: str = "truncated"
     # Whether ingest reads a folder without train/validation/test files as one input.
     reads_folders: bool = False
+    # Whether ingest reads this task's files in pieces (`read_chunks`, `drop_rows`, `targets`)
+    # and keeps only a narrow index of the rows in memory; otherwise it reads them whole.
+    streams: bool = False
+    # The reasons a streaming task's rows are dropped as (conflicting, duplicate) inputs.
+    dedupe_reasons: tuple[str, str] = ("conflicting_targets", "duplicate_input")
 
     # ingest ---------------------------------------------------------------------------------
     @abstractmethod
@@ -43,9 +48,23 @@ class Task(ABC):
     def read(self, path: Path, p: Params) -> pd.DataFrame:
         """One source file as rows with the configured columns; errors name the file and fix."""
 
+    def read_chunks(self, path: Path, p: Params, rows: int) -> Iterator[pd.DataFrame]:
+        """The file as `read` gives it, in pieces of at most `rows` rows whose index counts rows
+        from the file's start (a task that does not stream: the whole file as one piece)."""
+        yield self.read(path, p)
+
     @abstractmethod
     def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
         """Rows that are not part of the task dropped; the counts dropped, by reason."""
+
+    def drop_rows(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
+        """A streaming task: what `clean` drops by looking at each row alone (the index kept);
+        duplicates across the whole file are found by ingest from `key` and `targets`."""
+        raise NotImplementedError(f"{self.name} does not stream")
+
+    def targets(self, df: pd.DataFrame, p: Params) -> pd.Series | None:
+        """A streaming task: per row, what rows with equal keys must agree on (None: nothing)."""
+        return None
 
     @abstractmethod
     def key(self, df: pd.DataFrame, p: Params) -> pd.Series:
@@ -74,6 +93,22 @@ class Task(ABC):
     def validated(self, df: pd.DataFrame, p: Params) -> pd.DataFrame:
         """The validated table of one split, in `columns` (tags normalised, labels as text)."""
 
+    def check_pieces(
+        self,
+        pieces: dict[str, Callable[[], Iterator[pd.DataFrame]]],
+        files: dict[str, Path],
+        p: Params,
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """`check` over splits given as pieces (each call of `pieces[split]` reads the split
+        again); a task that does not stream checks each split whole."""
+        return self.check({split: whole(read) for split, read in pieces.items()}, files, p)
+
+    def split_stats_pieces(
+        self, pieces: Iterator[pd.DataFrame], tokenizer: Any, p: Params
+    ) -> dict[str, Any]:
+        """`split_stats` of a validated split given as pieces."""
+        return self.split_stats(whole(lambda: pieces), tokenizer, p)
+
     @abstractmethod
     def split_stats(self, df: pd.DataFrame, tokenizer: Any, p: Params) -> dict[str, Any]:
         """Sizes, balance and token lengths of one validated split (warns about long inputs)."""
@@ -94,6 +129,29 @@ class Task(ABC):
 
         `fingerprint` becomes the saved dataset's fingerprint, so the output is a function of
         the inputs alone (datasets' own fingerprint changes with the environment)."""
+
+    def tokenize_pieces(
+        self,
+        pieces: Iterator[Any],
+        tokenizer: Any,
+        labels: list[str],
+        p: Params,
+        fingerprint: str,
+        split: str = "train",
+        spool: Path | None = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """`tokenize` over a split given as Arrow tables or record batches; a task that streams
+        writes its windows to the Arrow file `spool` as they come and returns a dataset read
+        from it. A task that does not stream tokenizes the pieces joined, in memory."""
+        import pyarrow as pa
+        from datasets import Dataset
+
+        tables = [
+            pa.Table.from_batches([piece]) if isinstance(piece, pa.RecordBatch) else piece
+            for piece in pieces
+        ]
+        dataset = Dataset(pa.concat_tables(tables), fingerprint=fingerprint)
+        return self.tokenize(dataset, tokenizer, labels, p, fingerprint, split)
 
     def window_stride(self, p: Params) -> int:
         """Tokens shared by consecutive windows of a long input; 0 cuts inputs at max_length."""
@@ -227,6 +285,12 @@ class Task(ABC):
 
 # What the Trainer pads per-token outputs with when it joins batches of different widths.
 PAD_OUTPUT = -100.0
+
+
+def whole(read: Callable[[], Iterator[pd.DataFrame]]) -> pd.DataFrame:
+    """A table given as pieces, as one frame (the piece itself when there is one)."""
+    pieces = list(read())
+    return pieces[0] if len(pieces) == 1 else pd.concat(pieces)
 
 
 def forward_sorted(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,12 +44,17 @@ def list_array(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
 
 class Columns:
     """Windows of token ids with one int64 value per window for each other column, a chunk at
-    a time; `attention_mask` (and `token_type_ids`) are all ones (zeros) of each window."""
+    a time; `attention_mask` (and `token_type_ids`) are all ones (zeros) of each window.
 
-    def __init__(self, scalars: list[str], token_types: bool) -> None:
+    With a `spool` path, `flush` moves the chunks so far to that Arrow stream file, and the
+    dataset reads it from disk (memory-mapped); otherwise the chunks stay in memory."""
+
+    def __init__(self, scalars: list[str], token_types: bool, spool: Path | None = None) -> None:
         self.scalars = scalars
         self.token_types = token_types
         self.chunks: dict[str, list[pa.Array]] = {}
+        self.spool = spool
+        self.writer: pa.ipc.RecordBatchStreamWriter | None = None
 
     def add(self, windows: list[list[int]], scalars: dict[str, list[int]]) -> None:
         lengths = np.fromiter(map(len, windows), dtype=np.int32, count=len(windows))
@@ -64,10 +70,31 @@ class Columns:
         for name, array in new.items():
             self.chunks.setdefault(name, []).append(array)
 
-    def dataset(self, fingerprint: str) -> Any:
-        from datasets import Dataset
-
+    def _table(self) -> pa.Table:
         if not self.chunks:
             self.add([], {name: [] for name in self.scalars})
         table = pa.table({name: pa.chunked_array(arrays) for name, arrays in self.chunks.items()})
-        return Dataset(table.combine_chunks(), fingerprint=fingerprint)
+        return table.combine_chunks()
+
+    def flush(self) -> None:
+        """With a spool: the chunks so far written to it and let go."""
+        if self.spool is None or not self.chunks:
+            return
+        table = self._table()
+        if self.writer is None:
+            self.writer = pa.ipc.new_stream(str(self.spool), table.schema)
+        self.writer.write_table(table)
+        self.chunks = {}
+
+    def dataset(self, fingerprint: str) -> Any:
+        from datasets import Dataset
+
+        if self.spool is None:
+            return Dataset(self._table(), fingerprint=fingerprint)
+        from datasets.table import MemoryMappedTable
+
+        if self.writer is None:  # no rows: the columns, written empty
+            self.writer = pa.ipc.new_stream(str(self.spool), self._table().schema)
+        self.flush()
+        self.writer.close()
+        return Dataset(MemoryMappedTable.from_file(str(self.spool)), fingerprint=fingerprint)

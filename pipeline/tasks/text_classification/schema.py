@@ -11,7 +11,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from pipeline.core.tables import TableError, text_key
+from pipeline.core.tables import TableError
 
 SOURCE_ROW = "source_row"  # the data row (from 1) of the source file a row was read from
 SHOWN_ROWS = 5
@@ -30,14 +30,18 @@ def _kind(value: Any) -> str | None:
 
 
 def _rows(mask: pd.Series) -> str:
-    rows = [str(i + 1) for i in np.flatnonzero(mask.to_numpy())]
+    """The data rows (from 1) where `mask` holds; the index counts rows from the file's start."""
+    rows = [str(i + 1) for i in mask.index[mask.to_numpy()]]
     more = f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
     return ", ".join(rows[:SHOWN_ROWS]) + more
 
 
-def refuse_mixed(path: Path, df: pd.DataFrame, text: str, label: str) -> pd.DataFrame:
+def refuse_mixed(
+    path: Path, df: pd.DataFrame, text: str, label: str, kinds: dict[str, str] | None = None
+) -> pd.DataFrame:
     """The table, numbered by source row, once its text column holds only strings and its
-    label column one kind of value (a 1 beside a "1" would be a class of its own)."""
+    label column one kind of value (a 1 beside a "1" would be a class of its own). A file read
+    in pieces passes the same `kinds` with each: the kinds of label met so far and the rows."""
     texts = df[text].map(_kind)
     odd = texts.notna() & (texts != "string")
     if odd.any():
@@ -45,15 +49,18 @@ def refuse_mixed(path: Path, df: pd.DataFrame, text: str, label: str) -> pd.Data
             f"{path}: column {text!r} holds non-text values ({sorted(set(texts[odd]))}) in "
             f"data rows {_rows(odd)}; every text must be a string: quote it in the file"
         )
-    kinds = df[label].map(_kind)
-    found = kinds.dropna().value_counts()
-    if len(found) > 1:
-        where = "; ".join(f"{kind}s in data rows {_rows(kinds == kind)}" for kind in found.index)
+    found = df[label].map(_kind)
+    seen = {} if kinds is None else kinds
+    for kind in found.dropna().unique():
+        seen.setdefault(kind, _rows(found == kind))
+    if len(seen) > 1:
+        where = "; ".join(f"{kind}s in data rows {rows}" for kind, rows in seen.items())
         raise TableError(
             f"{path}: column {label!r} mixes kinds of label ({where}); write every label the "
             'same way, all strings ("1", "pos") or all numbers, then re-run'
         )
-    return df.assign(**{SOURCE_ROW: np.arange(1, len(df) + 1)})
+    first = int(df.index[0]) + 1 if len(df) else 1
+    return df.assign(**{SOURCE_ROW: np.arange(first, first + len(df))})
 
 
 def at_source(failures: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -63,23 +70,21 @@ def at_source(failures: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str
         return failures
     for failure in failures:
         row = failure.get("row")
-        if row and 0 < row <= len(df):
+        if row and row - 1 in df.index:
             failure["split_file"], failure["split_row"] = failure["file"], row
-            failure["file"] = str(df["source_file"].iloc[row - 1])
-            failure["row"] = int(df[SOURCE_ROW].iloc[row - 1])
+            failure["file"] = str(df["source_file"].loc[row - 1])
+            failure["row"] = int(df[SOURCE_ROW].loc[row - 1])
     return failures
 
 
-def label_kind(values: pd.Series) -> str:
-    """'str' or 'int': the kind of label a column holds (judged on its non-null values)."""
-    present = values.dropna()
-    if len(present) and all(isinstance(v, str) for v in present):
+def label_kind_of(present: int, strings: int, integral: int) -> str:
+    """'str' or 'int': the kind of label a column holds, from how many of its non-null values
+    there are, how many are strings and how many integers (not booleans)."""
+    if present and strings == present:
         return "str"
-    ints = [isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in present]
-    if len(present) and all(ints):
+    if present and integral == present:
         return "int"
-    strings = sum(isinstance(v, str) for v in present)
-    return "str" if strings >= len(present) / 2 else "int"
+    return "str" if strings >= present / 2 else "int"
 
 
 def has_kind(value: Any, kind: str) -> bool:
@@ -97,9 +102,10 @@ def as_label(value: Any) -> str:
     return str(value)
 
 
-def blank(texts: pd.Series) -> pd.Series:
-    """Null or whitespace-only: reported once, by the text column's own check."""
-    return texts.map(lambda v: not isinstance(v, str) or not v.strip())
+# Columns the checks of rows against other rows read (filled by checks.check_pieces over the
+# whole split): a repeat of an earlier row's text, or of its key only; a key an earlier split
+# holds (one column per earlier split, named LEAKS_INTO + its name).
+EXACT_REPEAT, NEAR_REPEAT, LEAKS_INTO = "__exact_repeat", "__near_repeat", "__leaks_"
 
 
 def schema(
@@ -108,39 +114,33 @@ def schema(
     label: str,
     labels: list[str],
     kind: str,
-    seen: dict[str, set[str]],
+    earlier: list[str],
+    every_class: bool,
 ) -> pa.DataFrameSchema:
-    """The checks for one split; `seen` holds the text keys of the splits checked before it."""
-    label_set = set(labels)
-
-    def has_every_class(df: pd.DataFrame) -> bool:
-        return label in df and label_set <= set(df[label].dropna().map(as_label))
-
+    """The checks for one split or a piece of it; `earlier` names the splits checked before it
+    and `every_class` says whether the whole split holds every label."""
     frame_checks = [
         pa.Check(
-            lambda df: ~df[text].duplicated(keep="first") | blank(df[text]),
+            lambda df: ~df[EXACT_REPEAT] if EXACT_REPEAT in df else True,
             error="duplicate text: the same text appears earlier in this split",
         ),
         pa.Check(
-            lambda df: (
-                ~text_key(df[text]).duplicated(keep="first")
-                | df[text].duplicated(keep="first")
-                | blank(df[text])
-            ),
+            lambda df: ~df[NEAR_REPEAT] if NEAR_REPEAT in df else True,
             error="near-duplicate text: equal to an earlier row after normalising case and spaces",
         ),
         pa.Check(
-            has_every_class,
+            lambda df: every_class,
             error=f"class missing: split {split!r} must hold every label of {labels}",
         ),
     ]
-    for other, keys in seen.items():
+    for other in earlier:
         frame_checks.append(
             pa.Check(
-                lambda df, keys=keys: ~text_key(df[text]).isin(keys).fillna(False),
+                lambda df, column=LEAKS_INTO + other: ~df[column] if column in df else True,
                 error=f"leakage: the same text (after normalising) is also in split {other!r}",
             )
         )
+    label_set = set(labels)
     return pa.DataFrameSchema(
         {
             text: pa.Column(
@@ -206,7 +206,7 @@ def failures_from(err: SchemaErrors, file: Path, text: str, limit: int) -> list[
             if (index, reason) in seen_rows:
                 continue
             seen_rows.add((index, reason))
-            column, value = text, err.data.iloc[int(index)][text] if text in err.data else None
+            column, value = text, err.data.loc[index][text] if text in err.data else None
         out.append(
             {
                 "file": str(file),

@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from pandera.errors import SchemaErrors
 
 from bertrt import long_text
 from bertrt.long_text import aggregate
 from bertrt.predictors import TEXT_CLASSIFICATION
 from pipeline.core.params import Params
-from pipeline.core.tables import SPLITS, TableError, read_table, table_format, text_key
+from pipeline.core.tables import (
+    TableError,
+    duplicates,
+    key_digests,
+    read_table,
+    read_table_chunks,
+    table_format,
+    text_key,
+)
 from pipeline.tasks.base import Task
 from pipeline.tasks.columns import Columns, plain_encoding
 from pipeline.tasks.confusion import confusion_png
 from pipeline.tasks.percentiles import percentiles
+from pipeline.tasks.text_classification import checks
 from pipeline.tasks.text_classification.calibration import (
     calibration,
     expected_calibration_error,
     softmax,
 )
-from pipeline.tasks.text_classification.schema import (
-    as_label,
-    at_source,
-    failures_from,
-    has_kind,
-    label_kind,
-    refuse_mixed,
-    schema,
-)
+from pipeline.tasks.text_classification.schema import as_label, refuse_mixed
 
 TEXT = "text"
 LABEL = "label"
@@ -80,6 +82,8 @@ class TextClassification(Task):
     name = TEXT_CLASSIFICATION
     columns = (TEXT, LABEL)
     selection_metric = "macro_f1"
+    streams = True
+    dedupe_reasons = ("conflicting_labels", "duplicate_text")
     long_inputs = "read as text-classification.strategy says (truncate, head+tail or windows)"
     headline = ("accuracy", "macro_f1", "ece", "calibration.ece_after", "validation.macro_f1")
 
@@ -88,6 +92,22 @@ class TextClassification(Task):
 
     def read(self, path: Path, p: Params) -> pd.DataFrame:
         df = read_table(path, texts=(p.base.text_column,))
+        self._has_columns(path, df, p)
+        return refuse_mixed(path, df, p.base.text_column, p.base.label_column)
+
+    def read_chunks(self, path: Path, p: Params, rows: int) -> Iterator[pd.DataFrame]:
+        text, label = p.base.text_column, p.base.label_column
+        kinds: dict[str, str] = {}
+        read_any = False
+        for chunk in read_table_chunks(path, texts=(text,), rows=rows):
+            if not read_any:
+                self._has_columns(path, chunk, p)
+            read_any = True
+            yield refuse_mixed(path, chunk, text, label, kinds)
+        if not read_any:  # no data rows: read whole, which names what the file lacks
+            yield self.read(path, p)
+
+    def _has_columns(self, path: Path, df: pd.DataFrame, p: Params) -> None:
         keys = {"base.text_column": p.base.text_column, "base.label_column": p.base.label_column}
         for key, column in keys.items():
             if column not in df.columns:
@@ -95,9 +115,8 @@ class TextClassification(Task):
                     f"{path}: no column {column!r} (set by {key}); the file has "
                     f"{list(df.columns)}; fix {key} in params.yaml"
                 )
-        return refuse_mixed(path, df, p.base.text_column, p.base.label_column)
 
-    def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
+    def drop_rows(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
         cfg, text, label = p.ingest, p.base.text_column, p.base.label_column
         dropped: dict[str, int] = {}
         if cfg.drop_labels:
@@ -108,14 +127,20 @@ class TextClassification(Task):
             empty = df[text].isna() | (df[text].astype("string").str.strip() == "")
             dropped["empty_text"] = int(empty.sum())
             df = df[~empty]
-        if cfg.deduplicate:
-            key = text_key(df[text])
-            conflicting = key.map(df.groupby(key)[label].nunique()) > 1
-            dropped["conflicting_labels"] = int(conflicting.sum())
-            df, key = df[~conflicting], key[~conflicting]
-            duplicate = key.duplicated(keep="first")
-            dropped["duplicate_text"] = int(duplicate.sum())
-            df = df[~duplicate]
+        return df, dropped
+
+    def targets(self, df: pd.DataFrame, p: Params) -> pd.Series:
+        return df[p.base.label_column]
+
+    def clean(self, df: pd.DataFrame, p: Params) -> tuple[pd.DataFrame, dict[str, int]]:
+        df, dropped = self.drop_rows(df, p)
+        if p.ingest.deduplicate:
+            keys = self.key(df, p)
+            targets = pd.factorize(self.targets(df, p))[0]
+            conflicting, duplicate = duplicates(key_digests(keys), targets, keys.isna().to_numpy())
+            dropped[self.dedupe_reasons[0]] = int(conflicting.sum())
+            dropped[self.dedupe_reasons[1]] = int(duplicate.sum())
+            df = df[~(conflicting | duplicate)]
         return df.reset_index(drop=True), dropped
 
     def key(self, df: pd.DataFrame, p: Params) -> pd.Series:
@@ -130,36 +155,12 @@ class TextClassification(Task):
     def check(
         self, frames: dict[str, pd.DataFrame], files: dict[str, Path], p: Params
     ) -> tuple[list[str], list[dict[str, Any]]]:
-        text, label = p.base.text_column, p.base.label_column
-        frames = {s: df.astype(object).replace({np.nan: None}) for s, df in frames.items()}
-        train = frames["train"]
-        kind = "str" if p.validate.labels else label_kind(train.get(label, pd.Series()))
-        labels = list(p.validate.labels) or sorted(
-            {as_label(v) for v in train.get(label, []) if v is not None and has_kind(v, kind)}
-        )
-        found: list[dict[str, Any]] = []
-        if len(labels) == 1:
-            found.append(
-                {
-                    "file": str(files["train"]),
-                    "row": None,
-                    "column": label,
-                    "reason": f"one class only ({labels[0]!r}): a classifier needs at least two "
-                    "labels; check base.label_column, ingest.drop_labels and validate.labels",
-                    "value": None,
-                }
-            )
-        seen: dict[str, set[str]] = {}
-        for split in SPLITS:
-            df = frames[split]
-            try:
-                schema(split, text, label, labels, kind, seen).validate(df, lazy=True)
-            except SchemaErrors as err:
-                limit = p.validate.max_duplicate_report
-                found += at_source(failures_from(err, files[split], text, limit), df)
-            if text in df:
-                seen[split] = set(text_key(df[text]).dropna())
-        return labels, found
+        return checks.check_pieces({s: one_piece(df) for s, df in frames.items()}, files, p)
+
+    def check_pieces(
+        self, pieces: dict[str, checks.Pieces], files: dict[str, Path], p: Params
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        return checks.check_pieces(pieces, files, p)
 
     def validated(self, df: pd.DataFrame, p: Params) -> pd.DataFrame:
         return pd.DataFrame(
@@ -170,17 +171,30 @@ class TextClassification(Task):
         )
 
     def split_stats(self, df: pd.DataFrame, tokenizer: Any, p: Params) -> dict[str, Any]:
-        tokens = lengths(tokenizer, df[TEXT].tolist())
+        return self.split_stats_pieces(iter([df]), tokenizer, p)
+
+    def split_stats_pieces(
+        self, pieces: Iterator[pd.DataFrame], tokenizer: Any, p: Params
+    ) -> dict[str, Any]:
+        counts: Counter[str] = Counter()
+        chars, words, tokens = [], [], []
+        for df in pieces:
+            counts.update(df[LABEL])
+            chars.append(df[TEXT].str.len().to_numpy(dtype=np.int64))
+            words.append(df[TEXT].str.split().str.len().to_numpy(dtype=np.int64))
+            tokens.append(lengths(tokenizer, df[TEXT].tolist()))
+        rows = sum(counts.values())
+        # Most frequent first, ties in the order met (pandas' value_counts order).
+        ordered = sorted(counts.items(), key=lambda item: -item[1])
+        all_tokens = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
         return {
-            "rows": len(df),
-            "class_balance": {
-                k: round(v, 4) for k, v in df[LABEL].value_counts(normalize=True).items()
-            },
-            "class_counts": {k: int(v) for k, v in df[LABEL].value_counts().items()},
-            "chars": percentiles(df[TEXT].str.len()),
-            "words": percentiles(df[TEXT].str.split().str.len()),
-            "tokens": percentiles(tokens),
-            "over_max_length": int((tokens > p.base.max_length).sum()),
+            "rows": rows,
+            "class_balance": {k: round(v / rows, 4) for k, v in ordered},
+            "class_counts": {k: int(v) for k, v in ordered},
+            "chars": percentiles(np.concatenate(chars) if chars else []),
+            "words": percentiles(np.concatenate(words) if words else []),
+            "tokens": percentiles(all_tokens),
+            "over_max_length": int((all_tokens > p.base.max_length).sum()),
         }
 
     def tokenize(
@@ -192,6 +206,19 @@ class TextClassification(Task):
         fingerprint: str,
         split: str = "train",
     ) -> tuple[Any, dict[str, Any]]:
+        pieces = iter([dataset.data.table])
+        return self.tokenize_pieces(pieces, tokenizer, labels, p, fingerprint, split)
+
+    def tokenize_pieces(
+        self,
+        pieces: Iterator[Any],
+        tokenizer: Any,
+        labels: list[str],
+        p: Params,
+        fingerprint: str,
+        split: str = "train",
+        spool: Path | None = None,
+    ) -> tuple[Any, dict[str, Any]]:
         label2id = {label: i for i, label in enumerate(labels)}
         max_length, reading = p.base.max_length, self.reading(p)
         problems = reading.problems(max_length)
@@ -199,44 +226,66 @@ class TextClassification(Task):
             raise ValueError(f"long_text: {'; '.join(problems)} (base.max_length {max_length})")
         has_types = "token_type_ids" in tokenizer.model_input_names
 
-        columns = Columns(["labels", "doc"], token_types=has_types)
+        columns = Columns(["labels", "doc"], token_types=has_types, spool=spool)
         unk_id, added = tokenizer.unk_token_id, tokenizer.num_special_tokens_to_add()
-        tokens, unk, windows = [], 0, []
-        texts, targets = dataset.data.column(TEXT), dataset.data.column(LABEL)
+        tokens: list[np.ndarray] = []
+        windows: list[np.ndarray] = []
+        unk, doc = 0, 0
         step = p.tokenize.batch_size
         with plain_encoding(tokenizer) as encoder:
-            for start in range(0, len(dataset), step):
-                # Whole texts, cut by the same code as the runtime's (bertrt.long_text); `doc`
-                # numbers the text each window comes from, to aggregate them again. The one
-                # encoding also gives each text's length and its [UNK] count for the report.
-                encodings = encoder.encode_batch(texts.slice(start, step).to_pylist())
-                cuts: list[list[int]] = []
-                out: dict[str, list] = {"labels": [], "doc": []}
-                for doc, (encoding, label) in enumerate(
-                    zip(encodings, targets.slice(start, step).to_pylist(), strict=True), start
-                ):
-                    ids = encoding.ids
-                    tokens.append(len(ids))
-                    unk += ids.count(unk_id)
-                    # long_text.split returns a text that fits as its one window; checked here
-                    # too so that the special-tokens mask is built only for the texts it cuts.
-                    if len(ids) <= max_length:
-                        cut = [ids]
-                    else:
-                        special = encoding.special_tokens_mask
-                        cut = long_text.split(ids, special, max_length, reading)
-                    windows.append(len(cut))
-                    cuts += cut
-                    out["labels"] += [label2id[label]] * len(cut)
-                    out["doc"] += [doc] * len(cut)
-                columns.add(cuts, out)
-        out = columns.dataset(fingerprint)
-        tokens, windows = np.asarray(tokens, dtype=np.int64), np.asarray(windows, dtype=np.int64)
+            for piece in pieces:
+                texts, targets = piece.column(TEXT), piece.column(LABEL)
+                for start in range(0, piece.num_rows, step):
+                    # Whole texts, cut by the same code as the runtime's (bertrt.long_text);
+                    # `doc` numbers the text each window comes from, to aggregate them again.
+                    # The one encoding also gives each text's length and its [UNK] count.
+                    encodings = encoder.encode_batch(texts.slice(start, step).to_pylist())
+                    cuts: list[list[int]] = []
+                    out: dict[str, list] = {"labels": [], "doc": []}
+                    batch_tokens, batch_windows = [], []
+                    for encoding, label in zip(
+                        encodings, targets.slice(start, step).to_pylist(), strict=True
+                    ):
+                        ids = encoding.ids
+                        batch_tokens.append(len(ids))
+                        unk += ids.count(unk_id)
+                        # long_text.split returns a text that fits as its one window; checked
+                        # here too so that the special-tokens mask is built only for the texts
+                        # it cuts.
+                        if len(ids) <= max_length:
+                            cut = [ids]
+                        else:
+                            special = encoding.special_tokens_mask
+                            cut = long_text.split(ids, special, max_length, reading)
+                        batch_windows.append(len(cut))
+                        cuts += cut
+                        out["labels"] += [label2id[label]] * len(cut)
+                        out["doc"] += [doc] * len(cut)
+                        doc += 1
+                    columns.add(cuts, out)
+                    tokens.append(np.asarray(batch_tokens, dtype=np.int64))
+                    windows.append(np.asarray(batch_windows, dtype=np.int64))
+                columns.flush()
+        dataset = columns.dataset(fingerprint)
+        all_tokens = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
+        all_windows = np.concatenate(windows) if windows else np.zeros(0, dtype=np.int64)
+        return dataset, self._token_stats(all_tokens, all_windows, unk, added, max_length, p)
+
+    def _token_stats(
+        self,
+        tokens: np.ndarray,
+        windows: np.ndarray,
+        unk: int,
+        added: int,
+        max_length: int,
+        p: Params,
+    ) -> dict[str, Any]:
+        reading = self.reading(p)
         content = int(tokens.sum()) - added * len(tokens)  # the texts' own tokens
         over = tokens > max_length
         read = tokens if reading.strategy == long_text.WINDOWS else np.minimum(tokens, max_length)
-        return out, {
-            "rows": len(dataset),
+        return {
+            "rows": len(tokens),
             "truncation_rate": round(float(over.mean()), 6) if len(tokens) else 0.0,
             "token_length": percentiles(tokens),
             "long_text": reading.strategy,
@@ -344,6 +393,11 @@ class TextClassification(Task):
         return float((per.argmax(-1) == truth).mean()) if len(truth) else 0.0
 
 
+def one_piece(df: pd.DataFrame) -> checks.Pieces:
+    """A split read whole, as the one piece of itself."""
+    return lambda: iter([df])
+
+
 def per_text(outputs: np.ndarray, dataset: Any, how: str) -> tuple[np.ndarray, np.ndarray]:
     """(logits, label ids), one row per text, from the rows of its windows (column `doc`)."""
     outputs = np.asarray(outputs, dtype=np.float64)
@@ -364,6 +418,12 @@ def truth_ids(test: pd.DataFrame, labels: list[str]) -> np.ndarray:
     return np.asarray([labels.index(label) for label in test[LABEL]])
 
 
-def lengths(tokenizer: Any, texts: list[str]) -> np.ndarray:
-    """Token count of each text without truncation."""
-    return np.array([len(ids) for ids in tokenizer(list(texts))["input_ids"]], dtype=np.int64)
+def lengths(tokenizer: Any, texts: list[str], batch: int = 4096) -> np.ndarray:
+    """Token count of each text without truncation (special tokens counted), a batch at a
+    time so that only one batch's encodings are held."""
+    out = np.zeros(len(texts), dtype=np.int64)
+    with plain_encoding(tokenizer) as encoder:
+        for start in range(0, len(texts), batch):
+            encodings = encoder.encode_batch(texts[start : start + batch])
+            out[start : start + len(encodings)] = [len(e.ids) for e in encodings]
+    return out
