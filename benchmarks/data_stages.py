@@ -9,10 +9,9 @@ process of its own whose peak resident memory is the kernel's count for it (`wai
 `ru_maxrss`), also when the kernel stops it for want of memory; the later stages of that row
 count are then not run.
 
-`--before` names the report of an earlier commit (its `--json`): its results are kept in the new
-report and shown beside the new ones, so that one page compares the two pieces of code. To make
-one: `git worktree add /tmp/before COMMIT`, run this module there with `--json /tmp/before.json`
-(`--validated` pointing at this checkout's data), then `make bench-data BEFORE=/tmp/before.json`.
+`--before TREE` names a checkout of an earlier commit (`git worktree add /tmp/before COMMIT`):
+at each row count the same CSV goes through its stages too, one process after another, so
+that one run on one machine compares the two pieces of code.
 
     python -m benchmarks.data_stages --validated data/validated --rows 100000 1000000 5000000 \
         --out docs/benchmarks.md --json reports/bench_data_stages.json
@@ -21,7 +20,6 @@ one: `git worktree add /tmp/before COMMIT`, run this module there with `--json /
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -102,12 +100,18 @@ def stage_commands(work: Path, params: Path) -> dict[str, list[str]]:
     }
 
 
-def run_stage(command: list[str], work: Path) -> dict[str, Any]:
-    """Wall time and peak RSS of one stage process; a stage that fails is recorded with its exit
-    (a kill by the kernel for want of memory shows as signal 9) and the end of its output."""
+def run_stage(command: list[str], work: Path, tree: Path | None = None) -> dict[str, Any]:
+    """Wall time and peak RSS of one stage process (its code from `tree`, or this checkout); a
+    stage that fails is recorded with its exit (a kill by the kernel for want of memory shows as
+    signal 9) and the end of its output."""
     started = time.perf_counter()
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     with open(work / "stage.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=log)
+        process = subprocess.Popen(
+            [sys.executable, "-m", *command], stdout=log, stderr=log, cwd=tree, env=env
+        )
         # wait4 gives this child's own peak, also when it was killed.
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
@@ -125,15 +129,32 @@ def run_stage(command: list[str], work: Path) -> dict[str, Any]:
     return result
 
 
-def run(validated: Path, params_file: Path, rows: list[int], keep: Path | None) -> dict[str, Any]:
-    """Every stage at every row count, in a scratch folder (`keep` keeps it)."""
+def run_code(n: int, work: Path, params: Path, tree: Path | None) -> dict[str, Any]:
+    """The three stages of one piece of code on one CSV, until one fails."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "rep").mkdir(exist_ok=True)
+    found: dict[str, Any] = {}
+    for stage, command in stage_commands(work, params).items():
+        found[stage] = run_stage(command, work, tree)
+        print(f"{n:,} rows, {stage}{' (before)' if tree else ''}: {found[stage]}", flush=True)
+        if "failed" in found[stage]:
+            break
+    shutil.rmtree(work, ignore_errors=True)
+    return found
+
+
+def run(
+    validated: Path, params_file: Path, rows: list[int], keep: Path | None, before: Path | None
+) -> dict[str, Any]:
+    """Every stage at every row count, in a scratch folder (`keep` keeps it); with `before`,
+    that checkout's stages on the same CSV first."""
     base = yaml.safe_load(params_file.read_text(encoding="utf-8"))
     results = []
-    scratch = Path(tempfile.mkdtemp(prefix="data-stages-", dir=keep))
+    scratch = Path(tempfile.mkdtemp(prefix="data-stages-", dir=keep)).resolve()
     try:
         for n in rows:
             work = scratch / f"rows-{n}"
-            (work / "rep").mkdir(parents=True)
+            work.mkdir(parents=True)
             started = time.perf_counter()
             csv = synthetic_csv(work / "data.csv", n, validated)
             written = time.perf_counter() - started
@@ -145,11 +166,9 @@ def run(validated: Path, params_file: Path, rows: list[int], keep: Path | None) 
                 "csv_mib": round(csv.stat().st_size / 2**20, 1),
                 "csv_written_s": round(written, 1),
             }
-            for stage, command in stage_commands(work, params).items():
-                row[stage] = run_stage(command, work)
-                print(f"{n:,} rows, {stage}: {row[stage]}", flush=True)
-                if "failed" in row[stage]:
-                    break
+            if before is not None:
+                row["before"] = run_code(n, work / "before", params, before)
+            row |= run_code(n, work / "this", params, None)
             results.append(row)
             shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -158,12 +177,14 @@ def run(validated: Path, params_file: Path, rows: list[int], keep: Path | None) 
     return {"results": results}
 
 
-def results_table(results: list[dict[str, Any]]) -> str:
+def results_table(results: list[dict[str, Any]], which: str | None = None) -> str:
+    """The table of this code's results, or of the `which` key's (an earlier checkout's)."""
     rows = []
     for r in results:
         row = {"rows": f"{r['rows']:,}", "csv": f"{r['csv_mib']:,.0f}"}
+        found_in = r.get(which, {}) if which else r
         for stage in STAGES:
-            found = r.get(stage)
+            found = found_in.get(stage)
             if found is None:
                 row[f"{stage}_s"] = row[f"{stage}_mib"] = "not run"
             elif "failed" in found:
@@ -204,25 +225,29 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         results_table(data["results"]),
     ]
-    before = data.get("before")
-    if before:
+    if any("before" in r for r in data["results"]):
         lines += [
-            f"The same rows through commit {before.get('commit') or 'not recorded'} (measured "
-            f"{before['date']} with `{before['command']}`, on {before['machine']['cpu']}, "
-            f"{before['machine']['logical_cores']} cores):",
+            f"The same CSVs, in the same run, through commit "
+            f"{data.get('before_commit') or 'not recorded'}:",
             "",
-            results_table(before["results"]),
+            results_table(data["results"], "before"),
         ]
     return "\n".join(lines)
 
 
-def commit() -> str | None:
-    """The git commit of the code measured (with `+changes` when the work tree differs)."""
+def commit(tree: Path | None = None) -> str | None:
+    """The git commit of the code measured (with `+changes` when its pipeline/ differs)."""
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tree,
         ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pipeline"]).returncode
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "pipeline"], cwd=tree
+        ).returncode
     except (OSError, subprocess.CalledProcessError):
         return None
     return f"{head}+changes" if dirty else head
@@ -236,17 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="a folder to keep the scratch files in")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--json", type=Path, default=Path("reports/bench_data_stages.json"))
-    parser.add_argument("--before", type=Path, help="the report of an earlier commit, to compare")
+    parser.add_argument("--before", type=Path, help="a checkout of an earlier commit, to compare")
     args = parser.parse_args(argv)
-    before = None
-    if args.before:
-        earlier = json.loads(args.before.read_text(encoding="utf-8"))
-        keys = ("commit", "date", "command", "machine", "versions", "results")
-        before = {k: earlier.get(k) for k in keys}
-    data = run(args.validated, args.params, args.rows, args.keep)
+    before = args.before.resolve() if args.before else None
+    data = run(args.validated, args.params, args.rows, args.keep, before)
     data["commit"] = commit()
-    if before:
-        data["before"] = before
+    if before is not None:
+        data["before_commit"] = commit(before)
     machine = measure.machine()
     report.publish("benchmarks.data_stages", argv, HEADING, data, machine, args.out, args.json)
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import synthetic_reviews
+from conftest import REPO, synthetic_reviews
 
 from benchmarks import cpu, gpu, report
 
@@ -425,21 +425,24 @@ def test_the_data_stage_benchmark_runs_each_stage_and_reads_its_peak(
         assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mib"] > 50, stage
         assert "failed" not in row[stage], row[stage].get("output_tail")
     assert "| 300 |" in out.read_text(encoding="utf-8")
-    # An earlier report is kept and shown beside the new one; a stage that fails is recorded
-    # with its exit, and the stages after it are not run.
+    # An earlier checkout (here: this one) runs on the same CSV in the same run and has its
+    # own table; a stage that fails is recorded with its exit, and the stages after it are not
+    # run.
     (tmp_path / "broken").mkdir()
     broken = write_params(tmp_path / "broken", {**overrides, "base.label_column": "nothing"})
     argv = ["--validated", str(validated), "--params", str(broken), "--rows", "200"]
-    argv += ["--before", str(json_path), "--out", str(out), "--json", str(tmp_path / "b.json")]
+    argv += ["--before", str(REPO), "--out", str(out), "--json", str(tmp_path / "b.json")]
     assert data_stages.main(argv) == 0
     again = json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))
-    assert again["before"]["results"] == record["results"]
     (failed,) = again["results"]
-    assert failed["ingest"]["failed"] == "exit code 1"
-    assert "nothing" in failed["ingest"]["output_tail"]
-    assert "validate" not in failed and "tokenize" not in failed
+    for found in (failed, failed["before"]):
+        assert found["ingest"]["failed"] == "exit code 1"
+        assert "nothing" in found["ingest"]["output_tail"]
+        assert "validate" not in found and "tokenize" not in found
+    assert again["before_commit"] == again["commit"]
     text = out.read_text(encoding="utf-8")
-    assert "| 300 |" in text and "| 200 |" in text and "exit code 1 after" in text
+    assert text.count("| 200 |") == 2 and text.count("exit code 1 after") == 2
+    assert f"in the same run, through commit {again['before_commit']}" in text
 
 
 @pytest.mark.slow
