@@ -85,24 +85,41 @@ class Spool:
 
     def write_parquet(self, name: str, path: Path, empty: pd.DataFrame) -> dict[str, Any] | None:
         """Output `name` as one Parquet file at `path`, its rows in position order; `empty` gives
-        the columns when no row came. Returns the first row (None when there is none)."""
+        the columns when no row came. Returns the first row (None when there is none).
+
+        Rows that came in their output order (a split that keeps the file's order) are copied
+        a batch at a time; otherwise they are taken in order from the memory-mapped spool."""
         writer = self.writers.pop(name, None)
         if writer is None:
             empty.to_parquet(path, index=False)
             return None
         writer.close()
-        with pa.memory_map(str(self.folder / f"{name}.arrow")) as source:
-            table = pa.ipc.open_file(source).read_all()
-            order = np.argsort(table.column(POSITION).to_numpy(), kind="stable")
-            table = table.drop_columns([POSITION])
-            first = table.slice(0, 0)
-            with pq.ParquetWriter(str(path), table.schema) as out:
-                for start in range(0, len(order), ROW_GROUP_ROWS):
-                    group = table.take(order[start : start + ROW_GROUP_ROWS]).combine_chunks()
-                    if start == 0:
-                        first = group.slice(0, 1)
-                    out.write_table(group)
-            return first.to_pandas().iloc[0].to_dict() if len(first) else None
+        spooled = str(self.folder / f"{name}.arrow")
+        with pa.OSFile(spooled) as source:
+            fields = pa.ipc.open_file(source).schema.names
+            only = pa.ipc.IpcReadOptions(included_fields=[fields.index(POSITION)])
+            reader = pa.ipc.open_file(source, options=only)
+            positions = np.concatenate(
+                [
+                    reader.get_batch(i).column(0).to_numpy()
+                    for i in range(reader.num_record_batches)
+                ]
+            )
+        with ParquetRows(path) as out:
+            if len(positions) < 2 or bool((np.diff(positions) > 0).all()):
+                with pa.OSFile(spooled) as source:
+                    reader = pa.ipc.open_file(source)
+                    for i in range(reader.num_record_batches):
+                        batch = pa.Table.from_batches([reader.get_batch(i)])
+                        out.add_table(batch.drop_columns([POSITION]))
+            else:
+                order = np.argsort(positions, kind="stable")
+                with pa.memory_map(spooled) as source:
+                    table = pa.ipc.open_file(source).read_all().drop_columns([POSITION])
+                    for start in range(0, len(order), ROW_GROUP_ROWS):
+                        out.add_table(table.take(order[start : start + ROW_GROUP_ROWS]))
+            first = out.first
+        return first.to_pandas().iloc[0].to_dict() if first is not None else None
 
     def close(self) -> None:
         for writer in self.writers.values():
@@ -121,6 +138,7 @@ class ParquetRows:
         self.pending: list[pa.Table] = []
         self.rows = 0
         self.writer: pq.ParquetWriter | None = None
+        self.first: pa.Table | None = None  # the first row, once one came
 
     def __enter__(self) -> ParquetRows:
         return self
@@ -133,14 +151,19 @@ class ParquetRows:
 
     def add(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Append the rows of `frame` (returned as it came, for chaining)."""
-        table = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
+        self.add_table(pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False))
+        return frame
+
+    def add_table(self, table: pa.Table) -> None:
+        """Append the rows of an Arrow table (its schema that of the first piece)."""
         if self.schema is None:
             self.schema = table.schema
+        if self.first is None and len(table):
+            self.first = table.slice(0, 1)
         self.pending.append(table)
         self.rows += len(table)
         while self.rows >= ROW_GROUP_ROWS:
             self._write(ROW_GROUP_ROWS)
-        return frame
 
     def _write(self, rows: int) -> None:
         assert self.schema is not None
