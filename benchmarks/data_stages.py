@@ -9,7 +9,7 @@ process of its own whose peak resident memory is the kernel's count for it (`wai
 `ru_maxrss`), also when the kernel stops it for want of memory; the later stages of that row
 count are then not run.
 
-`--before TREE` names a checkout of an earlier commit (`git worktree add /tmp/before COMMIT`):
+`--before TREE` names a checkout of an earlier commit (`git worktree add ../before COMMIT`):
 at each row count the same CSV goes through its stages too, one process after another, so
 that one run on one machine compares the two pieces of code.
 

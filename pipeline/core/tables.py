@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import lzma
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,7 +76,7 @@ def read_table(path: Path, texts: tuple[str, ...] = ()) -> pd.DataFrame:
     text, not a number)."""
     kind = table_format(path)
     strings = dict.fromkeys(texts, str)
-    try:
+    with reading(path, kind):
         if kind == "csv":
             return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=strings)
         if kind == "tsv":
@@ -86,11 +87,22 @@ def read_table(path: Path, texts: tuple[str, ...] = ()) -> pd.DataFrame:
             return pd.read_json(path, lines=True, dtype=False)
         if kind == "parquet":
             return pd.read_parquet(path)
+    raise unsupported(path)
+
+
+@contextmanager
+def reading(path: Path, kind: str | None) -> Iterator[None]:
+    """Errors of reading `path` as `kind` turned into TableErrors that name the file."""
+    try:
+        yield
     except UnicodeDecodeError:
         raise encoding_error(path) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise TableError(f"{path}: cannot be read as {kind}: {exc}") from None
-    raise TableError(
+
+
+def unsupported(path: Path) -> TableError:
+    return TableError(
         f"{path}: unsupported file type; use .csv, .tsv, .jsonl or .parquet (optionally .bz2/.gz)"
     )
 
@@ -157,7 +169,7 @@ def read_table_chunks(
 def _chunks(path: Path, texts: tuple[str, ...], rows: int) -> Iterator[pd.DataFrame]:
     kind = table_format(path)
     strings = dict.fromkeys(texts, str)
-    try:
+    with reading(path, kind):
         if kind in ("csv", "tsv"):
             with pd.read_csv(
                 path,
@@ -183,13 +195,7 @@ def _chunks(path: Path, texts: tuple[str, ...], rows: int) -> Iterator[pd.DataFr
                 start += len(frame)
                 yield frame
             return
-    except UnicodeDecodeError:
-        raise encoding_error(path) from None
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise TableError(f"{path}: cannot be read as {kind}: {exc}") from None
-    raise TableError(
-        f"{path}: unsupported file type; use .csv, .tsv, .jsonl or .parquet (optionally .bz2/.gz)"
-    )
+    raise unsupported(path)
 
 
 def common_dtypes(pieces: list[dict[str, Any]]) -> dict[str, Any]:
@@ -218,6 +224,12 @@ def key_digests(keys: pd.Series) -> np.ndarray:
     )
 
 
+def digest_halves(digests: np.ndarray) -> np.ndarray:
+    """`key_digests` as an (n, 2) array of uint64: two columns pandas hashes without a Python
+    object per row."""
+    return digests.view("<u8").reshape(-1, 2) if len(digests) else np.zeros((0, 2), "<u8")
+
+
 def duplicates(
     digests: np.ndarray, targets: np.ndarray | None, missing: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +237,7 @@ def duplicates(
     conflicting rows share a key with a row of another target (a label, say; target codes of
     -1 are missing and agree with any), duplicates repeat the key of an earlier row that is not
     conflicting. Rows without a key (`missing`) never conflict and repeat each other."""
-    halves = digests.view("<u8").reshape(-1, 2) if len(digests) else np.zeros((0, 2), "<u8")
+    halves = digest_halves(digests)
     frame = pd.DataFrame({"a": halves[:, 0], "b": halves[:, 1]})
     conflicting = np.zeros(len(frame), dtype=bool)
     if targets is not None and len(frame):

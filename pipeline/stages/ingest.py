@@ -20,6 +20,7 @@ from pipeline.core.tables import (
     SPLITS,
     TableError,
     common_dtypes,
+    digest_halves,
     duplicates,
     find_split_files,
     has_split_files,
@@ -99,7 +100,7 @@ def key_index(frame: pd.DataFrame, task: tasks.Task, p: params.Params) -> pd.Mul
     """Each row's key digest (its two halves), from a streamed index or from the task's key."""
     if KEY_A in frame:
         return pd.MultiIndex.from_arrays([frame[KEY_A].to_numpy(), frame[KEY_B].to_numpy()])
-    halves = key_digests(task.key(frame, p)).view("<u8").reshape(-1, 2)
+    halves = digest_halves(key_digests(task.key(frame, p)))
     return pd.MultiIndex.from_arrays([halves[:, 0], halves[:, 1]])
 
 
@@ -289,7 +290,7 @@ def index_file(
         dropped[task.dedupe_reasons[0]] = int(conflicting.sum())
         dropped[task.dedupe_reasons[1]] = int(duplicate.sum())
         keep = ~(conflicting | duplicate)
-    halves = keys.view("<u8").reshape(-1, 2) if len(keys) else np.zeros((0, 2), "<u8")
+    halves = digest_halves(keys)
     columns: dict[str, Any] = {
         ROW: joined(ROW)[keep],
         KEY_A: halves[keep, 0],

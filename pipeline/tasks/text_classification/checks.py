@@ -20,7 +20,7 @@ import pandas as pd
 from pandera.errors import SchemaErrors
 
 from pipeline.core.params import Params
-from pipeline.core.tables import SPLITS, key_digests, text_key
+from pipeline.core.tables import SPLITS, digest_halves, key_digests, text_key
 from pipeline.tasks.text_classification.schema import (
     EXACT_REPEAT,
     LEAKS_INTO,
@@ -40,7 +40,7 @@ Pieces = Callable[[], Iterator[pd.DataFrame]]
 
 def halves(digests: np.ndarray) -> pd.DataFrame:
     """16-byte digests as two uint64 columns, which pandas hashes without a Python object each."""
-    pairs = digests.view("<u8").reshape(-1, 2) if len(digests) else np.zeros((0, 2), "<u8")
+    pairs = digest_halves(digests)
     return pd.DataFrame({"a": pairs[:, 0], "b": pairs[:, 1]})
 
 
