@@ -74,11 +74,15 @@ def run_finetune(prepared: dict, out: str, params_path: Path | None = None) -> d
 
 
 @pytest.mark.slow
-def test_finetune_saves_a_model_curves_and_one_mlflow_run(prepared: dict) -> None:
+def test_finetune_saves_a_model_curves_and_one_mlflow_run(prepared: dict, capfd) -> None:
     import mlflow
     from transformers import AutoConfig
 
     summary = run_finetune(prepared, "model")
+    printed = "".join(capfd.readouterr())
+    # One bar and one line per evaluation; the per-step dicts went to MLflow and the curves.
+    assert "epoch 1: validation loss" in printed and "epoch 2: validation loss" in printed
+    assert "{'loss'" not in printed and "'eval_runtime'" not in printed
     root = prepared["root"]
     config = AutoConfig.from_pretrained(root / "model")
     assert config.id2label == {0: "fresh", 1: "rotten"}
@@ -535,3 +539,36 @@ def test_one_encoding_gives_the_same_unk_rate_lengths_and_windows_as_separate_pa
     assert all(len(ids) <= 32 for ids in out["input_ids"])
     assert [sum(m) for m in out["attention_mask"]] == [len(ids) for ids in out["input_ids"]]
     assert out.features["input_ids"].feature.dtype == "int32"
+
+
+def test_a_new_head_is_one_line_not_transformers_load_report(tiny_model_dir: Path, caplog) -> None:
+    """The tiny classifier (2 labels) loaded as a 5-label tagger: its head is re-initialised
+    and said so in one line; transformers' own table of keys is not printed."""
+    import logging
+
+    from transformers import BertForTokenClassification
+
+    from pipeline.train import progress
+
+    with caplog.at_level(logging.WARNING), progress.load_report_as_one_line():
+        _, info = BertForTokenClassification.from_pretrained(
+            tiny_model_dir, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    assert not [r for r in caplog.records if progress.REPORT_TITLE in r.getMessage()]
+    line = progress.describe_loading(info)
+    assert "classifier.weight" in line and "classifier.bias" in line, line
+    # Outside the context the report is transformers' own again.
+    with caplog.at_level(logging.WARNING):
+        BertForTokenClassification.from_pretrained(
+            tiny_model_dir, num_labels=5, ignore_mismatched_sizes=True
+        )
+    assert [r for r in caplog.records if progress.REPORT_TITLE in r.getMessage()]
+
+
+def test_an_evaluation_is_one_line_and_a_training_step_none() -> None:
+    from pipeline.train.progress import evaluation_line
+
+    logs = {"eval_loss": 0.39361, "eval_accuracy": 0.8217, "eval_runtime": 3.9, "epoch": 1.0}
+    assert evaluation_line(logs, 1.0) == "epoch 1: validation loss 0.3936, accuracy 0.8217"
+    assert evaluation_line({"loss": 0.69, "learning_rate": 1e-5, "epoch": 0.2}, 0.2) is None
+    assert evaluation_line({"train_runtime": 471.3, "train_loss": 0.22}, 6.0) is None

@@ -118,6 +118,9 @@ def run(
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    from pipeline.train import progress
 
     started = time.perf_counter()
     quiet_load_bars()
@@ -165,7 +168,11 @@ def run(
         **task.model_kwargs(labels),
         **task.model_settings(p),
     }
-    model = from_pretrained(task.model_class(), source, trust, **kwargs)
+    with progress.load_report_as_one_line():
+        model, loading = from_pretrained(
+            task.model_class(), source, trust, output_loading_info=True, **kwargs
+        )
+    log.info("base %s: %s", p.base.model, progress.describe_loading(loading))
     base_vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > base_vocab:
         log.info("resizing embeddings %d -> %d for the added tokens", base_vocab, len(tokenizer))
@@ -194,6 +201,8 @@ def run(
             if patience > 0
         ],
     )
+    trainer.remove_callback(ProgressCallback)  # its per-step dicts: MLflow and curves have them
+    trainer.add_callback(progress.StageProgress())
     if not main:  # the other ranks train in step with rank 0, which tracks and saves
         trainer.train(resume_from_checkpoint=resume)
         return {"rank": int(os.environ["RANK"])}
