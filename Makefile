@@ -95,10 +95,10 @@ help: ## list the targets by group (the default goal)
 	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s\n", substr($$0, 5)} /^[a-z][a-z0-9-]*:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 test: $(STAMP) ## run the test suite (offline, CPU)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --durations=15
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=15
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope -m "not slow"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --no-loadscope-reorder -m "not slow"
 
 test-gpu: $(STAMP) ## the gpu-marked tests (CUDA, IO binding, TensorRT); they skip without a GPU
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m gpu

@@ -22,7 +22,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["slow_work"]  # `slow` means what it says: tests/slow_work.py
+# `slow` means what it says (tests/slow_work.py); long modules start first (tests/module_order.py).
+pytest_plugins = ["slow_work", "module_order"]
 
 
 def _restoring_mlflow_environment() -> Iterator[None]:

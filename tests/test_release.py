@@ -200,8 +200,13 @@ def page(browser: str, url: str, profile: Path, shot: Path) -> str:
     """The page's text once its scripts have run, and a screenshot of it."""
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
     common += ["--virtual-time-budget=20000", "--window-size=1400,1000"]
-    subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=120)
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    # One launch does both: the screenshot is written and the DOM printed.
+    dom = subprocess.run(
+        [*common, f"--screenshot={shot}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout))
 
 

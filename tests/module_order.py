@@ -1,0 +1,105 @@
+"""Longest modules first: under `-n auto --dist loadscope` a module is one unit of work, and
+xdist's own order (most tests first) starts the few long end-to-end modules last, so one worker
+finishes them alone. Sorted by measured seconds, longest first, both workers end together.
+
+Seconds come from this checkout's last runs (pytest's cache, `.pytest_cache`), else from
+`tests/module_seconds.json` (committed, for a clean clone). Refresh that file after a full run:
+`python tests/module_order.py`. A module in neither counts a tenth of a second per test. Order
+changes nothing but when a module starts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+COMMITTED = Path(__file__).with_name("module_seconds.json")
+CACHE_KEY = "bert-pipeline/module_seconds"
+UNKNOWN_PER_TEST = 0.1
+# Session fixtures that take most of a minute to build (tests/conftest.py's `shared`).
+BUILT_ONCE = {"reproduced_repo"}
+
+_seconds: defaultdict[str, float] = defaultdict(float)
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def known_seconds(config: pytest.Config | None) -> dict[str, float]:
+    """Seconds per module file: the committed measurement, overridden by this checkout's."""
+    seconds = json.loads(COMMITTED.read_text(encoding="utf-8")) if COMMITTED.is_file() else {}
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    if cache is not None:
+        seconds.update(cache.get(CACHE_KEY, {}))
+    return seconds
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seconds = known_seconds(config)
+    per_module: defaultdict[str, int] = defaultdict(int)
+    for item in items:
+        per_module[_module(item.nodeid)] += 1
+
+    def weight(item: pytest.Item) -> float:
+        module = _module(item.nodeid)
+        return seconds.get(module, UNKNOWN_PER_TEST * per_module[module])
+
+    items.sort(key=weight, reverse=True)  # stable: a module's own order is kept
+    second_worker_starts_free(items)
+
+
+def second_worker_starts_free(items: list[pytest.Item]) -> None:
+    """The first two modules go to the two workers at once: if both need a long run-wide build
+    (BUILT_ONCE), the second worker would wait for the first to build it. The longest module
+    that needs none moves up to second place."""
+    modules = list(dict.fromkeys(_module(item.nodeid) for item in items))
+    needs = {module: False for module in modules}
+    for item in items:
+        if BUILT_ONCE & set(getattr(item, "fixturenames", ())):
+            needs[_module(item.nodeid)] = True
+    if len(modules) < 3 or not (needs[modules[0]] and needs[modules[1]]):
+        return
+    free = next((m for m in modules[2:] if not needs[m]), None)
+    if free is None:
+        return
+    rank = {m: i for i, m in enumerate(modules)}
+    rank[free] = 0.5
+    items.sort(key=lambda item: rank[_module(item.nodeid)])
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _seconds[_module(report.nodeid)] += report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On the controller (or a run without xdist): this run's seconds into the cache."""
+    config = session.config
+    cache = getattr(config, "cache", None)
+    if hasattr(config, "workerinput") or cache is None or not _seconds:
+        return
+    stored = cache.get(CACHE_KEY, {})
+    stored.update({module: round(value, 1) for module, value in _seconds.items()})
+    cache.set(CACHE_KEY, stored)
+
+
+def main() -> int:
+    """Write the cached seconds of this checkout into the committed file."""
+    root = Path(__file__).resolve().parents[1]
+    cached = root / ".pytest_cache" / "v" / CACHE_KEY
+    if not cached.is_file():
+        print(f"{cached}: no measured run yet; run `make test` first", file=sys.stderr)
+        return 1
+    seconds = json.loads(cached.read_text(encoding="utf-8"))
+    ordered = dict(sorted(seconds.items(), key=lambda kv: -kv[1]))
+    COMMITTED.write_text(json.dumps(ordered, indent=1) + "\n", encoding="utf-8")
+    print(f"{COMMITTED}: {len(ordered)} modules, {sum(ordered.values()):.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
