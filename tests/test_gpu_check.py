@@ -121,14 +121,19 @@ def test_a_part_past_its_limit_is_killed_and_its_log_tail_kept(tmp_path: Path) -
     assert (tmp_path / gpu_check.LOG_FILE).read_text().startswith("===== training (limit 1 s)")
 
 
-def test_parts_past_the_budget_are_skipped_and_reported(carry: Path, tmp_path: Path) -> None:
-    data = gpu_check.run(carry, tmp_path, "cpu", budget=5, parts=("env", "training"))
-    for name in ("env", "training"):
+def test_parts_past_the_budget_are_skipped_and_reported(tmp_path: Path) -> None:
+    """Two parts that need no carried model, so nothing is carried: the failed receive is
+    reported, and each part is skipped for the budget, not started."""
+    out = tmp_path / "out"
+    data = gpu_check.run(tmp_path / "nothing", out, "cpu", budget=5, parts=("env", "tests"))
+    assert data["parts"]["receive"]["status"] == "failed"
+    for name in ("env", "tests"):
         assert data["parts"][name]["status"] == "skipped"
         assert data["parts"][name]["error"].startswith("the 5 s budget is spent")
-    reported = json.loads((tmp_path / gpu_check.JSON_FILE).read_text())
+    reported = json.loads((out / gpu_check.JSON_FILE).read_text())
     assert reported["parts"] == json.loads(json.dumps(data["parts"]))
-    assert "| training | skipped |" in (tmp_path / gpu_check.MARKDOWN_FILE).read_text()
+    assert "| tests | skipped |" in (out / gpu_check.MARKDOWN_FILE).read_text()
+    assert not (out / gpu_check.PARTS_DIR).exists(), "no part was started"
 
 
 def test_the_stack_mirror_hides_what_the_gpu_machine_lacks(tmp_path: Path) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,50 +138,6 @@ def test_a_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:
     assert "didn't change" in output or "is cached" in output
 
 
-def stage_outputs(repo: Path) -> dict[str, str]:
-    """md5 of every data and model output in dvc.lock, by path (checkpoints are resumption
-    state with timings, not an output anyone uses)."""
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    return {
-        out["path"]: out["md5"]
-        for stage in lock.values()
-        for out in stage.get("outs", [])
-        if out["path"].startswith(("data/", "models/")) and "checkpoints" not in out["path"]
-    }
-
-
-def test_every_stage_gives_the_same_bytes_when_forced_to_run_again(
-    repo: Path, first_repro: str
-) -> None:
-    """Same code, params, data and packages on the same machine: every stage's output is
-    byte-identical, also with the hub's offline switch flipped (it once changed the tokenized
-    data's fingerprint)."""
-    sh(["dvc", "repro"], repo)
-    before = stage_outputs(repo)
-    metrics = json.loads((repo / "reports" / "eval.json").read_text())
-    metrics.pop("seconds")  # the stage's time, beside its metrics
-    shutil.rmtree(repo / "models" / "checkpoints")  # or it would resume, not retrain
-    offline = "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1"
-    output = sh(["dvc", "repro", "--force"], repo, HF_HUB_OFFLINE=offline)
-    assert stages_run(output) == STAGES
-    assert json.loads((repo / "reports" / "train.json").read_text())["resumed"] is False
-    assert len(before) == 5 and stage_outputs(repo) == before
-    again = json.loads((repo / "reports" / "eval.json").read_text())
-    assert again.pop("seconds") > 0 and again == metrics
-
-
-def test_a_learning_rate_change_reruns_only_finetune_and_after(
-    repo: Path, first_repro: str
-) -> None:
-    sh(["dvc", "repro"], repo)
-    params_path = repo / "params.yaml"
-    data = yaml.safe_load(params_path.read_text())
-    data["finetune"]["learning_rate"] = 5e-4
-    params_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    output = sh(["dvc", "repro"], repo)
-    assert stages_run(output) == ["finetune", "evaluate", "export"]
-
-
 def test_another_tasks_params_rerun_nothing_and_the_own_task_section_reruns_its_readers(
     repo: Path, first_repro: str
 ) -> None:
@@ -205,14 +159,39 @@ def test_another_tasks_params_rerun_nothing_and_the_own_task_section_reruns_its_
     params_path.write_text(original)
 
 
-def test_a_temp_experiment_logs_into_the_repo_root_store(repo: Path, first_repro: str) -> None:
-    import mlflow
+@pytest.fixture(scope="module")
+def exp_repo(tmp_path_factory: pytest.TempPathFactory, reproduced_repo: Path) -> Path:
+    """A copy of the repo after its first run with that run committed (dvc.lock and reports),
+    as a team's repo is before someone tries an idea on it."""
+    repo = copy_repo(reproduced_repo, tmp_path_factory.mktemp("exp") / "repo")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "the first run"], repo)
+    return repo
 
+
+@pytest.fixture(scope="module")
+def lr_experiment(exp_repo: Path) -> str:
+    """A temp experiment with a higher learning rate (`pipeline.ops.experiment`, `dvc exp run
+    --temp` beneath), writing its record to reports/experiments/lr.json; what it printed."""
+    repo = exp_repo
     config = repo / "lr.yaml"
     config.write_text("finetune:\n  learning_rate: 2.0e-3\n", encoding="utf-8")
     record_path = repo / "reports" / "experiments" / "lr.json"
     experiment = [sys.executable, "-m", "pipeline.ops.experiment", str(config), "--name"]
-    sh([*experiment, "lr-2e-3", "--report", str(record_path)], repo)
+    return sh([*experiment, "lr-2e-3", "--report", str(record_path)], repo)
+
+
+def test_a_learning_rate_change_reruns_only_finetune_and_after(lr_experiment: str) -> None:
+    assert stages_run(lr_experiment) == ["finetune", "evaluate", "export"], lr_experiment
+
+
+def test_a_temp_experiment_logs_into_the_repo_root_store(
+    exp_repo: Path, lr_experiment: str
+) -> None:
+    import mlflow
+
+    repo = exp_repo
+    record_path = repo / "reports" / "experiments" / "lr.json"
     # The record: what the experiment's own reports say, with its command and machine.
     record = json.loads(record_path.read_text(encoding="utf-8"))
     assert record["experiment"] == "lr-2e-3" and "--report" in record["command"]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -123,7 +124,8 @@ def test_promote_then_a_second_release(repo: Path, v1: str) -> None:
     params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002"))
     sh(["git", "commit", "-qam", "learning rate 2e-3"], repo)
     assert "is stale" in refused(repo, "v2")
-    sh(["dvc", "repro"], repo)
+    ran = re.findall(r"Running stage '([a-z]+)'", sh(["dvc", "repro"], repo))
+    assert ran == ["finetune", "evaluate", "export"], "a learning rate reruns only its readers"
     assert "exists already" in refused(repo, "v1")
     release(repo, "v2")
     registry = client(repo)
@@ -132,24 +134,88 @@ def test_promote_then_a_second_release(repo: Path, v1: str) -> None:
     assert registry.get_model_version(NAME, "2").tags["git_tag"] == "v2"
 
 
-def test_a_fresh_clone_restores_v1_and_reruns_it_to_the_same_bytes(
-    repo: Path, v1: str, tmp_path: Path
-) -> None:
-    clone = tmp_path / "clone"
-    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    out = sh([sys.executable, "-m", "pipeline.ops.reproduce", "v1"], clone)
-    tagged = json.loads(sh(["git", "show", "v1:reports/metrics.json"], repo))
-    assert f"v1 restored in {Path('.reproduce') / 'v1'}: {json.dumps(tagged)}" in out
+@dataclass
+class Reproduced:
+    """A fresh clone's `reproduce v1` and then `reproduce v1 --rerun`, with what was there
+    between the two."""
+
+    restore_out: str
+    status_after_restore: dict
+    finetuned_sha256_after_restore: str
+    rerun_out: str
+    restored: Path
+
+
+@pytest.fixture(scope="module")
+def reproduced_v1(repo: Path, v1: str, tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    """One fresh clone of the repo restores v1, then re-runs every stage of it (`dvc repro
+    --force` after removing the checkpoints), with the hub's offline switch flipped from this
+    run's (it once changed the tokenized data's fingerprint)."""
+    clone = tmp_path_factory.mktemp("reproduce") / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], clone.parent)
+    restore_out = sh([sys.executable, "-m", "pipeline.ops.reproduce", "v1"], clone)
     restored = clone / ".reproduce" / "v1"
     manifest = json.loads((restored / "models" / "onnx" / "manifest.json").read_text())
-    # Every output of v1 is back, but checkpoints (scratch for resuming; never pushed).
     status = json.loads(sh(["dvc", "status", "--json"], restored) or "{}")
-    assert status in ({}, {"finetune": [{"changed outs": {"models/checkpoints": "deleted"}}]})
+    offline = "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1"
+    rerun_out = sh(
+        [sys.executable, "-m", "pipeline.ops.reproduce", "v1", "--rerun"],
+        clone,
+        HF_HUB_OFFLINE=offline,
+    )
+    return Reproduced(
+        restore_out,
+        status,
+        manifest["provenance"]["finetuned_sha256"],
+        rerun_out,
+        restored,
+    )
+
+
+def test_a_fresh_clone_restores_v1_and_reruns_it_to_the_same_bytes(
+    repo: Path, reproduced_v1: Reproduced
+) -> None:
+    tagged = json.loads(sh(["git", "show", "v1:reports/metrics.json"], repo))
+    restored_in = f"v1 restored in {Path('.reproduce') / 'v1'}: {json.dumps(tagged)}"
+    assert restored_in in reproduced_v1.restore_out
+    # Every output of v1 is back, but checkpoints (scratch for resuming; never pushed).
+    assert reproduced_v1.status_after_restore in (
+        {},
+        {"finetune": [{"changed outs": {"models/checkpoints": "deleted"}}]},
+    )
     v1_version = client(repo).get_model_version(NAME, "1")
-    assert manifest["provenance"]["finetuned_sha256"] == v1_version.tags["model_sha256"]
-    out = sh([sys.executable, "-m", "pipeline.ops.reproduce", "v1", "--rerun"], clone)
+    assert reproduced_v1.finetuned_sha256_after_restore == v1_version.tags["model_sha256"]
+    out = reproduced_v1.rerun_out
     assert "same machine as v1: True" in out and "v1 reproduced: every output is equal" in out
     assert "DIFFERS" not in out and out.count(" equal") >= 8
+
+
+def stage_outputs(lock_text: str) -> dict[str, str]:
+    """md5 of every data and model output in a dvc.lock, by path (checkpoints are resumption
+    state with timings, not an output anyone uses)."""
+    lock = yaml.safe_load(lock_text)["stages"]
+    return {
+        out["path"]: out["md5"]
+        for stage in lock.values()
+        for out in stage.get("outs", [])
+        if out["path"].startswith(("data/", "models/")) and "checkpoints" not in out["path"]
+    }
+
+
+def test_every_stage_gives_the_same_bytes_when_forced_to_run_again(
+    repo: Path, reproduced_v1: Reproduced
+) -> None:
+    """Same code, params, data and packages on the same machine: every stage's output is
+    byte-identical when forced to run again from scratch (no checkpoint to resume), in another
+    folder and with the hub's offline switch flipped, and so are the metrics."""
+    restored = reproduced_v1.restored
+    before = stage_outputs(sh(["git", "show", "v1:dvc.lock"], repo))
+    assert len(before) == 5 and stage_outputs((restored / "dvc.lock").read_text()) == before
+    assert json.loads((restored / "reports" / "train.json").read_text())["resumed"] is False
+    metrics = json.loads(sh(["git", "show", "v1:reports/eval.json"], repo))
+    again = json.loads((restored / "reports" / "eval.json").read_text())
+    metrics.pop("seconds")  # the stage's time, beside its metrics
+    assert again.pop("seconds") > 0 and again == metrics
 
 
 def test_a_tag_trained_in_another_precision_reruns_only_its_data_stages(

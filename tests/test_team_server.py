@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import build_pipeline_repo, sh
+from conftest import copy_repo, sh
 
 from pipeline.ops import team_server
 
@@ -81,14 +81,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_the_pipeline_logs_and_releases_into_the_team_server(
-    server: str, tmp_path: Path, tiny_model_dir: Path
+    server: str, tmp_path: Path, reproduced_repo: Path
 ) -> None:
+    """The stages that talk to MLflow (fine-tune, evaluate, export) run against the server in a
+    copy of the reproduced repo whose local store is gone; the data stages log nothing."""
     import mlflow
 
-    repo = build_pipeline_repo(tmp_path / "repo", tiny_model_dir)
-    sh(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], repo)
-    sh(["git", "commit", "-qam", "a local remote"], repo)
-    sh(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=server)
+    repo = copy_repo(reproduced_repo, tmp_path / "repo")
+    for local in ("mlflow.db", "mlflow.db.lock", "mlruns", "models/checkpoints"):
+        path = repo / local
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    ran = sh(
+        ["dvc", "repro", "--force", "--downstream", "finetune"], repo, MLFLOW_TRACKING_URI=server
+    )
+    assert "Running stage 'export'" in ran, ran
     assert not (repo / "mlflow.db").exists(), "nothing went to a local store"
     client = mlflow.MlflowClient(tracking_uri=server, registry_uri=server)
     experiment = client.get_experiment_by_name("text-classification")
