@@ -2,10 +2,12 @@
 xdist's own order (most tests first) starts the few long end-to-end modules last, so one worker
 finishes them alone. Sorted by measured seconds, longest first, both workers end together.
 
-Seconds come from this checkout's last runs (pytest's cache, `.pytest_cache`), else from
-`tests/module_seconds.json` (committed, for a clean clone). Refresh that file after a full run:
-`python tests/module_order.py`. A module in neither counts a tenth of a second per test. Order
-changes nothing but when a module starts.
+Seconds are measured per test (setup, call and teardown), and a module weighs what its selected
+tests took, so `make test-fast`, `-k` or `-m` order by the part of each module they run. They
+come from this checkout's last runs (pytest's cache, `.pytest_cache`), else from
+`tests/test_seconds.json` (committed, for a clean clone). Refresh that file after a full run:
+`python tests/module_order.py`. A test in neither counts a tenth of a second. Order changes
+nothing but when a module starts.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-COMMITTED = Path(__file__).with_name("module_seconds.json")
-CACHE_KEY = "bert-pipeline/module_seconds"
+COMMITTED = Path(__file__).with_name("test_seconds.json")
+CACHE_KEY = "bert-pipeline/test_seconds"
 UNKNOWN_PER_TEST = 0.1
 # Session fixtures that take most of a minute to build (tests/conftest.py's `shared`).
 BUILT_ONCE = {"reproduced_repo"}
@@ -31,7 +33,7 @@ def _module(nodeid: str) -> str:
 
 
 def known_seconds(config: pytest.Config | None) -> dict[str, float]:
-    """Seconds per module file: the committed measurement, overridden by this checkout's."""
+    """Seconds per test node id: the committed measurement, overridden by this checkout's."""
     seconds = json.loads(COMMITTED.read_text(encoding="utf-8")) if COMMITTED.is_file() else {}
     cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
     if cache is not None:
@@ -41,15 +43,10 @@ def known_seconds(config: pytest.Config | None) -> dict[str, float]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     seconds = known_seconds(config)
-    per_module: defaultdict[str, int] = defaultdict(int)
+    per_module: defaultdict[str, float] = defaultdict(float)
     for item in items:
-        per_module[_module(item.nodeid)] += 1
-
-    def weight(item: pytest.Item) -> float:
-        module = _module(item.nodeid)
-        return seconds.get(module, UNKNOWN_PER_TEST * per_module[module])
-
-    items.sort(key=weight, reverse=True)  # stable: a module's own order is kept
+        per_module[_module(item.nodeid)] += seconds.get(item.nodeid, UNKNOWN_PER_TEST)
+    items.sort(key=lambda item: per_module[_module(item.nodeid)], reverse=True)  # stable
     second_worker_starts_free(items)
 
 
@@ -73,7 +70,7 @@ def second_worker_starts_free(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    _seconds[_module(report.nodeid)] += report.duration
+    _seconds[report.nodeid] += report.duration
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -83,7 +80,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(config, "workerinput") or cache is None or not _seconds:
         return
     stored = cache.get(CACHE_KEY, {})
-    stored.update({module: round(value, 1) for module, value in _seconds.items()})
+    stored.update({nodeid: round(value, 2) for nodeid, value in _seconds.items()})
     cache.set(CACHE_KEY, stored)
 
 
@@ -97,7 +94,11 @@ def main() -> int:
     seconds = json.loads(cached.read_text(encoding="utf-8"))
     ordered = dict(sorted(seconds.items(), key=lambda kv: -kv[1]))
     COMMITTED.write_text(json.dumps(ordered, indent=1) + "\n", encoding="utf-8")
-    print(f"{COMMITTED}: {len(ordered)} modules, {sum(ordered.values()):.0f} s in all")
+    modules = {_module(nodeid) for nodeid in ordered}
+    print(
+        f"{COMMITTED}: {len(ordered)} tests in {len(modules)} modules, "
+        f"{sum(ordered.values()):.0f} s in all"
+    )
     return 0
 
 
