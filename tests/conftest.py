@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -381,6 +382,11 @@ def sh(cmd: list[str], cwd: Path, **extra: str) -> str:
             f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
         )
     return done.stdout + done.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages a `dvc repro` (or `dvc exp run`) ran, in order, from what it printed."""
+    return re.findall(r"Running stage '([a-z]+)'", output)
 
 
 def build_pipeline_repo(root: Path, model: Path) -> Path:

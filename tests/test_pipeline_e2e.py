@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPRO_LOG, copy_repo, sh
+from conftest import REPRO_LOG, copy_repo, sh, stages_run
 
 import bertrt
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["ingest", "validate", "tokenize", "finetune", "evaluate", "export"]
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([a-z]+)'", output)
 
 
 @pytest.fixture(scope="module")

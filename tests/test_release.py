@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_repo, run_in, sh
+from conftest import copy_repo, run_in, sh, stages_run
 
 import bertrt
 
@@ -124,7 +124,7 @@ def test_promote_then_a_second_release(repo: Path, v1: str) -> None:
     params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002"))
     sh(["git", "commit", "-qam", "learning rate 2e-3"], repo)
     assert "is stale" in refused(repo, "v2")
-    ran = re.findall(r"Running stage '([a-z]+)'", sh(["dvc", "repro"], repo))
+    ran = stages_run(sh(["dvc", "repro"], repo))
     assert ran == ["finetune", "evaluate", "export"], "a learning rate reruns only its readers"
     assert "exists already" in refused(repo, "v1")
     release(repo, "v2")

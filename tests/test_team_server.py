@@ -90,7 +90,10 @@ def test_the_pipeline_logs_and_releases_into_the_team_server(
     repo = copy_repo(reproduced_repo, tmp_path / "repo")
     for local in ("mlflow.db", "mlflow.db.lock", "mlruns", "models/checkpoints"):
         path = repo / local
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     ran = sh(
         ["dvc", "repro", "--force", "--downstream", "finetune"], repo, MLFLOW_TRACKING_URI=server
     )
