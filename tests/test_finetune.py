@@ -319,8 +319,24 @@ def test_a_half_written_checkpoint_is_removed_not_loaded(prepared: dict, caplog)
     assert second["model_sha256"] == first["model_sha256"]
 
 
+@pytest.fixture(scope="module")
+def four_epochs(prepared: dict) -> tuple[Path, dict]:
+    """Params for four epochs with no early stop (long enough for a process to be stopped
+    after its first checkpoint), and the report of an uninterrupted run of them."""
+    import yaml
+
+    data = yaml.safe_load(prepared["params"].read_text())
+    data["finetune"]["epochs"] = 4
+    data["finetune"]["early_stopping_patience"] = 0
+    params_path = prepared["root"] / "params-four-epochs.yaml"
+    params_path.write_text(yaml.safe_dump(data))
+    return params_path, run_finetune(prepared, "whole", params_path)
+
+
 @pytest.mark.slow
-def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_model(prepared: dict) -> None:
+def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_model(
+    prepared: dict, four_epochs: tuple[Path, dict]
+) -> None:
     """SIGKILL once the first checkpoint is on disk; the re-run resumes into the same MLflow
     run and ends with the model of a run that was never interrupted (CPU, same machine)."""
     import os
@@ -329,15 +345,8 @@ def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_model(prepare
     import sys
     import time
 
-    import yaml
-
     root = prepared["root"]
-    data = yaml.safe_load(prepared["params"].read_text())
-    data["finetune"]["epochs"] = 4  # long enough to be killed in the middle
-    data["finetune"]["early_stopping_patience"] = 0
-    params_path = root / "params-four-epochs.yaml"
-    params_path.write_text(yaml.safe_dump(data))
-    reference = run_finetune(prepared, "whole", params_path)
+    params_path, reference = four_epochs
 
     argv = [
         sys.executable,
@@ -393,24 +402,18 @@ def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_a_tracking_server_that_dies_mid_training_costs_a_relog_not_the_training(
-    prepared: dict,
+    prepared: dict, four_epochs: tuple[Path, dict]
 ) -> None:
     """The server is killed once the first checkpoint is written: training finishes, the model
     and report are saved, the stage names the gap; `relog` fills the same run in, once."""
     import time
 
     import mlflow
-    import yaml
 
     from pipeline.ops import relog
 
     root = prepared["root"]
-    data = yaml.safe_load(prepared["params"].read_text())
-    data["finetune"]["epochs"] = 4
-    data["finetune"]["early_stopping_patience"] = 0
-    params_path = root / "params-gap.yaml"
-    params_path.write_text(yaml.safe_dump(data))
-    reference = run_finetune(prepared, "gap-reference", params_path)
+    params_path, reference = four_epochs
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

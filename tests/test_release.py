@@ -118,20 +118,80 @@ def test_the_registered_model_loads_by_alias(repo: Path, v1: str) -> None:
         bertrt.load(f"models:/{NAME}@nowhere")
 
 
-def test_promote_then_a_second_release(repo: Path, v1: str) -> None:
+@dataclass
+class Experiment:
+    """What `pipeline.ops.experiment` printed, and the record it wrote."""
+
+    out: str
+    record: Path
+
+
+@pytest.fixture(scope="module")
+def lr_experiment(repo: Path, v1: str, tmp_path_factory: pytest.TempPathFactory) -> Experiment:
+    """After v1, a temp experiment with a higher learning rate (`pipeline.ops.experiment`,
+    `dvc exp run --temp` beneath), its config and record outside the repo."""
+    folder = tmp_path_factory.mktemp("lr-experiment")
+    config = folder / "lr.yaml"
+    config.write_text("finetune:\n  learning_rate: 2.0e-3\n", encoding="utf-8")
+    experiment = [sys.executable, "-m", "pipeline.ops.experiment", str(config), "--name"]
+    record = folder / "lr.json"
+    return Experiment(sh([*experiment, "lr-2e-3", "--report", str(record)], repo), record)
+
+
+def test_a_learning_rate_change_reruns_only_finetune_and_after(lr_experiment: Experiment) -> None:
+    ran = stages_run(lr_experiment.out)
+    assert ran == ["finetune", "evaluate", "export"], lr_experiment.out
+
+
+def test_a_temp_experiment_logs_into_the_repo_root_store(
+    repo: Path, lr_experiment: Experiment
+) -> None:
+    import mlflow
+
+    # The record: what the experiment's own reports say, with its command and machine.
+    record = json.loads(lr_experiment.record.read_text(encoding="utf-8"))
+    assert record["experiment"] == "lr-2e-3" and "--report" in record["command"]
+    assert record["commit"] in sh(["git", "for-each-ref", "refs/exps"], repo)
+    assert record["wall_seconds"] > 0 and record["machine"]["cpu"]
+    assert record["train"]["train_rows"] > 0 and record["train"]["model_sha256"]
+    assert set(record["eval"]["overall"]) >= {"accuracy", "macro_f1"}
+    assert record["export"]["variants"]["fp32"]["passed"] is True
+    assert record["params"]["finetune"]["learning_rate"] == 2.0e-3, "params as it ran"
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(
+        experiment_names=[NAME],
+        filter_string="tags.dvc_exp_name = 'lr-2e-3'",
+        output_format="list",
+    )
+    assert len(runs) == 1
+    assert runs[0].data.params["finetune.learning_rate"] == "0.002"
+    assert "test_accuracy" in runs[0].data.metrics, "evaluate found the run from the temp copy"
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the copy"
+
+
+def test_promote_then_a_second_release(repo: Path, v1: str, lr_experiment: Experiment) -> None:
+    """v1 goes to production; the learning-rate experiment, applied and released, is v2."""
     release(repo, "--promote", NAME, "1")
     params = repo / "params.yaml"
     params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002"))
     sh(["git", "commit", "-qam", "learning rate 2e-3"], repo)
     assert "is stale" in refused(repo, "v2")
-    ran = stages_run(sh(["dvc", "repro"], repo))
-    assert ran == ["finetune", "evaluate", "export"], "a learning rate reruns only its readers"
+    # The experiment ran these params: applying it brings its lock, reports and outputs, all
+    # but the checkpoints (resumption state, which DVC does not cache and a release ignores).
+    sh(["dvc", "exp", "apply", "lr-2e-3"], repo)
+    assert json.loads(sh(["dvc", "status", "--json"], repo) or "{}") in (
+        {},
+        {"finetune": [{"changed outs": {"models/checkpoints": "modified"}}]},
+    )
     assert "exists already" in refused(repo, "v1")
     release(repo, "v2")
     registry = client(repo)
-    assert str(registry.get_model_version_by_alias(NAME, "candidate").version) == "2"
+    candidate = registry.get_model_version_by_alias(NAME, "candidate")
+    assert str(candidate.version) == "2"
     assert str(registry.get_model_version_by_alias(NAME, "production").version) == "1"
-    assert registry.get_model_version(NAME, "2").tags["git_tag"] == "v2"
+    assert candidate.tags["git_tag"] == "v2"
+    assert registry.get_run(candidate.run_id).data.tags.get("dvc_exp_name") == "lr-2e-3"
+    assert registry.get_run(candidate.run_id).data.params["finetune.learning_rate"] == "0.002"
 
 
 @dataclass

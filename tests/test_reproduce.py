@@ -3,6 +3,8 @@ elsewhere, and the first stage outside it named."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.ops.reproduce import compare, untrainable_here
 
 TAGGED = {
@@ -72,3 +74,23 @@ def test_a_run_trained_in_another_precision_is_named_as_not_repeatable_here() ->
     assert why is not None
     assert "v1 trained in bf16 and this machine trains its params in fp32" in why
     assert "finetune.precision: fp32" in why
+
+
+def test_only_resumption_state_is_left_out_of_a_stale_lock() -> None:
+    """The project's dvc.yaml declares the checkpoints as resumption state; a change there
+    alone (what `dvc exp apply` leaves) does not make the lock stale, any other change does."""
+    from pipeline.core import lineage
+
+    dvc_yaml = Path(__file__).resolve().parents[1] / "dvc.yaml"
+    assert lineage.resumption_state(dvc_yaml) == {"models/checkpoints"}
+    checkpoints = {"changed outs": {"models/checkpoints": "modified"}}
+    assert lineage.stale_stages({"finetune": [checkpoints]}, dvc_yaml) == {}
+    both = {"changed outs": {"models/checkpoints": "modified", "models/finetuned": "deleted"}}
+    params = {"changed deps": {"params.yaml": {"finetune.learning_rate": 0.002}}}
+    stale = lineage.stale_stages(
+        {"finetune": [both, params], "export": ["changed command"]}, dvc_yaml
+    )
+    assert stale == {
+        "finetune": [{"changed outs": {"models/finetuned": "deleted"}}, params],
+        "export": ["changed command"],
+    }

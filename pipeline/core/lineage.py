@@ -118,8 +118,9 @@ def dvc_lock_hashes(
     return {name: outs for name, outs in hashes.items() if outs}
 
 
-def _uncached(dvc_yaml: Path) -> set[str]:
-    """Paths of the outputs declared with `cache: false` (any kind: outs, metrics, plots)."""
+def _declared(dvc_yaml: Path, **wanted: bool) -> set[str]:
+    """Paths of the outputs (any kind: outs, metrics, plots) declared in dvc.yaml with every
+    option in `wanted` (`cache=False`, `persist=True`)."""
     if not dvc_yaml.is_file():
         return set()
     stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {})
@@ -129,9 +130,42 @@ def _uncached(dvc_yaml: Path) -> set[str]:
             for entry in stage.get(kind, []) or []:
                 if isinstance(entry, dict):
                     for path, options in entry.items():
-                        if isinstance(options, dict) and options.get("cache") is False:
+                        if isinstance(options, dict) and all(
+                            options.get(key) is value for key, value in wanted.items()
+                        ):
                             found.add(path)
     return found
+
+
+def _uncached(dvc_yaml: Path) -> set[str]:
+    """Paths of the outputs declared with `cache: false`."""
+    return _declared(dvc_yaml, cache=False)
+
+
+def resumption_state(dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
+    """Outputs kept across runs only to resume a killed one (`persist: true`, `cache: false`:
+    the fine-tune's checkpoints). DVC cannot restore them from its cache (`dvc exp apply`,
+    `dvc checkout`), and no release or package reads them."""
+    return _declared(dvc_yaml, cache=False, persist=True)
+
+
+def stale_stages(status: dict[str, Any], dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, Any]:
+    """`dvc status --json` without the changes that concern only resumption state: what makes
+    dvc.lock stale for a release."""
+    scratch = resumption_state(dvc_yaml)
+    stale: dict[str, Any] = {}
+    for stage, changes in status.items():
+        kept = []
+        for change in changes:
+            if isinstance(change, dict) and set(change) == {"changed outs"}:
+                outs = {p: s for p, s in change["changed outs"].items() if p not in scratch}
+                if not outs:
+                    continue
+                change = {"changed outs": outs}
+            kept.append(change)
+        if kept:
+            stale[stage] = kept
+    return stale
 
 
 LOCKS = Path("locks")
