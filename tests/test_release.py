@@ -1,5 +1,6 @@
 """Release end to end in a temporary git repo with a local DVC remote: refusals, tag, pushed
-artifacts, the registered model and its lineage, loading it back by alias, a second release."""
+artifacts, the registered model and its lineage, loading it back by alias, a temp experiment
+released as a second, signed version, reproducing a tag from a fresh clone."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_repo, run_in, sh, stages_run
+from conftest import copy_repo, make_key, run_in, sh, stages_run
 
 import bertrt
+from bertrt import signing
+from bertrt.signing import SIGNATURE_FILE, SignatureError
 
 pytestmark = pytest.mark.slow
 NAME = "text-classification"
@@ -169,8 +172,18 @@ def test_a_temp_experiment_logs_into_the_repo_root_store(
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the copy"
 
 
-def test_promote_then_a_second_release(repo: Path, v1: str, lr_experiment: Experiment) -> None:
-    """v1 goes to production; the learning-rate experiment, applied and released, is v2."""
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("keys")
+    private, public = make_key(folder, "release")
+    _, other = make_key(folder, "other")
+    return {"private": private, "public": public, "other": other}
+
+
+@pytest.fixture(scope="module")
+def v2(repo: Path, v1: str, lr_experiment: Experiment, keys: dict[str, Path]) -> str:
+    """v1 goes to production; the learning-rate experiment, applied, is released as v2, signed;
+    what the release printed."""
     release(repo, "--promote", NAME, "1")
     params = repo / "params.yaml"
     params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002"))
@@ -184,7 +197,11 @@ def test_promote_then_a_second_release(repo: Path, v1: str, lr_experiment: Exper
         {"finetune": [{"changed outs": {"models/checkpoints": "modified"}}]},
     )
     assert "exists already" in refused(repo, "v1")
-    release(repo, "v2")
+    return release(repo, "v2", "--signing-key", str(keys["private"]))
+
+
+def test_promote_then_a_second_release(repo: Path, v2: str) -> None:
+    assert "released v2" in v2
     registry = client(repo)
     candidate = registry.get_model_version_by_alias(NAME, "candidate")
     assert str(candidate.version) == "2"
@@ -192,6 +209,44 @@ def test_promote_then_a_second_release(repo: Path, v1: str, lr_experiment: Exper
     assert candidate.tags["git_tag"] == "v2"
     assert registry.get_run(candidate.run_id).data.tags.get("dvc_exp_name") == "lr-2e-3"
     assert registry.get_run(candidate.run_id).data.params["finetune.learning_rate"] == "0.002"
+
+
+def test_a_signed_release_registers_a_folder_and_a_wheel_that_check_with_the_public_key(
+    repo: Path, v2: str, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    import zipfile
+
+    import mlflow
+
+    assert "signed with key" in v2 and "unsigned" not in v2
+    # The exported folder, a DVC output, is as the export wrote it.
+    assert not (repo / "models" / "onnx" / SIGNATURE_FILE).exists()
+    assert "models/onnx" not in sh(["dvc", "status", "--json"], repo)
+    registry = client(repo)
+    version = registry.get_model_version_by_alias(NAME, "candidate")
+    assert version.tags["signed"] == "true" and version.tags["git_tag"] == "v2"
+    public_pem = keys["public"].read_bytes()
+    assert version.tags["signing_key_sha256"] == signing.fingerprint(public_pem)
+    uri = f"models:/{NAME}@candidate"
+    texts = pd.read_parquet(repo / "data" / "validated" / "test.parquet")["text"][:4].tolist()
+    model = bertrt.load(uri, device="cpu", public_key=keys["public"])
+    local = bertrt.load(repo / "models" / "onnx", device="cpu")
+    assert [p.label for p in model.predict(texts)] == [p.label for p in local.predict(texts)]
+    with pytest.raises(SignatureError, match="signed with another key"):
+        bertrt.load(uri, device="cpu", public_key=keys["other"])
+    pyfunc = mlflow.pyfunc.load_model(uri, model_config={"public_key": str(keys["public"])})
+    assert len(pyfunc.predict(pd.DataFrame({"text": texts}))) == 4
+    # The wheel's folder is signed too, and checks with the same key.
+    wheel = Path(registry.download_artifacts(version.run_id, "wheel", str(tmp_path)))
+    (built,) = wheel.glob("*.whl")
+    with zipfile.ZipFile(built) as archive:
+        archive.extractall(tmp_path / "unpacked")
+    signing.verify(tmp_path / "unpacked" / "bertrt" / "models" / "default", keys["public"])
+    # --signed refuses a release without a key, before anything is tagged.
+    sh(["git", "commit", "--allow-empty", "-qm", "another"], repo)
+    done = run_in([sys.executable, "-m", "pipeline.ops.release", "v3", "--signed"], repo)
+    assert done.returncode == 1 and "no key is given" in done.stderr
+    assert sh(["git", "tag", "--list", "v3"], repo).strip() == ""
 
 
 @dataclass

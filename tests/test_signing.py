@@ -1,7 +1,7 @@
 """Signed model folders (OpenSSF model-signing, an EC key made here): a signed folder loads with
 its public key; a changed, added or removed file, a missing signature or another key is refused
 in one line before anything in the folder is read, from Python, the command line and the
-environment; the wheel and the release carry the signature."""
+environment; the wheel carries the signature (the signed release: tests/test_release.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from conftest import make_key
 
 import bertrt
 from bertrt import signing
@@ -23,29 +22,6 @@ from bertrt.manifest import IntegrityError
 from bertrt.signing import SIGNATURE_FILE, SignatureError
 
 TEXTS = ["a wonderful film", "dull and boring"]
-
-
-def make_key(folder: Path, name: str, password: bytes | None = None) -> tuple[Path, Path]:
-    """A throwaway P-256 key pair as PEM files: (private, public)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    encryption = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
-    private = folder / f"{name}.pem"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-        )
-    )
-    public = folder / f"{name}.pub"
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
 
 
 @pytest.fixture(scope="module")
@@ -326,52 +302,6 @@ def test_the_registered_model_checks_the_key_it_is_given(
     context.model_config = {"public_key": str(keys["public"])}
     model.load_context(context)
     assert len(model.predict(context, TEXTS)) == 2
-
-
-@pytest.mark.slow
-def test_a_signed_release_registers_a_folder_and_a_wheel_that_check_with_the_public_key(
-    tmp_path_factory: pytest.TempPathFactory, reproduced_repo: Path, keys: dict[str, Path]
-) -> None:
-    import zipfile
-
-    import mlflow
-    import pandas as pd
-    from conftest import copy_repo, run_in, sh
-
-    root = tmp_path_factory.mktemp("signed-release")
-    repo = copy_repo(reproduced_repo, root / "repo")
-    release = [sys.executable, "-m", "pipeline.ops.release", "v1"]
-    out = sh([*release, "--signing-key", str(keys["private"])], repo)
-    assert "signed with key" in out and "unsigned" not in out
-    # The exported folder, a DVC output, is as the export wrote it.
-    assert not (repo / "models" / "onnx" / SIGNATURE_FILE).exists()
-    assert json.loads(sh(["dvc", "status", "--json"], repo) or "{}") == {}
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias("text-classification", "candidate")
-    assert version.tags["signed"] == "true"
-    public_pem = keys["public"].read_bytes()
-    assert version.tags["signing_key_sha256"] == signing.fingerprint(public_pem)
-    uri = "models:/text-classification@candidate"
-    texts = pd.read_parquet(repo / "data" / "validated" / "test.parquet")["text"][:4].tolist()
-    model = bertrt.load(uri, device="cpu", public_key=keys["public"])
-    local = bertrt.load(repo / "models" / "onnx", device="cpu")
-    assert [p.label for p in model.predict(texts)] == [p.label for p in local.predict(texts)]
-    with pytest.raises(SignatureError, match="signed with another key"):
-        bertrt.load(uri, device="cpu", public_key=keys["other"])
-    pyfunc = mlflow.pyfunc.load_model(uri, model_config={"public_key": str(keys["public"])})
-    assert len(pyfunc.predict(pd.DataFrame({"text": texts}))) == 4
-    # The wheel's folder is signed too, and checks with the same key.
-    wheel = Path(client.download_artifacts(version.run_id, "wheel", str(root)))
-    (built,) = wheel.glob("*.whl")
-    with zipfile.ZipFile(built) as archive:
-        archive.extractall(root / "unpacked")
-    signing.verify(root / "unpacked" / "bertrt" / "models" / "default", keys["public"])
-    # --signed refuses a release without a key, before anything is tagged.
-    sh(["git", "commit", "--allow-empty", "-qm", "another"], repo)
-    done = run_in([*release[:-1], "v2", "--signed"], repo)
-    assert done.returncode == 1 and "no key is given" in done.stderr
-    assert sh(["git", "tag", "--list", "v2"], repo).strip() == ""
 
 
 @pytest.mark.slow
