@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -380,7 +381,14 @@ def test_a_signal_during_predict_leaves_no_partial_output(
     out = tmp_path / "out.jsonl"
     argv = [sys.executable, "-m", "bertrt", "--log-level", "warning", "predict", "--device", "cpu"]
     argv += ["--model", str(onnx_model_dir), "--input", str(source), "--output", str(out)]
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    # A shell's background job starts with SIGINT ignored, and Python then keeps ignoring it:
+    # the child gets the default disposition, as a command started from a terminal has.
+    process = subprocess.Popen(
+        argv,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     partial = out.with_name(out.name + ".tmp")
     deadline = time.monotonic() + 120
     while not (partial.exists() and partial.stat().st_size) and time.monotonic() < deadline:
