@@ -13,6 +13,7 @@ nothing but when a module starts.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -84,6 +85,22 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     cache.set(CACHE_KEY, stored)
 
 
+def still_there(seconds: dict[str, float], root: Path) -> dict[str, float]:
+    """The measured tests that the suite still has: the cache keeps every test it ever timed,
+    including those since moved or removed, whose module or function is gone."""
+    texts: dict[str, str] = {}
+    kept = {}
+    for nodeid, value in seconds.items():
+        module = _module(nodeid)
+        if module not in texts:
+            path = root / module
+            texts[module] = path.read_text(encoding="utf-8") if path.is_file() else ""
+        name = nodeid.split("::")[-1].split("[", 1)[0]
+        if re.search(rf"^\s*(async )?def {re.escape(name)}\(", texts[module], re.MULTILINE):
+            kept[nodeid] = value
+    return kept
+
+
 def main() -> int:
     """Write the cached seconds of this checkout into the committed file."""
     root = Path(__file__).resolve().parents[1]
@@ -91,7 +108,7 @@ def main() -> int:
     if not cached.is_file():
         print(f"{cached}: no measured run yet; run `make test` first", file=sys.stderr)
         return 1
-    seconds = json.loads(cached.read_text(encoding="utf-8"))
+    seconds = still_there(json.loads(cached.read_text(encoding="utf-8")), root)
     ordered = dict(sorted(seconds.items(), key=lambda kv: -kv[1]))
     COMMITTED.write_text(json.dumps(ordered, indent=1) + "\n", encoding="utf-8")
     modules = {_module(nodeid) for nodeid in ordered}

@@ -67,3 +67,14 @@ def test_seconds_are_kept_per_test_and_written_by_node_id(tmp_path, monkeypatch)
         module_order.pytest_runtest_logreport(Report("m.py::t[1]", 0.5))
     module_order.pytest_runtest_logreport(Report("m.py::u", 2.0))
     assert dict(module_order._seconds) == {"m.py::t[1]": 1.5, "m.py::u": 2.0}
+
+
+def test_the_committed_seconds_drop_tests_that_moved_or_went(tmp_path) -> None:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("def test_kept(x):\n    pass\n")
+    measured = {
+        "tests/test_a.py::test_kept[1]": 1.0,
+        "tests/test_a.py::test_moved": 2.0,
+        "tests/test_gone.py::test_kept": 3.0,
+    }
+    assert module_order.still_there(measured, tmp_path) == {"tests/test_a.py::test_kept[1]": 1.0}
