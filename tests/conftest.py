@@ -478,6 +478,15 @@ def make_key(folder: Path, name: str, password: bytes | None = None) -> tuple[Pa
     return private, public
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A signing key pair ("private", "public") and another key's public half ("other")."""
+    folder = tmp_path_factory.mktemp("keys")
+    private, public = make_key(folder, "release")
+    _, other = make_key(folder, "other")
+    return {"private": private, "public": public, "other": other}
+
+
 REPRO_LOG = "first-repro.log"
 
 

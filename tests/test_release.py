@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_repo, make_key, run_in, sh, stages_run
+from conftest import copy_repo, run_in, sh, stages_run
 
 import bertrt
 from bertrt import signing
@@ -170,14 +170,6 @@ def test_a_temp_experiment_logs_into_the_repo_root_store(
     assert runs[0].data.params["finetune.learning_rate"] == "0.002"
     assert "test_accuracy" in runs[0].data.metrics, "evaluate found the run from the temp copy"
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside the copy"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("keys")
-    private, public = make_key(folder, "release")
-    _, other = make_key(folder, "other")
-    return {"private": private, "public": public, "other": other}
 
 
 @pytest.fixture(scope="module")

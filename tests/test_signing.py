@@ -25,14 +25,6 @@ TEXTS = ["a wonderful film", "dull and boring"]
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("keys")
-    private, public = make_key(folder, "release")
-    _, other = make_key(folder, "other")
-    return {"private": private, "public": public, "other": other}
-
-
-@pytest.fixture(scope="module")
 def signed_dir(
     tmp_path_factory: pytest.TempPathFactory, onnx_model_dir: Path, keys: dict[str, Path]
 ) -> Path:
