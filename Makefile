@@ -94,14 +94,18 @@ package: $(STAMP) ## build a wheel with the runtime and the exported model into 
 help: ## list the targets by group (the default goal)
 	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s\n", substr($$0, 5)} /^[a-z][a-z0-9-]*:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+# Offline, and bytecode written even where the shell says not to: pytest keeps each test module
+# it has rewritten for assertions in __pycache__, and skips that work on the next run.
+TEST_ENV = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=
+
 test: $(STAMP) ## run the test suite (offline, CPU)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=15
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=15
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadscope --no-loadscope-reorder -m "not slow"
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n auto --dist loadscope --no-loadscope-reorder -m "not slow"
 
 test-gpu: $(STAMP) ## the gpu-marked tests (CUDA, IO binding, TensorRT); they skip without a GPU
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m gpu
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -m gpu
 
 gpu-check-prepare: $(STAMP) ## pieces under 60 MiB in gpu-carry/ for the GPU check (docs/gpu.md)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.gpu_carry prepare --dir gpu-carry --lock locks/gpu.txt --finetuned models/finetuned --validated data/validated --params params.yaml
