@@ -89,3 +89,30 @@ def test_the_paths_code_reads_are_the_outputs_dvc_yaml_writes() -> None:
     # And each stage's command passes them where the stage writes them.
     commands = " ".join(spec["cmd"] for spec in STAGES.values())
     assert all(f" {path}" in commands for path in spelled), "a layout path no stage writes"
+
+
+def test_the_committed_lock_was_written_by_the_code_and_params_here() -> None:
+    """`dvc.lock` is what `make run` wrote for this checkout's code, params and commands, so a
+    clone's `dvc repro` re-runs nothing that the lock claims is current. Data and models that a
+    clone lacks are not checked (`dvc pull` or `make run` brings them)."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        found = repo.status()
+    stale: list[str] = []
+    for stage, changes in found.items():
+        for change in changes:
+            if change == "changed command" or change == "always changed":
+                stale.append(f"{stage}: {change}")
+                continue
+            if not isinstance(change, dict):
+                continue
+            for path, state in change.get("changed deps", {}).items():
+                if isinstance(state, dict):  # params: {key: "modified" | "new" | "deleted"}
+                    stale += [f"{stage}: {path} {key} {s}" for key, s in state.items()]
+                elif path.startswith(imports.PROJECT_PACKAGES) and state == "modified":
+                    stale.append(f"{stage}: {path} {state}")
+    assert not stale, (
+        "dvc.lock is stale for " + "; ".join(stale) + ": run `make run` (or `dvc repro`) and "
+        "commit dvc.lock and reports/"
+    )
