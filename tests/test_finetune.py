@@ -236,14 +236,21 @@ def check_one_run_one_model(
     assert len({h.step for h in history}) == len(history), "one process logged the curve"
 
 
+@pytest.fixture(scope="module")
+def single(prepared: dict) -> dict:
+    """One process's fine-tune of the module's data: what the distributed runs are held to."""
+    return run_finetune(prepared, "single")
+
+
 # gloo and the c10d store on the loopback interface only.
 LOOPBACK_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
 
 
 @pytest.mark.slow
-def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: dict) -> None:
+def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(
+    prepared: dict, single: dict
+) -> None:
     """`torchrun --nproc-per-node 2` on CPU (DDP over gloo)."""
-    single = run_finetune(prepared, "single")
     before = run_ids(prepared)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
@@ -260,12 +267,11 @@ def test_two_processes_over_gloo_train_one_model_into_one_mlflow_run(prepared: d
 
 @pytest.mark.slow
 def test_two_nodes_meet_over_c10d_and_train_one_model_into_one_mlflow_run(
-    prepared: dict,
+    prepared: dict, single: dict
 ) -> None:
     """`torchrun --nnodes 2` with the c10d rendezvous: two launchers, each its own process
     group and node, meet at a rendezvous endpoint on 127.0.0.1 (what two machines do over
     their network, NCCL in place of gloo on GPUs: docs/experiments.md)."""
-    single = run_finetune(prepared, "single")
     before = run_ids(prepared)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

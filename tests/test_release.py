@@ -423,7 +423,7 @@ def test_the_mlflow_ui_shows_the_run_its_metrics_and_the_registered_model(
                 with urllib.request.urlopen(f"{base}/health", timeout=2):
                     break
             except OSError:
-                time.sleep(1)
+                time.sleep(0.2)
         profile = tmp_path / "profile"
         # The model-training view (the UI's default for a new browser is GenAI).
         view = "?workflowType=machine_learning"

@@ -69,7 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 if reply.status == 200:
                     break
         except OSError:
-            time.sleep(1)
+            time.sleep(0.2)
     else:
         proc.kill()
         pytest.fail(f"no server on {url}: {(folder.parent / 'server.log').read_text()}")
