@@ -10,6 +10,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -373,6 +375,22 @@ def run_in(cmd: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProce
         "PIPELINE_LOG_LEVEL": "WARNING",
     }
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def answers(url: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """True once a GET of `url` gives 200 (a server's health path), tried every 0.2 s; False
+    after `timeout` seconds, or as soon as `proc`, the server's process, has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.2)
+    return False
 
 
 def sh(cmd: list[str], cwd: Path, **extra: str) -> str:

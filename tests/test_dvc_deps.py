@@ -102,7 +102,7 @@ def test_the_committed_lock_was_written_by_the_code_and_params_here() -> None:
     stale: list[str] = []
     for stage, changes in found.items():
         for change in changes:
-            if change == "changed command" or change == "always changed":
+            if change in ("changed command", "always changed"):
                 stale.append(f"{stage}: {change}")
                 continue
             if not isinstance(change, dict):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, synthetic_reviews, write_params, write_splits
+from conftest import REPO, answers, synthetic_reviews, write_params, write_splits
 
 from pipeline.core import params, sources, tracking
 from pipeline.stages import finetune, tokenize_data, validate
@@ -384,24 +384,15 @@ def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_model(
 
 def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
     """A real MLflow server on loopback over a SQLite store in `root`, once it answers."""
-    import time
-    import urllib.request
-
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--workers", "1"]
     cmd += ["--artifacts-destination", str(root / "server-artifacts")]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = (root / f"server-{port}.log").open("a")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (root / f"server-{port}.log").read_text()[-2000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
+    if answers(f"http://127.0.0.1:{port}/health", 120, proc):
+        return proc
+    assert proc.poll() is None, (root / f"server-{port}.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError(f"no MLflow server on port {port} within 120 s")
 

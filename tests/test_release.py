@@ -11,15 +11,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_repo, run_in, sh, stages_run
+from conftest import answers, copy_repo, run_in, sh, stages_run
 
 import bertrt
 from bertrt import signing
@@ -417,13 +415,7 @@ def test_the_mlflow_ui_shows_the_run_its_metrics_and_the_registered_model(
     shots.mkdir(parents=True, exist_ok=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        answers(f"{base}/health", 60)  # the pages below fail with what they show if it never does
         profile = tmp_path / "profile"
         # The model-training view (the UI's default for a new browser is GenAI).
         view = "?workflowType=machine_learning"

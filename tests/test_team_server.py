@@ -10,13 +10,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import copy_repo, sh
+from conftest import answers, copy_repo, sh
 
 from pipeline.ops import team_server
 
@@ -60,17 +58,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         [*cmd, "--port", str(port), "--db-port", str(db_port)], stdout=log, stderr=log
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    if not answers(f"{url}/health", 120, proc):
         if proc.poll() is not None:
             pytest.fail(f"the server exited: {(folder.parent / 'server.log').read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
-    else:
         proc.kill()
         pytest.fail(f"no server on {url}: {(folder.parent / 'server.log').read_text()}")
     yield url
