@@ -125,6 +125,37 @@ def test_runtime_times_the_cpu_variants_and_keeps_the_fastest(variant_dir: Path)
     assert choose_variant(manifest, TENSORRT, None) == "fp32"
 
 
+def test_the_probes_dropped_sessions_are_freed_without_a_garbage_collection(
+    variant_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe drops every session it does not keep and only trims the heap: that holds only
+    while an engine is in no reference cycle, so each dropped one must be gone with the cyclic
+    collector switched off."""
+    import gc
+    import weakref
+
+    from bertrt import engine as engine_module
+
+    started: list[tuple[str, weakref.ref]] = []
+    start = engine_module._start_variant
+
+    def spy(*args: object, **kwargs: object) -> object:
+        candidate = start(*args, **kwargs)
+        if candidate is not None:
+            started.append((candidate.variant, weakref.ref(candidate.session)))
+        return candidate
+
+    monkeypatch.setattr(engine_module, "_start_variant", spy)
+    gc.disable()
+    try:
+        kept = load(variant_dir, device="cpu").engine
+        alive = sorted(name for name, session in started if session() is not None)
+    finally:
+        gc.enable()
+    assert len(started) >= 2, "the probe opened the other CPU variants"
+    assert alive in ([], [kept.variant]), f"dropped sessions still alive: {alive}"
+
+
 def test_int8_gated_with_exact_kernels_is_not_picked_where_they_saturate(
     variant_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
