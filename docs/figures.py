@@ -204,11 +204,15 @@ def _ran_with(path: Path, record: dict) -> dict:
 
 
 def _base_model(record: dict, ran: dict) -> str:
-    """base.model as the config names it. A model saved in the repo is passed to the experiment
-    by its absolute path (its temporary copy lacks git-ignored folders), which names only the
-    machine that ran it."""
+    """base.model as the command named it (`--set base.model=...`) or else the config. A model
+    saved in the repo is passed to the experiment by its absolute path (its temporary copy lacks
+    git-ignored folders), which names only the machine that ran it."""
     model = str(ran["base"]["model"])
     if Path(model).is_absolute():
+        for item in record.get("set", []):
+            key, _, value = str(item).partition("=")
+            if key.strip() == "base.model":
+                return value.strip()
         config = yaml.safe_load((ROOT / record["config"]).read_text(encoding="utf-8")) or {}
         model = str((config.get("base") or {}).get("model", model))
     return model

