@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -27,6 +28,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 # `slow` means what it says (tests/slow_work.py); long modules start first (tests/module_order.py).
 pytest_plugins = ["slow_work", "module_order"]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Once every test module is imported (torch, transformers, MLflow and the rest), their
+    objects live as long as the run: frozen, the collector's full passes stop walking them again
+    each time the tests' own objects pile up."""
+    gc.collect()
+    gc.freeze()
 
 
 def _restoring_mlflow_environment() -> Iterator[None]:
