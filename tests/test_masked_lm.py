@@ -101,6 +101,44 @@ def test_rehearsal_sources_join_train_only_a_seeded_sample_of_each(
     assert again == report, "the samples are seeded"
 
 
+def test_a_corpus_of_facts_validated_on_train_loses_none_of_its_sentences(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    corpus, heldout, old = tmp_path / "facts.txt", tmp_path / "other.txt", tmp_path / "old.txt"
+    facts = [f"fact number {i} is stated once" for i in range(30)]
+    corpus.write_text("\n".join(facts), encoding="utf-8")
+    heldout.write_text("\n".join(lines(20)), encoding="utf-8")
+    old.write_text("\n".join(f"old text number {i}" for i in range(50)), encoding="utf-8")
+    values = {
+        "ingest.source": str(corpus),
+        "ingest.heldout": str(heldout),
+        "ingest.rehearsal": [str(old)],
+        "ingest.rehearsal_rows": 10,
+    }
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    ingest.run(params.load(mlm_params(cut, tiny_model_dir, **values)), cut / "raw", cut / "r.json")
+    cut_train = pd.read_parquet(cut / "raw" / "train.parquet")["text"]
+    assert set(facts) - set(cut_train), "the default cut holds sentences out of train"
+
+    p = mlm_params(tmp_path, tiny_model_dir, **values, **{"ingest.validate_on_train": True})
+    ingest.run(params.load(p), tmp_path / "raw", tmp_path / "ingest.json")
+    frames = {s: pd.read_parquet(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS}
+    train = frames["train"]["text"]
+    assert set(facts) <= set(train) and train.str.startswith("old text").sum() == 10
+    assert sorted(frames["validation"]["text"]) == sorted(facts)  # the facts, not the rehearsal
+    assert not set(facts) & set(frames["test"]["text"])
+
+
+def test_a_classifier_is_not_validated_on_its_training_rows(tmp_path: Path) -> None:
+    source = tmp_path / "reviews.csv"
+    pd.DataFrame(synthetic_reviews(60, 0)).to_csv(source, index=False)
+    p = write_params(tmp_path, {"ingest.source": str(source), "ingest.validate_on_train": True})
+    with pytest.raises(params.ParamsError, match="ingest.validate_on_train: text-classification"):
+        ingest.run(params.load(p), tmp_path / "raw", tmp_path / "ingest.json")
+    assert not (tmp_path / "raw").exists()
+
+
 def test_people_s_daily_word_pos_lines_become_plain_text(tmp_path: Path) -> None:
     line = "迈向/v  充满/v  希望/n  的/u  [中国/ns  政府/n]nt  。/w"
     assert strip_tags(line) == "迈向充满希望的中国政府。"

@@ -69,6 +69,10 @@ class Ingest:
     text_format: str  # fill-mask .txt lines: "plain", or "word_pos" (word/TAG tokens, joined)
     rehearsal: list[str]  # sources whose rows are added to train only (against forgetting)
     rehearsal_rows: int  # a seeded sample of that many rows of each rehearsal source; 0: all
+    # fill-mask: validation is the training text itself (masked once) instead of a cut of it, so
+    # that a corpus of facts loses none of its sentences; selection keeps the epoch that recalls
+    # the taught text best (forgetting shows in the held-out perplexity).
+    validate_on_train: bool = False
 
     def check(self) -> list[str]:
         errors = []

@@ -71,9 +71,26 @@ def split(df: pd.DataFrame, p: params.Params, task: tasks.Task) -> dict[str, pd.
     """Seeded train/validation/test split (stratified as the task says; groups stay whole)."""
     cfg, seed = p.ingest, p.base.seed
     rest, test = cut(df, cfg.test_fraction, seed, task.stratify(df, p), cfg.group_column)
-    fraction = cfg.validation_fraction / (1 - cfg.test_fraction)
-    train, validation = cut(rest, fraction, seed + 1, task.stratify(rest, p), cfg.group_column)
+    train, validation = cut_validation(
+        rest, p, task, cfg.validation_fraction / (1 - cfg.test_fraction)
+    )
     return {"train": train, "validation": validation, "test": test}
+
+
+def cut_validation(
+    frame: pd.DataFrame, p: params.Params, task: tasks.Task, fraction: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation): a seeded cut of `fraction`, or with `ingest.validate_on_train` the
+    whole frame twice (every row trained on, and read again for selection)."""
+    if p.ingest.validate_on_train:
+        if not task.validates_on_train:
+            raise params.ParamsError(
+                f"ingest.validate_on_train: {task.name} selects its model on rows it did not "
+                "train on; set ingest.validate_on_train: false (it is for fill-mask corpora of "
+                "facts)"
+            )
+        return frame.reset_index(drop=True), frame.reset_index(drop=True)
+    return cut(frame, fraction, p.base.seed + 1, task.stratify(frame, p), p.ingest.group_column)
 
 
 def drop_shared(
@@ -143,10 +160,8 @@ def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[st
             frames, dropped = drop_shared(frames, dropped, task, p)
         if "validation" not in frames:
             log.info("%s has no validation file: cutting it from train", source)
-            fraction = cfg.validation_fraction
-            train = frames["train"]
-            frames["train"], frames["validation"] = cut(
-                train, fraction, p.base.seed + 1, task.stratify(train, p), cfg.group_column
+            frames["train"], frames["validation"] = cut_validation(
+                frames["train"], p, task, cfg.validation_fraction
             )
     else:
         df, rows_in["all"], dropped["all"] = load(task, source, p, streamed)
@@ -159,12 +174,8 @@ def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[st
         df = sample(df, cfg.max_rows, p.base.seed)
         if cfg.heldout:  # the test split comes from its own file: cut validation only
             frames = {}
-            frames["train"], frames["validation"] = cut(
-                df,
-                cfg.validation_fraction,
-                p.base.seed + 1,
-                task.stratify(df, p),
-                cfg.group_column,
+            frames["train"], frames["validation"] = cut_validation(
+                df, p, task, cfg.validation_fraction
             )
         else:
             frames = split(df, p, task)

@@ -38,6 +38,10 @@ class Task(ABC):
     streams: bool = False
     # The reasons a streaming task's rows are dropped as (conflicting, duplicate) inputs.
     dedupe_reasons: tuple[str, str] = ("conflicting_targets", "duplicate_input")
+    # Whether its validation split may be its training text (`ingest.validate_on_train`): true
+    # where training means storing the text (a masked LM taught facts), never for a classifier,
+    # whose selection would then reward memorised rows.
+    validates_on_train: bool = False
 
     # ingest ---------------------------------------------------------------------------------
     @abstractmethod

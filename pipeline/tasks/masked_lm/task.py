@@ -43,6 +43,7 @@ class MaskedLM(Task):
     headline = ("perplexity", "perplexity_change", "masked_accuracy", "probe_top1")
     long_inputs = "cut into blocks (tokenize.group_texts) or truncated"
     reads_folders = True
+    validates_on_train = True
     remove_unused_columns = False
     trains_with_section = True
 
