@@ -83,12 +83,6 @@ def cut_validation(
     """(train, validation): a seeded cut of `fraction`, or with `ingest.validate_on_train` the
     whole frame twice (every row trained on, and read again for selection)."""
     if p.ingest.validate_on_train:
-        if not task.validates_on_train:
-            raise params.ParamsError(
-                f"ingest.validate_on_train: {task.name} selects its model on rows it did not "
-                "train on; set ingest.validate_on_train: false (it is for fill-mask corpora of "
-                "facts)"
-            )
         return frame.reset_index(drop=True), frame.reset_index(drop=True)
     return cut(frame, fraction, p.base.seed + 1, task.stratify(frame, p), p.ingest.group_column)
 
@@ -143,6 +137,11 @@ def run(p: params.Params, out_dir: Path, report: Path) -> dict[str, Any]:
 def _run(p: params.Params, source: Path, out_dir: Path, report: Path) -> dict[str, Any]:
     task = tasks.get(p.base.task)
     cfg = p.ingest
+    if cfg.validate_on_train and not task.validates_on_train:
+        raise params.ParamsError(
+            f"ingest.validate_on_train: {task.name} selects its model on rows it did not train "
+            "on; set ingest.validate_on_train: false (it is for fill-mask corpora of facts)"
+        )
     dropped: dict[str, dict[str, int]] = {}
     rows_in: dict[str, int] = {}
     # Tables stream: a narrow index of each file's rows is split, and the files are read again
