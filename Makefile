@@ -49,8 +49,8 @@ metrics: $(STAMP) ## show the committed metrics of the last run
 
 ##@ Experiment: configs, sweeps, tracking
 
-exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v] [REPORT=f.json]
-	$(BIN)/python -m pipeline.ops.experiment $(CONFIG) $(if $(SAVE),--save-model $(SAVE)) $(if $(REPORT),--report $(REPORT)) $(foreach s,$(SET),--set $(s))
+exp: $(STAMP) ## run a config as a DVC experiment: make exp CONFIG=c.yaml [SAVE=dir] [SET=s.k=v] [REPORT=f.json] [NAME=n] [REPLACE=1]
+	$(BIN)/python -m pipeline.ops.experiment $(CONFIG) $(if $(NAME),--name $(NAME)) $(if $(REPLACE),--replace) $(if $(SAVE),--save-model $(SAVE)) $(if $(REPORT),--report $(REPORT)) $(foreach s,$(SET),--set $(s))
 
 sweep: $(STAMP) ## queue and run configs/sweeps/cls.yaml, ranked by validation macro-F1
 	$(BIN)/python -m pipeline.ops.sweep $(or $(CONFIG),configs/sweeps/cls.yaml)

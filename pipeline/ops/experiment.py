@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="experiment name (default: the file's stem)")
     parser.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
     parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="run again under a name this commit already has an experiment of, replacing it",
+    )
+    parser.add_argument(
         "--save-model", type=Path, help="copy the experiment's models/finetuned to this folder"
     )
     parser.add_argument(
@@ -133,9 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: dvc is not installed here; run `make venv` first", file=sys.stderr)
         return 1
     name = args.name or args.config.stem
-    cmd = [dvc, "exp", "run", "--queue" if args.queue else "--temp", "-n", name]
-    for item in sets:
-        cmd += ["-S", item]
+    existing = baseline_experiment(name)
+    if existing and not args.replace:
+        print(
+            f"error: this commit already has an experiment named {name!r} "
+            f"({existing[:10]}); pass --name with another name, or --replace to run it again "
+            f"in its place (`dvc exp show` lists them, `dvc exp remove {name}` drops it)",
+            file=sys.stderr,
+        )
+        return 1
+    cmd = exp_run_command(dvc, name, sets, queue=args.queue, replace=bool(existing))
     print(" ".join(cmd), flush=True)
     # Stages run `python -m pipeline.<stage>`: this environment's python, whatever PATH says.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -222,6 +234,33 @@ def write_report(
     write_json(target, record)
     print(f"wrote {target}: what experiment {name} measured, with its command and machine")
     return 0
+
+
+def exp_run_command(
+    dvc: str, name: str, sets: list[str], queue: bool = False, replace: bool = False
+) -> list[str]:
+    """`dvc exp run` of experiment `name` with one `-S` per set; `-f` where it replaces one of
+    the same name and baseline (DVC's way to overwrite; it also reruns every stage)."""
+    cmd = [dvc, "exp", "run", "--queue" if queue else "--temp", "-n", name]
+    if replace:
+        cmd.append("-f")
+    for item in sets:
+        cmd += ["-S", item]
+    return cmd
+
+
+def baseline_experiment(name: str) -> str | None:
+    """The commit of the experiment called `name` whose baseline is HEAD, the one a new run of
+    that name from here would clash with (DVC keeps it at refs/exps/<HEAD[:2]>/<HEAD[2:]>/name);
+    None when there is none."""
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+    done = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", ref], capture_output=True, text=True
+    )
+    return done.stdout.strip() or None
 
 
 def experiment_commit(name: str) -> str | None:
