@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import synthetic_reviews, write_params, write_splits
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import bertrt
@@ -82,6 +82,11 @@ def test_hostile_csv_texts_survive_quoting_and_are_kept_or_dropped_by_a_named_ru
     writer = csv.writer(buffer, lineterminator=newline)
     writer.writerow(["text", "category"])
     writer.writerows(rows)
+    # With lines ending in "\n" the writer leaves a field with a bare "\r" unquoted (it quotes
+    # only its line ending's characters), and CSV readers, Python's own too, read that "\r" as a
+    # line break: such a file does not hold these rows, so it is no input for this test.
+    table = [["text", "category"], *map(list, rows)]
+    assume(list(csv.reader(io.StringIO(buffer.getvalue(), newline=""))) == table)
     source = tmp_path / "data.csv"
     source.write_bytes(("\ufeff" if bom else "").encode() + buffer.getvalue().encode("utf-8"))
     error = _ingest(tmp_path, source)
