@@ -66,23 +66,22 @@ def _git(repo: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
+def _committed_repo(tmp_path: Path, dvc: str | None = None) -> Path:
+    """A git repo with one commit of what is written in it first (and DVC's files, given dvc)."""
+    repo = tmp_path / "repo"
+    repo.mkdir(exist_ok=True)
+    _git(repo, "init", "-q")
+    if dvc:
+        subprocess.run([dvc, "init", "-q"], cwd=repo, check=True)
+    _git(repo, "add", "-A")
+    identity = ("-c", "user.name=t", "-c", "user.email=t@t")
+    _git(repo, *identity, "commit", "-q", "--allow-empty", "-m", "a")
+    return repo
+
+
 def _repo_with_experiment(tmp_path: Path, name: str, baseline: str = "HEAD") -> Path:
     """A git repo whose experiment `name` (a ref as DVC writes it) has `baseline` as its base."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    _git(
-        repo,
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t",
-        "commit",
-        "-q",
-        "--allow-empty",
-        "-m",
-        "a",
-    )
+    repo = _committed_repo(tmp_path)
     head = _git(repo, "rev-parse", "HEAD")
     base = head if baseline == "HEAD" else baseline
     _git(repo, "update-ref", f"refs/exps/{base[:2]}/{base[2:]}/{name}", head)
@@ -143,10 +142,7 @@ def test_dvc_keeps_one_experiment_of_a_name_and_replace_overwrites_it(
         "    params: [finetune.epochs]\n    outs: [out.txt]\n",
         encoding="utf-8",
     )
-    _git(repo, "init", "-q")
-    subprocess.run([dvc, "init", "-q"], cwd=repo, check=True)
-    _git(repo, "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    _committed_repo(tmp_path, dvc)
     config = tmp_path / "c.yaml"
     monkeypatch.chdir(repo)
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
